@@ -1,0 +1,46 @@
+"""Plain (unmonitored) batched generation from conversations, left-padded as generate() needs."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gavel.models.batching import pad_sequences
+from gavel.models.chat import Conversation, Encoded, encode_conversation
+from gavel.models.handle import ModelHandle
+
+
+@dataclass(frozen=True, slots=True)
+class PromptBatch:
+    """Left-padded prompt ids [B, T] with their mask, and the encodings they came from."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    encoded: tuple[Encoded, ...]
+
+
+def prompt_batch(handle: ModelHandle, conversations: Sequence[Conversation]) -> PromptBatch:
+    """Chat-templated prompts with the generation prompt appended, left-padded."""
+    encoded = tuple(encode_conversation(handle.tokenizer, c, add_generation_prompt=True) for c in conversations)
+    ids, mask = pad_sequences([e.input_ids for e in encoded], handle.tokenizer.pad_token_id, side="left")
+    return PromptBatch(ids.to(handle.device), mask.long().to(handle.device), encoded)
+
+
+def decode_replies(handle: ModelHandle, sequences: torch.Tensor, prompt_width: int) -> list[str]:
+    """The generated part of each row, special tokens dropped."""
+    return handle.tokenizer.batch_decode(sequences[:, prompt_width:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_replies(handle: ModelHandle, conversations: Sequence[Conversation], max_new_tokens: int = 64,
+                     batch_size: int = 32, **generate_kwargs) -> list[str]:
+    """Greedy (unless told otherwise) replies to each conversation, in order."""
+    replies: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        batch = prompt_batch(handle, conversations[start:start + batch_size])
+        out = handle.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=handle.tokenizer.pad_token_id, **generate_kwargs)
+        replies += decode_replies(handle, out, batch.input_ids.shape[1])
+    return [r.strip() for r in replies]

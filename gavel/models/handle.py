@@ -1,0 +1,68 @@
+"""One handle over a loaded model, whatever its backend: sites, hooks, tokenizer, fingerprint."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from gavel.models.fingerprint import ModelFingerprint, weights_digest
+from gavel.models.hooks import HookFn, attach
+from gavel.models.sites import HookTarget, d_model, n_layers, resolve_site
+
+Backend = Literal["hf", "lens"]
+
+
+@dataclass(slots=True)
+class ModelHandle:
+    """A model ready for gavel: `model` is what runs (HF model or TransformerBridge), `hf_model` its weights."""
+
+    model: torch.nn.Module
+    hf_model: torch.nn.Module
+    tokenizer: object
+    name: str
+    family: str
+    backend: Backend = "hf"
+
+    @property
+    def n_layers(self) -> int:
+        return n_layers(self.hf_model)
+
+    @property
+    def d_model(self) -> int:
+        return d_model(self.hf_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def is_causal(self) -> bool:
+        return self.family != "bert"
+
+    def resolve(self, model: torch.nn.Module, site: str) -> HookTarget:
+        """Where a canonical site lives in this backend's module tree."""
+        if self.backend == "lens":
+            from gavel.models.lens import resolve_bridge_site
+
+            return resolve_bridge_site(model, site)
+        return resolve_site(model, site)
+
+    @contextmanager
+    def hooks(self, hooks: Sequence[tuple[str, HookFn]]):
+        """Attach hooks at canonical sites for the duration of the block; always removed after."""
+        with attach(self.model, hooks, resolve=self.resolve):
+            yield
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """One forward pass through whichever backend runs this handle."""
+        if self.backend == "lens":
+            return self.model(input_ids, attention_mask=attention_mask)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    def fingerprint(self) -> ModelFingerprint:
+        arch = (getattr(self.hf_model.config, "architectures", None) or [type(self.hf_model).__name__])[0]
+        return ModelFingerprint(name=self.name, architecture=arch, d_model=self.d_model,
+                                n_layers=self.n_layers, weights_sha256=weights_digest(self.hf_model))

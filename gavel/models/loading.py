@@ -1,0 +1,69 @@
+"""`load_model`: the built-in organism, a local directory or a hub id, on the hf or lens backend."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from gavel.errors import ModelLoadError
+from gavel.models.handle import Backend, ModelHandle
+from gavel.models.sites import FAMILIES, family_of
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = {"organism": Path(__file__).resolve().parent.parent / "organism" / "weights"}
+
+
+def resolve_spec(spec: str | Path) -> tuple[str, bool]:
+    """(what from_pretrained gets, whether it is local): builtins and existing directories are local."""
+    text = str(spec)
+    if text.startswith(BUILTIN_PREFIX):
+        key = text[len(BUILTIN_PREFIX):]
+        if key not in BUILTINS:
+            raise ModelLoadError(f"unknown built-in model {text!r}; built-ins: "
+                                 + ", ".join(BUILTIN_PREFIX + k for k in BUILTINS))
+        path = BUILTINS[key]
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"the built-in {text!r} has no weights at {path}",
+                                 hint="reinstall gavelkit, or train one with 'gavel organism train'")
+        return str(path), True
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+        return str(path), True
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ModelLoadError(f"model directory {text!r} does not exist")
+    return text, False
+
+
+def load_model(spec: str | Path = "builtin:organism", *, backend: Backend = "hf", device: str = "cpu",
+               dtype: str | None = None) -> ModelHandle:
+    """Load a model and its tokenizer for monitoring; `backend="lens"` wraps it in a TransformerBridge."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    source, local = resolve_spec(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model {str(spec)!r}: {e}",
+                             hint=None if local else "hub ids need network access; pass a local directory") from None
+    family = family_of(config)
+    auto = AutoModel if family == "bert" else AutoModelForCausalLM
+    kwargs = {"local_files_only": local}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    hf_model = auto.from_pretrained(source, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = hf_model
+    if backend == "lens":
+        from gavel.models.lens import boot_bridge
+
+        model = boot_bridge(hf_model, tokenizer)
+    elif backend != "hf":
+        raise ModelLoadError(f"unknown backend {backend!r}; expected 'hf' or 'lens'")
+    return ModelHandle(model=model, hf_model=hf_model, tokenizer=tokenizer, name=str(spec),
+                       family=family, backend=backend)
+
+
+__all__ = ["load_model", "resolve_spec", "FAMILIES", "BUILTIN_PREFIX"]

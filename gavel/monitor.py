@@ -1,0 +1,259 @@
+"""The runtime monitor: hooks score CEs per token inside the model's own forward passes and step rules.
+
+Everything per token stays a tensor on the model's device (scores, rule state, the blocked flags that
+generate()'s stopping check reads); events are copied to the host once, when a batch is done.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from gavel.errors import GavelError
+from gavel.models.batching import pad_sequences
+from gavel.models.chat import Conversation, encode_conversation
+from gavel.models.generation import prompt_batch
+from gavel.models.handle import ModelHandle
+from gavel.plugins.actions import PRECEDENCE
+from gavel.plugins.registry import registry
+from gavel.probes.bank import CEBank
+from gavel.rules import compile_rules
+
+Policy = Literal["fail_open", "fail_closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A rule firing: which rule, where (sequence, token), the CE values that made it fire, the action."""
+
+    rule: str
+    title: str
+    severity: str
+    action: str
+    sequence: int
+    token_index: int
+    token: str
+    ces: dict[str, float]
+    message: str | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    """One monitored sequence: its tokens, per-token CE scores and roles, events and verdict."""
+
+    tokens: list[str]
+    token_ids: torch.Tensor       # [T] long
+    scores: torch.Tensor          # [T, n_ce] on the host
+    roles: torch.Tensor           # [T] role codes (generated tokens are assistant)
+    events: list[Event] = field(default_factory=list)
+    blocked: bool = False
+    failed: bool = False          # non-finite activations or a hook error (see the monitor's policy)
+    prompt_length: int = 0
+    reply: str = ""               # what the user gets: the rule's reply when blocked
+    generated: str = ""           # what the model produced (up to the blocking token)
+
+    @property
+    def fired(self) -> list[str]:
+        return [e.rule for e in self.events]
+
+
+class Monitor:
+    """CE bank + rules over a model. `watch()` attaches hooks; `generate()` and `scan()` use it."""
+
+    def __init__(self, handle: ModelHandle, bank: CEBank, rules: Sequence, *, policy: Policy = "fail_open",
+                 score: Literal["rules", "all"] = "rules") -> None:
+        if policy not in ("fail_open", "fail_closed"):
+            raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {policy!r}")
+        self.handle, self.bank, self.rules, self.policy = handle, bank, list(rules), policy
+        self.program = compile_rules(self.rules, bank.names)
+        actions = [registry().get("actions", getattr(r, "action", "log")) for r in self.rules]
+        needed = {int(i) for i in self.program.ce_indices}
+        self.sites = [s for s in bank.sites if score == "all" or needed.intersection(bank.columns[s])]
+        device = handle.device
+        self.params = {s: bank.site_params(s, device) for s in self.sites}
+        self.thresholds = bank.thresholds.to(device)
+        self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
+        self.action_names = [a.name for a in actions]
+        eos = handle.hf_model.generation_config.eos_token_id if handle.is_causal else None
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+        self.special_ids = torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long, device=device)
+
+    @contextmanager
+    def watch(self, batch_size: int) -> Iterator["Session"]:
+        """Hooks for one batch of sequences; each sequence keeps its own rule state."""
+        session = Session(self, batch_size)
+        model = self.handle.model
+        handles = []
+        try:
+            handles.append(model.register_forward_pre_hook(session.before_forward, with_kwargs=True))
+            handles.append(model.register_forward_hook(session.after_forward, with_kwargs=True))
+            with self.handle.hooks([(s, session.site_hook(s)) for s in self.sites]):
+                yield session
+        finally:
+            for h in reversed(handles):
+                h.remove()
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 64,
+                 **generate_kwargs) -> list[Result]:
+        """Guarded generation: rules run on the prompt and every new token; `block` stops a sequence."""
+        from transformers import StoppingCriteriaList
+
+        batch = prompt_batch(self.handle, conversations)
+        with self.watch(len(conversations)) as session:
+            out = self.handle.hf_model.generate(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                pad_token_id=self.handle.tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([session.stopping_criterion()]), **generate_kwargs)
+        results = session.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])
+        width = batch.input_ids.shape[1]
+        for i, r in enumerate(results):
+            r.generated = self.handle.tokenizer.decode(out[i, width:], skip_special_tokens=True).strip()
+            r.reply = self._reply(r)
+        return results
+
+    @torch.no_grad()
+    def scan(self, conversations: Sequence[Conversation], batch_size: int = 16) -> list[Result]:
+        """Detection only on existing conversations: one forward pass per batch, no generation."""
+        results: list[Result] = []
+        pad = self.handle.tokenizer.pad_token_id or 0
+        for start in range(0, len(conversations), batch_size):
+            encoded = [encode_conversation(self.handle.tokenizer, c) for c in conversations[start:start + batch_size]]
+            ids, mask = pad_sequences([e.input_ids for e in encoded], pad, "right")
+            with self.watch(len(encoded)) as session:
+                self.handle.forward(ids.to(self.handle.device), mask.long().to(self.handle.device))
+            results += session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded],
+                                       first_sequence=start)
+        return results
+
+    def _reply(self, result: Result) -> str:
+        """The generated text, or for a blocked sequence the blocking rule's reply."""
+        if not result.blocked:
+            return result.generated
+        block = next((e for e in result.events if e.action == "block"), None)
+        if block is None:
+            return "[blocked: the monitor failed on this sequence (policy fail_closed)]"
+        rule = next(r for r in self.rules if r.name == block.rule)
+        return getattr(rule, "reply", None) or f"[blocked by rule {rule.name}]"
+
+
+class Session:
+    """Per-batch monitor state, all tensors on the model's device until `results()`."""
+
+    def __init__(self, monitor: Monitor, batch_size: int) -> None:
+        self.m = monitor
+        device = monitor.handle.device
+        self.state = monitor.program.init_state(batch_size, device)
+        self.alive = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.blocked = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.failed = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.forwards = 0
+        self.scores: list[torch.Tensor] = []
+        self.valid: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.holds: list[torch.Tensor] = []
+
+    # ---- hooks
+    def before_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise GavelError("the monitor needs input_ids (inputs_embeds-only forwards are not supported yet)")
+        b, t = ids.shape
+        mask = kwargs.get("attention_mask")
+        valid = mask[:, -t:].bool() if mask is not None else torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        if self.forwards > 0 and len(self.m.eos_ids):
+            # a generated end-of-turn token ends the sequence; it is not scored (a sequence generated
+            # alone never feeds it back), so batched and single runs see the same tokens
+            self.alive &= ~torch.isin(ids[:, -1], self.m.eos_ids)
+        self.cur_valid = valid & self.alive[:, None]
+        self.cur_ids = ids
+        self.cur = torch.zeros(b, t, len(self.m.bank.names), device=self.alive.device)
+        self.cur_bad = torch.zeros(b, t, dtype=torch.bool, device=self.alive.device)
+
+    def site_hook(self, site: str):
+        weight, bias = self.m.params[site]
+        columns = self.m.bank.columns[site]
+
+        def hook(act: torch.Tensor) -> None:
+            try:
+                self.cur[..., columns] = torch.sigmoid(act.to(weight.dtype) @ weight + bias)
+                self.cur_bad |= ~torch.isfinite(act).flatten(2).all(-1)
+            except Exception:
+                if self.m.policy == "fail_open":
+                    raise
+                self.cur_bad |= True
+        return hook
+
+    def after_forward(self, module, args, kwargs, output):
+        valid = self.cur_valid
+        bad = (self.cur_bad & valid).any(1)
+        self.failed |= bad
+        if self.m.policy == "fail_closed":
+            self.blocked |= bad
+        content = valid & ~torch.isin(self.cur_ids, self.m.special_ids)   # template tokens never fire CEs
+        fired = (self.cur > self.m.thresholds) & content[..., None]
+        holds = []
+        for i in range(fired.shape[1]):
+            h, self.state = self.m.program.step(fired[:, i], self.state, active=valid[:, i])
+            holds.append(h & valid[:, i, None])
+        holds = torch.stack(holds, 1)
+        self.blocked |= (holds & self.m.stops).any(-1).any(-1)
+        self.alive &= ~self.blocked
+        self.scores.append(self.cur)
+        self.valid.append(valid)
+        self.ids.append(self.cur_ids)
+        self.holds.append(holds)
+        self.forwards += 1
+
+    def stopping_criterion(self):
+        """A generate() stopping criterion that ends blocked sequences (reads a device tensor, no sync)."""
+        from transformers import StoppingCriteria
+
+        session = self
+
+        class _Blocked(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return session.blocked.clone()
+        return _Blocked()
+
+    # ---- results, one host copy per batch
+    def results(self, prompt_lengths: Sequence[int], prompt_roles: Sequence[torch.Tensor],
+                first_sequence: int = 0) -> list[Result]:
+        """Per-sequence results; the last token of a generation is absent (generate() never runs it)."""
+        valid = torch.cat(self.valid, 1).cpu()
+        scores = torch.cat(self.scores, 1).cpu()
+        ids = torch.cat(self.ids, 1).cpu()
+        holds = torch.cat(self.holds, 1).cpu()
+        blocked, failed = self.blocked.cpu(), self.failed.cpu()
+        tok = self.m.handle.tokenizer
+        names, rules = self.m.bank.names, self.m.rules
+        out = []
+        for i in range(valid.shape[0]):
+            v = valid[i]
+            h = holds[i][v]                                     # [T_i, R]
+            row_scores = scores[i][v]
+            row_ids = ids[i][v]
+            tokens = tok.convert_ids_to_tokens(row_ids.tolist())
+            roles = torch.full((len(tokens),), 3, dtype=torch.uint8)
+            roles[: prompt_lengths[i]] = prompt_roles[i][: len(tokens)]
+            events = []
+            for r, rule in enumerate(rules):
+                hits = h[:, r].nonzero()
+                if len(hits) == 0:
+                    continue
+                t = int(hits[0])
+                used = [names[j] for j in self.m.program.ce_indices]
+                events.append(Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
+                                    severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
+                                    sequence=first_sequence + i, token_index=t, token=tokens[t],
+                                    ces={n: round(float(row_scores[t, names.index(n)]), 4) for n in used
+                                         if row_scores[t, names.index(n)] > self.m.thresholds[names.index(n)]},
+                                    message=getattr(rule, "message", None)))
+            events.sort(key=lambda e: (e.token_index, -PRECEDENCE.get(e.action, 0)))
+            out.append(Result(tokens=tokens, token_ids=row_ids, scores=row_scores, roles=roles, events=events,
+                              blocked=bool(blocked[i]), failed=bool(failed[i]), prompt_length=prompt_lengths[i]))
+        return out

@@ -1,0 +1,63 @@
+"""The plugin registry: entry-point groups `gavel.*`; a broken plugin is reported and skipped."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from gavel.errors import GavelError, did_you_mean
+from gavel.plugins.actions import BUILTIN_ACTIONS, Action
+
+GROUPS = ("actions", "extractors", "interventions", "backends", "reporters", "functions")
+PROTOCOLS = {"actions": Action}
+
+
+@dataclass
+class Registry:
+    """Plugins by group and name; `problems` lists the ones that failed to load or check."""
+
+    plugins: dict[str, dict[str, object]] = field(default_factory=lambda: {g: {} for g in GROUPS})
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, group: str, name: str, obj: object, origin: str) -> None:
+        protocol = PROTOCOLS.get(group)
+        if protocol is not None and not (isinstance(obj, type) and _conforms(obj, protocol)):
+            self.problems.append(f"{origin}: {group} plugin {name!r} does not implement {protocol.__name__}")
+            return
+        if name in self.plugins[group]:
+            warnings.warn(f"duplicate {group} plugin {name!r} from {origin}; keeping the first", stacklevel=2)
+            return
+        self.plugins[group][name] = obj
+
+    def get(self, group: str, name: str) -> object:
+        found = self.plugins[group].get(name)
+        if found is None:
+            hint = did_you_mean(name, sorted(self.plugins[group]))
+            raise GavelError(f"unknown {group[:-1]} {name!r}; known: {', '.join(sorted(self.plugins[group]))}",
+                             hint=f"did you mean {hint!r}?" if hint else None)
+        return found
+
+
+def _conforms(obj: object, protocol: type) -> bool:
+    return all(hasattr(obj, attr) for attr in getattr(protocol, "__annotations__", {}))
+
+
+@lru_cache(maxsize=1)
+def registry() -> Registry:
+    """Load every `gavel.*` entry point once; built-ins come first so a plugin cannot shadow them."""
+    from importlib.metadata import entry_points
+
+    reg = Registry()
+    for action in BUILTIN_ACTIONS:
+        reg.add("actions", action.name, action, "gavel (built-in)")
+    for group in GROUPS:
+        for ep in entry_points(group=f"gavel.{group}"):
+            if ep.name in reg.plugins[group] and ep.value.startswith("gavel."):
+                continue  # our own built-ins, already registered above
+            try:
+                reg.add(group, ep.name, ep.load(), ep.value)
+            except Exception as e:  # a broken plugin never crashes the host
+                reg.problems.append(f"{ep.value}: failed to load {group} plugin {ep.name!r}: {e}")
+    for p in reg.problems:
+        warnings.warn(p, stacklevel=2)
+    return reg

@@ -1,0 +1,55 @@
+"""Detection metrics on scores: AUROC and Youden's-J thresholds (pure tensor math, no model)."""
+from __future__ import annotations
+
+import torch
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve by the rank-sum identity, ties counted half; nan with one class only."""
+    labels = labels.bool()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = scores.double().argsort()
+    ranks = torch.empty_like(order, dtype=torch.float64)
+    sorted_scores = scores.double()[order]
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks over ties
+    uniq, inverse = torch.unique(sorted_scores, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks[order])
+    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(sums[inverse]))
+    ranks[order] = (sums / counts)[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def youden_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The threshold t maximising TPR - FPR for the rule `score > t` (midpoint between distinct scores)."""
+    labels = labels.bool()
+    s, order = scores.double().sort(descending=True)
+    y = labels[order].double()
+    tpr = y.cumsum(0) / max(float(y.sum()), 1.0)
+    fpr = (1 - y).cumsum(0) / max(float((1 - y).sum()), 1.0)
+    last_of_tie = torch.ones_like(s, dtype=torch.bool)
+    last_of_tie[:-1] = s[:-1] != s[1:]
+    j = torch.where(last_of_tie, tpr - fpr, torch.full_like(tpr, -2.0))
+    i = int(j.argmax())
+    below = s[i + 1] if i + 1 < len(s) else s[i] - 1.0
+    return float((s[i] + below) / 2)
+
+
+def threshold_at_sequence_fpr(scores: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor,
+                              max_fpr: float = 0.01) -> float:
+    """The lowest threshold at which at most `max_fpr` of negative sequences ever exceed it.
+
+    A latched CE fires for a whole sequence once any token passes, so the false-positive rate that
+    matters is per sequence: negatives are sequences with no positive token, scored by their maximum.
+    """
+    seq_ids, inverse = torch.unique(sequence, return_inverse=True)
+    maxima = torch.full((len(seq_ids),), -float("inf"), dtype=torch.float64)
+    maxima = maxima.scatter_reduce(0, inverse, scores.double(), reduce="amax")
+    positive = torch.zeros(len(seq_ids), dtype=torch.bool).index_fill_(0, inverse[labels.bool()], True)
+    negatives = maxima[~positive].sort(descending=True).values
+    if len(negatives) == 0:
+        return float(scores.min()) - 1.0
+    allowed = int(max_fpr * len(negatives))          # this many negative sequences may exceed it
+    return float(negatives[allowed]) if allowed < len(negatives) else float(negatives[-1]) - 1e-6

@@ -1,0 +1,32 @@
+"""The rule language: GAVEL conditions parsed to an AST, YAML rule specs, lints and a tensor evaluator.
+
+The evaluator (`compile_rules` and friends) is imported on first use, so parsing and linting never load torch.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gavel.rules.ast import AllOf, And, Expr, KOf, Name, Or, Span, walk
+from gavel.rules.lint import Issue, Severity, Validator, default_validators, lint
+from gavel.rules.parser import KNOWN_MISTAKES, ConditionSyntaxError, parse_condition
+from gavel.rules.spec import RuleErrors, RuleSource, RuleSpec, collect_rules, load_rule_file, load_rules
+
+if TYPE_CHECKING:
+    from gavel.rules.compiler import RuleProgram, RuleState, compile_rules, first_firing
+
+_COMPILER = ("RuleProgram", "RuleState", "compile_rules", "first_firing")
+
+__all__ = [
+    "AllOf", "And", "ConditionSyntaxError", "Expr", "Issue", "KNOWN_MISTAKES", "KOf", "Name", "Or", "RuleErrors",
+    "RuleProgram", "RuleSource", "RuleSpec", "RuleState", "Severity", "Span", "Validator", "collect_rules",
+    "compile_rules", "default_validators", "first_firing", "lint", "load_rule_file", "load_rules",
+    "parse_condition", "walk",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name in _COMPILER:
+        from gavel.rules import compiler
+
+        return getattr(compiler, name)
+    raise AttributeError(f"module 'gavel.rules' has no attribute '{name}'")

@@ -1,0 +1,123 @@
+"""Linear probes, metrics and the CE bank, checked against independent references."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
+
+from gavel.errors import ArtifactError, DataError, NotFittedError
+from gavel.models.fingerprint import ModelFingerprint
+from gavel.probes.bank import CEBank
+from gavel.probes.linear import LinearProbe
+from gavel.probes.metrics import auroc, threshold_at_sequence_fpr, youden_threshold
+
+
+def planted(n=2000, d=16, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g) * 3 + 1
+    W = torch.randn(d, k, generator=g)
+    Y = (X @ W + 0.3 * torch.randn(n, k, generator=g)) > 0
+    return X, Y, W
+
+
+def test_probe_recovers_planted_directions():
+    X, Y, W = planted()
+    probe = LinearProbe("blocks.0.hook_resid_post", C=10.0).fit(X[:1500], Y[:1500])
+    assert probe.score(X[1500:], Y[1500:]) > 0.98
+    cos = torch.nn.functional.cosine_similarity(probe.coef_, W, dim=0)
+    assert (cos > 0.95).all()
+
+
+def test_probe_api_follows_sklearn_conventions():
+    probe = LinearProbe("blocks.1.hook_resid_post", C=0.5)
+    assert probe.C == 0.5 and not hasattr(probe, "coef_")
+    with pytest.raises(NotFittedError, match="LinearProbe"):
+        probe.predict_proba(torch.zeros(1, 4))
+    X, Y, _ = planted(n=300, d=4, k=1)
+    assert probe.fit(X, Y) is probe
+
+
+@pytest.mark.parametrize("bad", ["one_class", "nan", "shape"])
+def test_probe_rejects_bad_data(bad):
+    X, Y, _ = planted(n=100, d=4, k=2)
+    if bad == "one_class":
+        Y[:, 1] = False
+        with pytest.raises(DataError, match="only negative"):
+            LinearProbe("s").fit(X, Y, ["a", "b"])
+    elif bad == "nan":
+        X[3, 2] = float("nan")
+        with pytest.raises(DataError, match="NaN"):
+            LinearProbe("s").fit(X, Y)
+    else:
+        with pytest.raises(DataError, match="rows"):
+            LinearProbe("s").fit(X[:50], Y)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.booleans()), min_size=2, max_size=60))
+def test_auroc_matches_sklearn(pairs):
+    scores = torch.tensor([float(s) for s, _ in pairs])
+    labels = torch.tensor([y for _, y in pairs])
+    if labels.all() or not labels.any():
+        assert np.isnan(auroc(scores, labels))
+    else:
+        assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.booleans()), min_size=2, max_size=50))
+def test_youden_threshold_is_optimal(pairs):
+    scores = torch.tensor([s for s, _ in pairs], dtype=torch.float64)
+    labels = torch.tensor([y for _, y in pairs])
+    if labels.all() or not labels.any():
+        return
+    t = youden_threshold(scores, labels)
+
+    def j(thr):
+        pred = scores > thr
+        return (pred & labels).sum() / labels.sum() - (pred & ~labels).sum() / (~labels).sum()
+    assert j(t) >= max(j(c) for c in torch.cat([scores, scores.min()[None] - 1])) - 1e-9
+
+
+def test_sequence_fpr_threshold_counts_sequences():
+    # 10 negative sequences with maxima 0.1..1.0, one positive sequence
+    seq = torch.arange(11).repeat_interleave(2)
+    scores = torch.stack([torch.zeros(11), torch.cat([torch.linspace(0.1, 1.0, 10), torch.tensor([2.0])])], 1).reshape(-1)
+    labels = seq == 10
+    t = threshold_at_sequence_fpr(scores, labels, seq, max_fpr=0.2)
+    fired_negatives = {int(s) for s, v, y in zip(seq, scores, labels) if v > t and not y}
+    assert len(fired_negatives) <= 2 and t == pytest.approx(0.8)
+
+
+def _fingerprint(**kw):
+    base = dict(name="m", architecture="LlamaForCausalLM", d_model=16, n_layers=2, weights_sha256="ab" * 32)
+    return ModelFingerprint(**{**base, **kw})
+
+
+def test_bank_round_trip_and_fingerprint_check(tmp_path):
+    X, Y, _ = planted(n=500, d=16, k=3)
+    probes = [LinearProbe("blocks.0.hook_resid_post").fit(X, Y[:, :2], ["a", "b"]),
+              LinearProbe("blocks.1.hook_resid_post").fit(X, Y[:, 2:], ["c"])]
+    bank = CEBank.from_probes(probes, [[0.5, 0.6], [0.7]], _fingerprint())
+    loaded = CEBank.load(bank.save(tmp_path), fingerprint=_fingerprint())
+    acts = {"blocks.0.hook_resid_post": X[:7], "blocks.1.hook_resid_post": X[:7]}
+    assert torch.equal(bank.score(acts), loaded.score(acts))
+    expected = torch.cat([probes[0].predict_proba(X[:7]), probes[1].predict_proba(X[:7])], 1)
+    torch.testing.assert_close(loaded.score(acts), expected)
+    assert loaded.names == ["a", "b", "c"] and loaded.thresholds.tolist() == pytest.approx([0.5, 0.6, 0.7])
+    with pytest.raises(ArtifactError, match="d_model"):
+        CEBank.load(tmp_path, fingerprint=_fingerprint(d_model=32))
+    CEBank.load(tmp_path, fingerprint=_fingerprint(d_model=32), force=True)
+    with pytest.raises(ArtifactError, match="did you mean 'b'"):
+        loaded.index("bb")
+
+
+def test_bank_manifest_errors_name_the_field(tmp_path):
+    X, Y, _ = planted(n=200, d=16, k=1)
+    bank = CEBank.from_probes([LinearProbe("s").fit(X, Y, ["a"])], [[0.5]], _fingerprint())
+    bank.save(tmp_path)
+    text = (tmp_path / "manifest.json").read_text().replace('"threshold"', '"treshold"')
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ArtifactError, match="ces.0"):
+        CEBank.load(tmp_path)
