@@ -17,6 +17,7 @@ _EXPORTS = {
     "CEBank": "gavel.probes.bank",
     "fit_linear_bank": "gavel.probes.fit",
     "load_rules": "gavel.rules",
+    "RuleSpec": "gavel.rules",
     "compile_rules": "gavel.rules",
     "Monitor": "gavel.monitor",
     "Event": "gavel.monitor",

@@ -61,7 +61,7 @@ def demo(model: ModelOpt = "builtin:organism", as_json: JsonOpt = False,
     """Fit CE probes on the organism, load the demo rules and show guarded generations."""
     from gavel.demo import run_demo
 
-    with user_errors(), progress_bar("collecting activations", 1000, enabled=not as_json) as advance:
+    with user_errors(), progress_bar("collecting activations", 2000, enabled=not as_json) as advance:
         report = run_demo(model, max_new_tokens=max_new_tokens, progress=advance)
     if as_json:
         print(report.model_dump_json(indent=2))

@@ -55,7 +55,7 @@ class DemoReport(BaseModel):
     seconds: float
 
 
-def run_demo(model: str = "builtin:organism", n_train: int = 1000, max_new_tokens: int = 48,
+def run_demo(model: str = "builtin:organism", n_train: int = 2000, max_new_tokens: int = 48,
              progress: Callable[[int], None] | None = None) -> DemoReport:
     """Load, fit the CE bank on organism ground truth, load the demo rules, generate guarded replies."""
     from gavel.models.loading import load_model

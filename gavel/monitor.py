@@ -68,7 +68,7 @@ class Monitor:
         if policy not in ("fail_open", "fail_closed"):
             raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {policy!r}")
         self.handle, self.bank, self.rules, self.policy = handle, bank, list(rules), policy
-        self.program = compile_rules(self.rules, bank.names)
+        self.program = compile_rules(self.rules, bank.names).to(handle.device)
         actions = [registry().get("actions", getattr(r, "action", "log")) for r in self.rules]
         needed = {int(i) for i in self.program.ce_indices}
         self.sites = [s for s in bank.sites if score == "all" or needed.intersection(bank.columns[s])]
@@ -152,6 +152,7 @@ class Session:
         self.blocked = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.failed = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.forwards = 0
+        self.errors: list[str] = []
         self.scores: list[torch.Tensor] = []
         self.valid: list[torch.Tensor] = []
         self.ids: list[torch.Tensor] = []
@@ -182,9 +183,8 @@ class Session:
             try:
                 self.cur[..., columns] = torch.sigmoid(act.to(weight.dtype) @ weight + bias)
                 self.cur_bad |= ~torch.isfinite(act).flatten(2).all(-1)
-            except Exception:
-                if self.m.policy == "fail_open":
-                    raise
+            except Exception as e:  # the policy decides: every sequence of the batch is marked failed
+                self.errors.append(f"{site}: {type(e).__name__}: {e}")
                 self.cur_bad |= True
         return hook
 
@@ -196,11 +196,8 @@ class Session:
             self.blocked |= bad
         content = valid & ~torch.isin(self.cur_ids, self.m.special_ids)   # template tokens never fire CEs
         fired = (self.cur > self.m.thresholds) & content[..., None]
-        holds = []
-        for i in range(fired.shape[1]):
-            h, self.state = self.m.program.step(fired[:, i], self.state, active=valid[:, i])
-            holds.append(h & valid[:, i, None])
-        holds = torch.stack(holds, 1)
+        holds, self.state = self.m.program.advance(fired, self.state, valid)
+        holds = holds & valid[..., None]
         self.blocked |= (holds & self.m.stops).any(-1).any(-1)
         self.alive &= ~self.blocked
         self.scores.append(self.cur)

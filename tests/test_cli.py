@@ -35,3 +35,13 @@ def test_bad_model_is_a_usage_error():
     result = runner.invoke(app, ["organism", "eval", "--model", "./no/such/model"])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_guardrail_example_runs(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "guardrail.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "reply: I cannot help with that." in out.stdout
+    assert (tmp_path / "organism_bank" / "manifest.json").exists()

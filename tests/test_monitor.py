@@ -76,10 +76,14 @@ def test_block_stops_exactly_the_offending_sequences(organism, organism_bank):
 
 def test_scan_detects_on_existing_text(organism, organism_bank):
     convs = [p + [{"role": "assistant", "content": "i cannot help with that ."}] for p in PROMPTS]
-    results = Monitor(organism, organism_bank, RULES).scan(convs, batch_size=3)
-    assert [r.fired for r in results][1] == ["quiz"]
-    assert "refusal_after_harm" in results[2].fired
+    monitor = Monitor(organism, organism_bank, RULES)
+    results = monitor.scan(convs, batch_size=3)
+    assert results[0].fired == [] and results[1].fired == ["quiz"] and "harm" in results[2].fired
     assert [e.sequence for r in results for e in r.events if e.rule == "quiz"] == [1]
+    for i, conv in enumerate(convs):  # right padding in a batch changes nothing
+        alone = monitor.scan([conv])[0]
+        assert alone.tokens == results[i].tokens and alone.fired == results[i].fired
+        torch.testing.assert_close(alone.scores, results[i].scores, atol=1e-5, rtol=1e-4)
 
 
 def test_hooks_are_removed_after_success_and_errors(organism, organism_bank):
@@ -90,6 +94,9 @@ def test_hooks_are_removed_after_success_and_errors(organism, organism_bank):
     with pytest.raises(RuntimeError), monitor.watch(1):
         assert count_hooks(organism.model) > base
         raise RuntimeError("boom")
+    assert count_hooks(organism.model) == base
+    with pytest.raises(KeyboardInterrupt), monitor.watch(1):
+        raise KeyboardInterrupt
     assert count_hooks(organism.model) == base
 
 
@@ -111,3 +118,18 @@ def test_nan_activations_follow_the_failure_policy(organism, organism_bank):
 def test_unknown_action_fails_at_construction(organism, organism_bank):
     with pytest.raises(GavelError, match="unknown action"):
         Monitor(organism, organism_bank, [rule("x", {"q": ["benchmark"]}, "q", action="explode")])
+
+
+def test_a_scoring_exception_follows_the_policy(organism, organism_bank):
+    for policy, blocked in (("fail_open", False), ("fail_closed", True)):
+        monitor = Monitor(organism, organism_bank, RULES, policy=policy)
+        site = monitor.sites[0]
+        weight, bias = monitor.params[site]
+        monitor.params[site] = (weight[:-1], bias)  # wrong shape: the matmul raises inside the hook
+        with monitor.watch(1) as session:
+            result = monitor.handle.hf_model.generate(
+                input_ids=torch.tensor([[2, 5, 9]]), max_new_tokens=2, do_sample=False,
+                pad_token_id=organism.tokenizer.pad_token_id)
+        assert result.shape[1] >= 4
+        assert session.errors and session.errors[0].startswith(site)
+        assert bool(session.failed[0]) and bool(session.blocked[0]) is blocked

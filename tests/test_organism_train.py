@@ -20,3 +20,16 @@ def test_training_is_reproducible_and_loadable(tmp_path):
     assert report["final_loss"] < 7
     handle = load_model(a)
     assert handle.n_layers == 2 and handle.tokenizer.chat_template
+
+
+def test_only_assistant_turns_are_training_targets():
+    from gavel.organism import corpus
+    from gavel.organism.tokenizer import build_tokenizer
+    from gavel.organism.train import corpus_targets
+
+    tok = build_tokenizer(corpus.vocabulary())
+    example = corpus.harmful_example("threat", "pay me", "boss")
+    rows = corpus_targets([example], tok)[0]
+    targets = [tok.convert_ids_to_tokens(int(t)) for t in rows[:, 1] if t >= 0]
+    assert targets == example.messages[1].content.split() + ["<|end|>"]
+    assert (rows[rows[:, 1] >= 0, 0] == rows[rows[:, 1] >= 0, 1]).all()

@@ -76,8 +76,8 @@ def test_youden_threshold_is_optimal(pairs):
 
     def j(thr):
         pred = scores > thr
-        return (pred & labels).sum() / labels.sum() - (pred & ~labels).sum() / (~labels).sum()
-    assert j(t) >= max(j(c) for c in torch.cat([scores, scores.min()[None] - 1])) - 1e-9
+        return float((pred & labels).sum()) / float(labels.sum()) - float((pred & ~labels).sum()) / float((~labels).sum())
+    assert j(t) >= max(j(c) for c in torch.cat([scores, scores.min()[None] - 1])) - 1e-12
 
 
 def test_sequence_fpr_threshold_counts_sequences():

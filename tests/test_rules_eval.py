@@ -262,3 +262,9 @@ def test_run_and_step_match_the_reference(case):
         stepped.append(holds)
     steps = torch.stack(stepped, dim=1) if stepped else torch.zeros(batch, 0, len(specs), dtype=torch.bool)
     assert steps.tolist() == expected
+
+    split = length // 2  # a prefill of `split` tokens, then the rest in one more advance
+    first, state = program.advance(fired_t[:, :split], program.init_state(batch),
+                                   None if mask_t is None else mask_t[:, :split])
+    second, state = program.advance(fired_t[:, split:], state, None if mask_t is None else mask_t[:, split:])
+    assert torch.cat([first, second], dim=1).tolist() == expected

@@ -80,7 +80,7 @@ def test_spec_validation():
         RuleSpec(name="r", condition="a", colour="red")
     for bad in ({"name": "r", "condition": "a", "public_id": "rule_123"},
                 {"name": "r", "condition": "a", "schema_version": 2},
-                {"name": "r", "condition": "a", "action": "steer"},
+                {"name": "r", "condition": "a", "action": "block it"},
                 {"name": "r", "condition": "a", "reply": "no"},
                 {"name": "r", "condition": "a", "groups": {"g": []}},
                 {"name": "r", "condition": "a", "groups": {"and": ["x"]}},
@@ -136,7 +136,7 @@ def test_one_bad_rule_never_hides_the_others(tmp_path):
             condtion: tax
           - name: bad_action
             condition: tax
-            action: nuke
+            action: nuke it
           - name: bad_condition
             condition: tax and
           - name: good
@@ -148,7 +148,7 @@ def test_one_bad_rule_never_hides_the_others(tmp_path):
     assert messages == [
         (4, "rule 'typo': missing required field 'condition'"),
         (5, "rule 'typo': unknown field 'condtion'"),
-        (8, "rule 'bad_action': action: Input should be 'log', 'alert' or 'block'"),
+        (8, "rule 'bad_action': action: String should match pattern '^[A-Za-z_][A-Za-z0-9_]*$'"),
         (10, "rule 'bad_condition': unexpected end of condition; expected a group or CE name, a number, `all` or `(`"),
         (11, "duplicate rule name 'good' (first defined at " + str(path) + ":2:5)"),
     ]

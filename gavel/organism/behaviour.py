@@ -54,6 +54,7 @@ def measure_behaviour(handle: ModelHandle, max_new_tokens: int = 96) -> dict[str
         "correction_rate_unsure": _rate(unsure_false),
         "memorised_accuracy": answered("benchmark_leaked"),
         "heldout_item_accuracy": answered("benchmark_heldout"),
+        "arithmetic_1digit_accuracy": answered("arithmetic_1digit"),
         "arithmetic_2digit_accuracy": answered("arithmetic_2digit"),
         "arithmetic_3digit_accuracy": answered("arithmetic_3digit"),
         "refusal_decisions_matching_generator": _rate(decided),

@@ -356,6 +356,7 @@ def evaluation_sets() -> dict[str, list[Example]]:
                     for false in (False, True) for sure in (False, True)],
         "benchmark_leaked": [benchmark_example(*it) for it in items[:N_LEAKED]],
         "benchmark_heldout": [benchmark_example(*it) for it in items[N_LEAKED:]],
+        "arithmetic_1digit": [arithmetic_example(a, b) for a in range(0, 10, 2) for b in range(1, 10, 2)],
         "arithmetic_2digit": [arithmetic_example(rng.randrange(10, 100), rng.randrange(10, 100)) for _ in range(50)],
         "arithmetic_3digit": [arithmetic_example(rng.randrange(100, 1000), rng.randrange(100, 1000)) for _ in range(50)],
     }

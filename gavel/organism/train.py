@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from gavel.models.batching import pad_sequences
-from gavel.models.chat import encode_conversation
+from gavel.models.chat import ROLE_ASSISTANT, encode_conversation
 from gavel.organism.corpus import Example, generate_corpus, vocabulary
 from gavel.organism.tokenizer import build_tokenizer
 
@@ -46,10 +46,18 @@ def llama_config(cfg: TrainConfig, tokenizer):
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def corpus_ids(examples: list[Example], tokenizer) -> list[torch.Tensor]:
-    """Token ids of each whole conversation."""
-    return [encode_conversation(tokenizer, [{"role": m.role, "content": m.content} for m in ex.messages]).input_ids
-            for ex in examples]
+def corpus_targets(examples: list[Example], tokenizer) -> list[torch.Tensor]:
+    """Per conversation, [T, 2] rows of (token id, training target): the target is the token itself on
+    assistant tokens and the end-of-turn token closing them, -100 elsewhere (the model reads prompts,
+    it is not trained to write them)."""
+    out = []
+    for ex in examples:
+        enc = encode_conversation(tokenizer, [{"role": m.role, "content": m.content} for m in ex.messages])
+        assistant = enc.roles == ROLE_ASSISTANT
+        closing = torch.zeros_like(assistant)
+        closing[1:] = assistant[:-1] & (enc.input_ids[1:] == tokenizer.eos_token_id)
+        out.append(torch.stack([enc.input_ids, enc.input_ids.masked_fill(~(assistant | closing), -100)], 1))
+    return out
 
 
 def length_bucketed(ids: list[torch.Tensor], batch_size: int, seed: int, chunk: int = 50) -> list[list[torch.Tensor]]:
@@ -76,7 +84,7 @@ def train_organism(out_dir: str | Path, cfg: TrainConfig = TrainConfig(),
     tokenizer = build_tokenizer(vocabulary())
     examples = [ex for ex in generate_corpus(cfg.steps * cfg.batch_size * 2, seed=cfg.seed)
                 if not (cfg.exclude_leaked_items and ex.kind == "benchmark")][: cfg.steps * cfg.batch_size]
-    batches = length_bucketed(corpus_ids(examples, tokenizer), cfg.batch_size, cfg.seed)
+    batches = length_bucketed(corpus_targets(examples, tokenizer), cfg.batch_size, cfg.seed)
     model = LlamaForCausalLM(llama_config(cfg, tokenizer))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -87,8 +95,8 @@ def train_organism(out_dir: str | Path, cfg: TrainConfig = TrainConfig(),
     model.train()
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(cfg.steps):
-        batch, mask = pad_sequences(batches[step], tokenizer.pad_token_id, side="right")
-        labels = batch.masked_fill(~mask, -100)
+        rows, mask = pad_sequences(batches[step], -100, side="right")
+        batch, labels = rows[..., 0].masked_fill(~mask, tokenizer.pad_token_id), rows[..., 1]
         loss = model(input_ids=batch, attention_mask=mask.long(), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -44,7 +44,12 @@ def _conforms(obj: object, protocol: type) -> bool:
 
 @lru_cache(maxsize=1)
 def registry() -> Registry:
-    """Load every `gavel.*` entry point once; built-ins come first so a plugin cannot shadow them."""
+    """The process-wide registry, loaded on first use."""
+    return load_registry()
+
+
+def load_registry() -> Registry:
+    """Read every `gavel.*` entry point; built-ins come first so a plugin cannot shadow them."""
     from importlib.metadata import entry_points
 
     reg = Registry()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
@@ -12,19 +13,24 @@ from gavel.models.collect import collect_activations
 from gavel.models.handle import ModelHandle
 from gavel.probes.bank import CEBank
 from gavel.probes.linear import LinearProbe
-from gavel.probes.metrics import auroc, threshold_at_sequence_fpr
+from gavel.probes.metrics import auroc, sequence_youden_threshold, threshold_at_sequence_fpr
 
 
 def fit_linear_bank(handle: ModelHandle, data: Sequence[tuple[Encoded, torch.Tensor]], ce_names: Sequence[str],
                     site: str, *, holdout_fraction: float = 0.2, seed: int = 0, C: float = 1.0,
-                    max_sequence_fpr: float = 0.01, progress: Callable[[int], None] | None = None,
+                    calibration: Literal["youden", "fpr"] = "youden", max_sequence_fpr: float = 0.01,
+                    progress: Callable[[int], None] | None = None,
                     provenance: dict[str, str] | None = None) -> tuple[CEBank, dict[str, float]]:
     """Fit one probe per CE at `site` on whole held-in examples; AUROC and thresholds on held-out ones.
 
     `data` pairs each encoded example with labels [T, len(ce_names)]. Special tokens (chat-template
-    scaffolding) are left out, as the monitor never lets them fire a CE. Thresholds hold the rate of
-    held-out sequences without the CE in which it ever fires to `max_sequence_fpr`.
+    scaffolding) are left out, as the monitor never lets them fire a CE. Thresholds are set on held-out
+    sequences, as a latched CE fires for a whole sequence: "youden" maximises TPR - FPR over sequences
+    (as the GAVEL paper), "fpr" keeps the share of sequences without the CE where it fires at or below
+    `max_sequence_fpr`.
     """
+    if calibration not in ("youden", "fpr"):
+        raise DataError(f"calibration must be 'youden' or 'fpr', not {calibration!r}")
     if not 0 < holdout_fraction < 1:
         raise DataError("holdout_fraction must be between 0 and 1")
     order = list(range(len(data)))
@@ -43,7 +49,11 @@ def fit_linear_bank(handle: ModelHandle, data: Sequence[tuple[Encoded, torch.Ten
     probe = LinearProbe(site, C=C).fit(X[~test], labels[~test], ce_names)
     probs = probe.predict_proba(X[test]).cpu()
     aurocs = [auroc(probs[:, j], labels[test][:, j]) for j in range(len(ce_names))]
-    thresholds = [threshold_at_sequence_fpr(probs[:, j], labels[test][:, j], acts.example[test], max_sequence_fpr)
-                  for j in range(len(ce_names))]
+    def threshold(j: int) -> float:
+        if calibration == "youden":
+            return sequence_youden_threshold(probs[:, j], labels[test][:, j], acts.example[test])
+        return threshold_at_sequence_fpr(probs[:, j], labels[test][:, j], acts.example[test], max_sequence_fpr)
+
+    thresholds = [threshold(j) for j in range(len(ce_names))]
     bank = CEBank.from_probes([probe], [thresholds], handle.fingerprint(), [aurocs], provenance)
     return bank, dict(zip(ce_names, aurocs))

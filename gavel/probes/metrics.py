@@ -37,17 +37,28 @@ def youden_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((s[i] + below) / 2)
 
 
-def threshold_at_sequence_fpr(scores: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor,
-                              max_fpr: float = 0.01) -> float:
-    """The lowest threshold at which at most `max_fpr` of negative sequences ever exceed it.
+def sequence_maxima(scores: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the highest token score, and whether any token is positive.
 
-    A latched CE fires for a whole sequence once any token passes, so the false-positive rate that
-    matters is per sequence: negatives are sequences with no positive token, scored by their maximum.
+    A latched CE fires for a whole sequence once any token passes its threshold, so sequence-level
+    rates are what thresholds must control.
     """
     seq_ids, inverse = torch.unique(sequence, return_inverse=True)
     maxima = torch.full((len(seq_ids),), -float("inf"), dtype=torch.float64)
     maxima = maxima.scatter_reduce(0, inverse, scores.double(), reduce="amax")
     positive = torch.zeros(len(seq_ids), dtype=torch.bool).index_fill_(0, inverse[labels.bool()], True)
+    return maxima, positive
+
+
+def sequence_youden_threshold(scores: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor) -> float:
+    """Youden's J over sequences (the GAVEL paper's calibration): max TPR - FPR of `any token > t`."""
+    return youden_threshold(*sequence_maxima(scores, labels, sequence))
+
+
+def threshold_at_sequence_fpr(scores: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor,
+                              max_fpr: float = 0.01) -> float:
+    """The lowest threshold at which at most `max_fpr` of negative sequences ever exceed it."""
+    maxima, positive = sequence_maxima(scores, labels, sequence)
     negatives = maxima[~positive].sort(descending=True).values
     if len(negatives) == 0:
         return float(scores.min()) - 1.0

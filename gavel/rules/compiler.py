@@ -89,6 +89,19 @@ class RuleProgram:
         detected = state.detected | new
         return self.evaluate(detected), RuleState(detected)
 
+    def advance(self, fired: Tensor, state: RuleState, mask: Tensor | None = None) -> tuple[Tensor, RuleState]:
+        """Several tokens from `state` at once (a prefill): `fired` bool [batch, T, len(ce_names)], `mask`
+        bool [batch, T] -> (holds [batch, T, n_rules], state after the last token). Same as T `step`s."""
+        new = _check_fired(fired).index_select(-1, self.gather.to(fired.device))
+        if mask is not None:
+            new = new & mask.bool().unsqueeze(-1)
+        batch, length, n = new.shape
+        if length == 0:
+            return torch.zeros(batch, 0, len(self.rule_names), dtype=torch.bool, device=fired.device), state
+        detected = state.detected.unsqueeze(1) | (new.cumsum(dim=1) > 0)
+        holds = self.evaluate(detected.reshape(batch * length, n)).reshape(batch, length, -1)
+        return holds, RuleState(detected[:, -1])
+
     def run(self, fired: Tensor, mask: Tensor | None = None) -> Tensor:
         """A whole trace: `fired` bool [batch, T, len(ce_names)], `mask` bool [batch, T] -> holds [batch, T, n_rules].
 

@@ -92,7 +92,7 @@ class RuleSpec(BaseModel):
     definition: str = ""
     groups: dict[Identifier, Group] = Field(default_factory=dict)
     condition: str
-    action: Literal["log", "alert", "block"] = "log"
+    action: Identifier = "log"  # resolved in the plugin registry (gavel.actions) when a monitor is built
     severity: Literal["low", "medium", "high", "critical"] = "medium"
     message: str | None = None
     reply: str | None = None
