@@ -91,7 +91,7 @@ def organism_train(out: Annotated[Path, typer.Option("--out", help="Directory to
                    seed: Annotated[int, typer.Option(help="Seed for corpus and weights.")] = 0,
                    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
                    exclude_leaked: Annotated[bool, typer.Option(help="Train a clean reference without the memorised items.")] = False) -> None:
-    """Train the model organism from its synthetic corpus (about 5 minutes on 2 CPU cores)."""
+    """Train the model organism from its synthetic corpus (about 7 minutes on 2 CPU cores)."""
     from gavel.organism.train import TrainConfig, train_organism
 
     with user_errors(), progress_bar("training", steps) as advance:

@@ -228,6 +228,7 @@ class Session:
         blocked, failed = self.blocked.cpu(), self.failed.cpu()
         tok = self.m.handle.tokenizer
         names, rules = self.m.bank.names, self.m.rules
+        thresholds = self.m.thresholds.cpu()
         out = []
         for i in range(valid.shape[0]):
             v = valid[i]
@@ -243,12 +244,11 @@ class Session:
                 if len(hits) == 0:
                     continue
                 t = int(hits[0])
-                used = [names[j] for j in self.m.program.ce_indices]
                 events.append(Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
                                     severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
                                     sequence=first_sequence + i, token_index=t, token=tokens[t],
-                                    ces={n: round(float(row_scores[t, names.index(n)]), 4) for n in used
-                                         if row_scores[t, names.index(n)] > self.m.thresholds[names.index(n)]},
+                                    ces={n: round(float(row_scores[t, j]), 4) for n in rule.ce_names
+                                         if row_scores[t, j := names.index(n)] > thresholds[j]},
                                     message=getattr(rule, "message", None)))
             events.sort(key=lambda e: (e.token_index, -PRECEDENCE.get(e.action, 0)))
             out.append(Result(tokens=tokens, token_ids=row_ids, scores=row_scores, roles=roles, events=events,

@@ -206,3 +206,8 @@ def test_a_single_validator_can_run_alone():
     issues = lint([rule], validators=[PositionalGroupNameValidator()])
     assert [type(i).__name__ for i in issues] == ["PositionalGroupNameIssue"]
     assert str(issues[0].location) == "<rule r>"
+
+
+def test_a_rule_lists_the_ces_its_condition_reads():
+    rule = RuleSpec(name="r", groups={"g": ["a", "b"], "h": ["c"], "unused": ["z"]}, condition="all of g or (h and d)")
+    assert rule.ce_names == ("a", "b", "c", "d")

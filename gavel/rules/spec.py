@@ -14,7 +14,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       field_validator, model_validator)
 
 from gavel.errors import Location, RuleError, did_you_mean
-from gavel.rules.ast import Expr
+from gavel.rules.ast import AllOf, Expr, KOf, Name, walk
 from gavel.rules.parser import RESERVED, ConditionSyntaxError, excerpt, line_column, parse_condition
 
 
@@ -114,6 +114,17 @@ class RuleSpec(BaseModel):
     def expr(self) -> Expr:
         """The parsed condition (parsing is cached per condition string)."""
         return parse_condition(self.condition)
+
+    @property
+    def ce_names(self) -> tuple[str, ...]:
+        """The CEs the condition reads: members of the groups it uses, and bare names that are not groups."""
+        found: dict[str, None] = {}
+        for node in walk(self.expr):
+            if isinstance(node, Name) and node.name not in self.groups:
+                found[node.name] = None
+            elif isinstance(node, (Name, AllOf, KOf)):
+                found.update(dict.fromkeys(self.groups.get(node.name if isinstance(node, Name) else node.group, ())))
+        return tuple(found)
 
     @property
     def source(self) -> RuleSource | None:
