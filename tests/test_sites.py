@@ -33,14 +33,27 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gavel.organism import corpus
+    from gavel.organism.tokenizer import build_tokenizer
+
+    return build_tokenizer(corpus.vocabulary())
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def family_model(request, tmp_path_factory):
-    """(family, model): built from its config, saved and reloaded the way users load models."""
+def family_model(request, tmp_path_factory, tokenizer):
+    """(family, model): built from its config, saved with a tokenizer and loaded through gavel.load_model."""
+    from gavel.models.loading import load_model
+
     family = request.param
     auto = tf.AutoModel if family == "bert" else tf.AutoModelForCausalLM
     path = tmp_path_factory.mktemp(family)
     auto.from_config(CONFIGS[family]()).save_pretrained(path)
-    return family, auto.from_pretrained(path).eval()
+    tokenizer.save_pretrained(path)
+    handle = load_model(path)
+    assert handle.family == family
+    return family, handle.hf_model
 
 
 def run(model, ids, hooks=()):
