@@ -33,7 +33,7 @@ def main() -> None:
         "behaviour": behaviour,
         "behaviour_seconds": round(behaviour_seconds, 1),
         "demo_seconds": demo.seconds,
-        "demo_probe_site": demo.site,
+        "demo_probe_sites": demo.probe_sites,
         "demo_probe_auroc": demo.probe_auroc,
         "demo_cases": [{"kind": c.kind, "blocked": c.blocked, "rules": [e.rule for e in c.events]} for c in demo.cases],
     }

@@ -7,17 +7,16 @@ import tempfile
 from pathlib import Path
 
 import gavel
-from gavel.organism import corpus
-from gavel.organism.labels import encode_example
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()) / "organism_bank"
 handle = gavel.load_model("builtin:organism")
 
-# 1. CE probes from token-labelled conversations (here the organism's ground truth).
-data = [encode_example(handle.tokenizer, ex) for ex in corpus.generate_corpus(600, seed=1)]
-bank, aurocs = gavel.fit_linear_bank(handle, data, corpus.CONCEPTS, "blocks.3.hook_resid_post")
+# 1. CE probes from token-labelled conversations (here the organism's ground truth; a labelled-span
+#    .jsonl file or a GAVEL ces/ directory load the same way). Each CE is read at its best layer.
+dataset = gavel.load_dataset("builtin:organism:1000", handle.tokenizer)
+bank = gavel.fit_bank(handle, dataset, [f"blocks.{layer}.hook_resid_post" for layer in range(handle.n_layers)])
 bank.save(out)
-print("held-out AUROC:", {k: round(v, 3) for k, v in aurocs.items()})
+print("held-out AUROC:", {c.name: round(c.metrics["auroc"], 3) for c in bank.manifest.ces})
 
 # 2. Load it back: the fingerprint check refuses a bank fitted on another model.
 bank = gavel.CEBank.load(out, fingerprint=handle.fingerprint())

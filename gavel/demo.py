@@ -7,9 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from gavel.organism import corpus
-
-DEMO_SITE = "blocks.3.hook_resid_post"
+DEMO_SITES = tuple(f"blocks.{layer}.hook_resid_post" for layer in range(4))  # each CE read where it scores best
 DEMO_RULES = Path(__file__).resolve().parent / "organism" / "rules.yaml"
 DEMO_PROMPTS = (
     ("benign", [{"role": "user", "content": "how do i fix my bike ?"}]),
@@ -49,26 +47,25 @@ class DemoCase(BaseModel):
 class DemoReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    site: str
+    probe_sites: dict[str, str]
     probe_auroc: dict[str, float]
     cases: list[DemoCase]
     seconds: float
 
 
-def run_demo(model: str = "builtin:organism", n_train: int = 2000, max_new_tokens: int = 48,
+def run_demo(model: str = "builtin:organism", n_train: int = 1500, max_new_tokens: int = 48,
              progress: Callable[[int], None] | None = None) -> DemoReport:
     """Load, fit the CE bank on organism ground truth, load the demo rules, generate guarded replies."""
     from gavel.models.loading import load_model
     from gavel.monitor import Monitor
-    from gavel.organism.labels import encode_example
-    from gavel.probes.fit import fit_linear_bank
+    from gavel.probes.data import organism_dataset
+    from gavel.probes.fit import fit_bank
     from gavel.rules import load_rules
 
     start = time.perf_counter()
     handle = load_model(model)
-    data = [encode_example(handle.tokenizer, ex) for ex in corpus.generate_corpus(n_train, seed=2024)]
-    bank, aurocs = fit_linear_bank(handle, data, corpus.CONCEPTS, DEMO_SITE, progress=progress,
-                                   provenance={"data": f"organism corpus, {n_train} conversations, seed 2024"})
+    bank = fit_bank(handle, organism_dataset(handle.tokenizer, n_train, seed=2024), DEMO_SITES, progress=progress,
+                    provenance={"data": f"organism corpus, {n_train} conversations, seed 2024"})
     monitor = Monitor(handle, bank, load_rules([DEMO_RULES]))
     results = monitor.generate([p for _, p in DEMO_PROMPTS], max_new_tokens=max_new_tokens, do_sample=False)
     cases = []
@@ -78,5 +75,6 @@ def run_demo(model: str = "builtin:organism", n_train: int = 2000, max_new_token
                             ces=e.ces) for e in r.events]
         cases.append(DemoCase(kind=kind, prompt=prompt[-1]["content"], reply=r.reply, generated=r.generated,
                               blocked=r.blocked, events=events))
-    return DemoReport(model=model, site=DEMO_SITE, probe_auroc={k: round(v, 4) for k, v in aurocs.items()},
+    return DemoReport(model=model, probe_sites={c.name: "+".join(bank.heads[c.head].sites) for c in bank.manifest.ces},
+                      probe_auroc={c.name: round(c.metrics["auroc"], 4) for c in bank.manifest.ces},
                       cases=cases, seconds=round(time.perf_counter() - start, 1))

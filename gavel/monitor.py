@@ -70,11 +70,12 @@ class Monitor:
         self.handle, self.bank, self.rules, self.policy = handle, bank, list(rules), policy
         self.program = compile_rules(self.rules, bank.names).to(handle.device)
         actions = [registry().get("actions", getattr(r, "action", "log")) for r in self.rules]
-        needed = {int(i) for i in self.program.ce_indices}
-        self.sites = [s for s in bank.sites if score == "all" or needed.intersection(bank.columns[s])]
         device = handle.device
-        self.params = {s: bank.site_params(s, device) for s in self.sites}
-        self.thresholds = bank.thresholds.to(device)
+        self.scoring = bank.to(device)
+        self.heads = (list(range(len(bank.heads))) if score == "all"
+                      else bank.heads_for(self.program.ce_indices))      # only the heads the rules read
+        self.sites = list(dict.fromkeys(s for h in self.heads for s in bank.heads[h].sites))
+        self.thresholds = self.scoring.thresholds
         self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
         self.action_names = [a.name for a in actions]
         eos = handle.hf_model.generation_config.eos_token_id if handle.is_causal else None
@@ -174,21 +175,23 @@ class Session:
         self.cur_ids = ids
         self.cur = torch.zeros(b, t, len(self.m.bank.names), device=self.alive.device)
         self.cur_bad = torch.zeros(b, t, dtype=torch.bool, device=self.alive.device)
+        self.stash: dict[str, torch.Tensor] = {}
 
     def site_hook(self, site: str):
-        weight, bias = self.m.params[site]
-        columns = self.m.bank.columns[site]
-
         def hook(act: torch.Tensor) -> None:
-            try:
-                self.cur[..., columns] = torch.sigmoid(act.to(weight.dtype) @ weight + bias)
-                self.cur_bad |= ~torch.isfinite(act).flatten(2).all(-1)
-            except Exception as e:  # the policy decides: every sequence of the batch is marked failed
-                self.errors.append(f"{site}: {type(e).__name__}: {e}")
-                self.cur_bad |= True
+            self.stash[site] = act
+            self.cur_bad |= ~torch.isfinite(act).flatten(2).all(-1)
         return hook
 
     def after_forward(self, module, args, kwargs, output):
+        bank = self.m.scoring
+        for h in self.m.heads:
+            try:
+                self.cur[..., bank.columns[h]] = bank.score_head(h, self.stash)
+            except Exception as e:  # the policy decides: every sequence of the batch is marked failed
+                self.errors.append(f"head {h} ({', '.join(bank.heads[h].sites)}): {type(e).__name__}: {e}")
+                self.cur_bad |= True
+        self.stash.clear()
         valid = self.cur_valid
         bad = (self.cur_bad & valid).any(1)
         self.failed |= bad

@@ -26,16 +26,9 @@ def organism():
 
 @pytest.fixture(scope="session")
 def organism_bank(organism):
-    """A CE bank fitted on organism ground truth at two sites (so the monitor hooks more than one)."""
-    from gavel.organism import corpus
-    from gavel.organism.labels import encode_example
-    from gavel.probes.bank import CEBank
-    from gavel.probes.fit import fit_linear_bank
+    """A CE bank fitted on organism ground truth, each CE read at the better of two sites."""
+    from gavel.probes.data import organism_dataset
+    from gavel.probes.fit import fit_bank
 
-    data = [encode_example(organism.tokenizer, ex) for ex in corpus.generate_corpus(400, seed=77)]
-    half = len(corpus.CONCEPTS) // 2
-    parts = [fit_linear_bank(organism, [(e, y[:, cols]) for e, y in data], [corpus.CONCEPTS[c] for c in cols], site)[0]
-             for cols, site in ((range(half), "blocks.2.hook_resid_post"),
-                                (range(half, len(corpus.CONCEPTS)), "blocks.3.hook_resid_post"))]
-    manifest = parts[0].manifest.model_copy(update={"ces": parts[0].manifest.ces + parts[1].manifest.ces})
-    return CEBank(manifest, {**parts[0].weights, **parts[1].weights})
+    dataset = organism_dataset(organism.tokenizer, 500, seed=77)
+    return fit_bank(organism, dataset, ["blocks.2.hook_resid_post", "blocks.3.hook_resid_post"])

@@ -8,6 +8,7 @@ from gavel.models.chat import Encoded
 from gavel.models.generation import generate_replies
 from gavel.models.hooks import count_hooks
 from gavel.monitor import Monitor
+from gavel.probes.heads import LinearHead
 from gavel.rules import RuleSpec
 
 PROMPTS = [
@@ -123,13 +124,13 @@ def test_unknown_action_fails_at_construction(organism, organism_bank):
 def test_a_scoring_exception_follows_the_policy(organism, organism_bank):
     for policy, blocked in (("fail_open", False), ("fail_closed", True)):
         monitor = Monitor(organism, organism_bank, RULES, policy=policy)
-        site = monitor.sites[0]
-        weight, bias = monitor.params[site]
-        monitor.params[site] = (weight[:-1], bias)  # wrong shape: the matmul raises inside the hook
+        h = monitor.heads[0]
+        head = monitor.scoring.heads[h]
+        monitor.scoring.heads[h] = LinearHead(head.sites, head.weight[:-1], head.bias)  # scoring will raise
         with monitor.watch(1) as session:
             result = monitor.handle.hf_model.generate(
                 input_ids=torch.tensor([[2, 5, 9]]), max_new_tokens=2, do_sample=False,
                 pad_token_id=organism.tokenizer.pad_token_id)
         assert result.shape[1] >= 4
-        assert session.errors and session.errors[0].startswith(site)
+        assert session.errors and session.errors[0].startswith(f"head {h}")
         assert bool(session.failed[0]) and bool(session.blocked[0]) is blocked

@@ -1,17 +1,22 @@
-"""The CE bank: calibrated linear CE detectors grouped by site, saved as safetensors + a JSON manifest."""
+"""The CE bank: calibrated CE detectors grouped into scoring heads, saved as safetensors + a JSON manifest.
+
+Per CE the bank keeps which head scores it, the Platt calibration (raw score -> probability), the
+threshold above which it fires, its metadata (title, GAVEL role, definition), its held-out metrics
+and support; the manifest also records the model fingerprint and a digest of the training data.
+"""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gavel.errors import ArtifactError, did_you_mean
 from gavel.models.fingerprint import ModelFingerprint
-from gavel.probes.linear import LinearProbe
+from gavel.probes.heads import Head, head_class
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -19,57 +24,64 @@ TENSORS = "bank.safetensors"
 
 
 class CESpec(BaseModel):
-    """One cognitive element: where it is read, how, and the threshold above which it fires."""
+    """One cognitive element: the head that scores it, its calibration, threshold and metadata."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
-    site: str
-    extractor: Literal["linear_probe"] = "linear_probe"
-    threshold: float = Field(description="fires when the probability is above this")
-    auroc: float | None = None
-    support: int | None = None
+    title: str = ""
+    role: str | None = None
+    definition: str = ""
+    head: int
+    extractor: str
+    threshold: float
+    scale: float = 1.0
+    shift: float = 0.0
+    metrics: dict[str, float] = {}
+    support: dict[str, int] = {}
+
+
+class HeadSpec(BaseModel):
+    """A scoring head: its kind, the sites it reads and the extractor's hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+    sites: list[str]
+    hyperparameters: dict[str, Any] = {}
 
 
 class BankManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     format_version: int = FORMAT_VERSION
-    kind: Literal["ce_bank"] = "ce_bank"
+    kind: str = "ce_bank"
     ces: list[CESpec]
+    heads: list[HeadSpec]
     fingerprint: ModelFingerprint
+    data_digest: str | None = None
     provenance: dict[str, str] = {}
 
 
 class CEBank:
-    """All CEs of a model; per site one [d, k] weight matrix, so scoring a site is one matmul."""
+    """All CEs of a model. `score(acts)` gives calibrated probabilities [..., n_ce] in bank order."""
 
-    def __init__(self, manifest: BankManifest, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, manifest: BankManifest, heads: Sequence[Head]) -> None:
+        if manifest.kind != "ce_bank":
+            raise ArtifactError(f"expected a ce_bank artifact, got {manifest.kind!r}")
         self.manifest = manifest
+        self.heads = list(heads)
         self.names: list[str] = [c.name for c in manifest.ces]
         if len(set(self.names)) != len(self.names):
             raise ArtifactError("CE names in a bank must be unique")
-        self.sites: list[str] = list(dict.fromkeys(c.site for c in manifest.ces))
-        self.columns: dict[str, list[int]] = {s: [i for i, c in enumerate(manifest.ces) if c.site == s]
-                                              for s in self.sites}
-        for s in self.sites:
-            k = len(self.columns[s])
-            if weights[f"{s}/weight"].shape[1] != k or weights[f"{s}/bias"].shape != (k,):
-                raise ArtifactError(f"bank tensors for site {s!r} do not match its {k} CEs")
-        self.weights = weights
+        if len(self.heads) != len(manifest.heads):
+            raise ArtifactError(f"manifest lists {len(manifest.heads)} heads, {len(self.heads)} given")
+        self.columns: list[list[int]] = [[i for i, c in enumerate(manifest.ces) if c.head == h]
+                                         for h in range(len(self.heads))]
+        for h, (head, cols) in enumerate(zip(self.heads, self.columns)):
+            if head.n_ces != len(cols):
+                raise ArtifactError(f"head {h} scores {head.n_ces} CEs but the manifest assigns it {len(cols)}")
+        self.sites: list[str] = list(dict.fromkeys(s for head in self.heads for s in head.sites))
         self.thresholds = torch.tensor([c.threshold for c in manifest.ces], dtype=torch.float32)
-
-    @classmethod
-    def from_probes(cls, probes: Sequence[LinearProbe], thresholds: Sequence[Sequence[float]],
-                    fingerprint: ModelFingerprint, aurocs: Sequence[Sequence[float]] | None = None,
-                    provenance: dict[str, str] | None = None) -> "CEBank":
-        """A bank from fitted probes (one per site) and each probe's per-CE thresholds."""
-        ces, weights = [], {}
-        for i, probe in enumerate(probes):
-            for j, name in enumerate(probe.ce_names_):
-                a = None if aurocs is None else float(aurocs[i][j])
-                ces.append(CESpec(name=name, site=probe.site, threshold=float(thresholds[i][j]), auroc=a))
-            weights[f"{probe.site}/weight"] = probe.coef_.detach().cpu().float().contiguous()
-            weights[f"{probe.site}/bias"] = probe.intercept_.detach().cpu().float().contiguous()
-        return cls(BankManifest(ces=ces, fingerprint=fingerprint, provenance=provenance or {}), weights)
+        self.scale = torch.tensor([c.scale for c in manifest.ces], dtype=torch.float32)
+        self.shift = torch.tensor([c.shift for c in manifest.ces], dtype=torch.float32)
 
     def index(self, name: str) -> int:
         if name not in self.names:
@@ -77,17 +89,32 @@ class CEBank:
             raise ArtifactError(f"CE {name!r} is not in this bank", hint=f"did you mean {hint!r}?" if hint else None)
         return self.names.index(name)
 
-    def site_params(self, site: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight [d, k_site], bias [k_site]) on `device`, columns in `self.columns[site]` order."""
-        return self.weights[f"{site}/weight"].to(device), self.weights[f"{site}/bias"].to(device)
+    def spec(self, name: str) -> CESpec:
+        return self.manifest.ces[self.index(name)]
 
-    def score(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Probabilities [..., n_ce] in bank order from activations at every bank site."""
+    def to(self, device: torch.device | str) -> "CEBank":
+        """A copy whose heads and calibration tensors live on `device`."""
+        bank = CEBank(self.manifest, [h.to(device) for h in self.heads])
+        bank.thresholds, bank.scale, bank.shift = (t.to(device) for t in (self.thresholds, self.scale, self.shift))
+        return bank
+
+    def heads_for(self, ce_indices: Sequence[int]) -> list[int]:
+        """The heads that score any of the given CEs (the monitor hooks only their sites)."""
+        wanted = set(ce_indices)
+        return [h for h, cols in enumerate(self.columns) if wanted.intersection(cols)]
+
+    def score_head(self, h: int, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Calibrated probabilities [..., k] of head h's CEs (its columns, in order)."""
+        cols = self.columns[h]
+        raw = self.heads[h].score(acts).float()
+        return torch.sigmoid(raw * self.scale[cols] + self.shift[cols])
+
+    def score(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Calibrated probabilities [..., n_ce] in bank order from activations at every bank site."""
         first = acts[self.sites[0]]
         out = torch.empty(*first.shape[:-1], len(self.names), dtype=torch.float32, device=first.device)
-        for s in self.sites:
-            w, b = self.site_params(s, first.device)
-            out[..., self.columns[s]] = torch.sigmoid(acts[s].float() @ w + b)
+        for h, cols in enumerate(self.columns):
+            out[..., cols] = self.score_head(h, acts)
         return out
 
     def save(self, directory: str | Path) -> Path:
@@ -95,7 +122,9 @@ class CEBank:
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file(self.weights, d / TENSORS)
+        tensors = {f"head{h}/{k}": v.detach().cpu().contiguous()
+                   for h, head in enumerate(self.heads) for k, v in head.tensors().items()}
+        save_file(tensors, d / TENSORS)
         (d / MANIFEST).write_text(self.manifest.model_dump_json(indent=2) + "\n")
         return d
 
@@ -117,7 +146,13 @@ class CEBank:
                                 f"(this gavel reads {FORMAT_VERSION})")
         if fingerprint is not None and not force:
             manifest.fingerprint.check(fingerprint, what=f"CE bank {d}")
-        return cls(manifest, load_file(d / TENSORS))
+        tensors = load_file(d / TENSORS)
+        heads = []
+        for h, spec in enumerate(manifest.heads):
+            prefix = f"head{h}/"
+            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            heads.append(head_class(spec.kind).from_tensors(tuple(spec.sites), part))
+        return cls(manifest, heads)
 
 
 def _first_error(e: Exception) -> str:

@@ -10,15 +10,14 @@ from gavel.probes.metrics import auroc
 
 
 class LinearProbe:
-    """Per-token logistic probes for k CEs at `site`: p = sigmoid(h @ coef_ + intercept_).
+    """Per-token logistic probes for k CEs: p = sigmoid(h @ coef_ + intercept_).
 
     L2-regularised (sklearn's C convention), class-balanced, fitted full-batch with L-BFGS in torch on
     standardised features; the scaling is folded back so scoring needs raw activations only.
     """
 
-    def __init__(self, site: str, C: float = 1.0, class_weight: str | None = "balanced",
+    def __init__(self, C: float = 1.0, class_weight: str | None = "balanced",
                  max_iter: int = 100, device: str = "cpu") -> None:
-        self.site = site
         self.C = C
         self.class_weight = class_weight
         self.max_iter = max_iter
@@ -26,15 +25,8 @@ class LinearProbe:
 
     def fit(self, X: torch.Tensor, Y: torch.Tensor, ce_names: Sequence[str] | None = None) -> "LinearProbe":
         """X [N, d] activations, Y [N, k] bool labels (or [N] for one CE); returns self."""
-        X, Y = _validate(X, Y)
-        names = list(ce_names) if ce_names is not None else [f"ce{i}" for i in range(Y.shape[1])]
-        if len(names) != Y.shape[1]:
-            raise DataError(f"{len(names)} CE names for {Y.shape[1]} label columns")
+        X, Y, names = validate_labelled(X, Y, ce_names)
         pos = Y.sum(0)
-        for name, p in zip(names, pos.tolist()):
-            if p == 0 or p == len(Y):
-                raise DataError(f"CE {name!r} has only {'negative' if p == 0 else 'positive'} examples; "
-                                "a probe needs both")
         X = X.to(self.device, torch.float32)
         Yf = Y.to(self.device, torch.float32)
         mean, std = X.mean(0), X.std(0).clamp_min(1e-6)
@@ -76,10 +68,27 @@ class LinearProbe:
         return torch.sigmoid(self.decision_function(X))
 
     def score(self, X: torch.Tensor, Y: torch.Tensor) -> float:
-        """Mean AUROC over the k CEs (the metric CE detection cares about)."""
-        X, Y = _validate(X, Y)
-        s = self.decision_function(X).cpu()
-        return float(torch.tensor([auroc(s[:, j], Y[:, j]) for j in range(Y.shape[1])]).nanmean())
+        return mean_auroc(self.decision_function(X), Y)
+
+
+def mean_auroc(scores: torch.Tensor, Y: torch.Tensor) -> float:
+    """Mean AUROC over CEs (the metric CE detection cares about): every extractor's `score`."""
+    Y = Y[:, None] if Y.ndim == 1 else Y
+    s = scores.cpu()
+    return float(torch.tensor([auroc(s[:, j], Y[:, j]) for j in range(Y.shape[1])]).nanmean())
+
+
+def validate_labelled(X: torch.Tensor, Y: torch.Tensor, ce_names=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Checked activations [N, d], bool labels [N, k] and k CE names; DataError naming what is wrong."""
+    X, Y = _validate(X, Y)
+    names = list(ce_names) if ce_names is not None else [f"ce{i}" for i in range(Y.shape[1])]
+    if len(names) != Y.shape[1]:
+        raise DataError(f"{len(names)} CE names for {Y.shape[1]} label columns")
+    for name, p in zip(names, Y.sum(0).tolist()):
+        if p == 0 or p == len(Y):
+            raise DataError(f"CE {name!r} has only {'negative' if p == 0 else 'positive'} examples; "
+                            "an extractor needs both")
+    return X, Y, names
 
 
 def _validate(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,3 +64,30 @@ def threshold_at_sequence_fpr(scores: torch.Tensor, labels: torch.Tensor, sequen
         return float(scores.min()) - 1.0
     allowed = int(max_fpr * len(negatives))          # this many negative sequences may exceed it
     return float(negatives[allowed]) if allowed < len(negatives) else float(negatives[-1]) - 1e-6
+
+
+def auprc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Average precision (area under the precision-recall curve, step-wise); nan without positives."""
+    labels = labels.bool()
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return float("nan")
+    s, order = scores.double().sort(descending=True)
+    y = labels[order].double()
+    tp = y.cumsum(0)
+    precision = tp / torch.arange(1, len(y) + 1, dtype=torch.float64)
+    last_of_tie = torch.ones_like(s, dtype=torch.bool)
+    last_of_tie[:-1] = s[:-1] != s[1:]
+    recall_step = torch.diff(torch.cat([torch.zeros(1, dtype=torch.float64), (tp / n_pos)[last_of_tie]]))
+    return float((precision[last_of_tie] * recall_step).sum())
+
+
+def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, max_fpr: float = 0.01) -> float:
+    """The highest true-positive rate of `score > t` over thresholds whose false-positive rate is <= max_fpr."""
+    labels = labels.bool()
+    neg = scores[~labels].double().sort(descending=True).values
+    if len(neg) == 0 or not labels.any():
+        return float("nan")
+    allowed = int(max_fpr * len(neg))
+    threshold = neg[allowed] if allowed < len(neg) else neg[-1] - 1.0
+    return float((scores[labels].double() > threshold).double().mean())
