@@ -149,3 +149,23 @@ def test_cli_errors_exit_2(organism, organism_bank, tmp_path):
     assert bad_data.exit_code == 2 and "no such file" in bad_data.output
     with pytest.raises(ArtifactError):
         CEBank.load(tmp_path)
+
+
+def test_per_head_readouts_and_neurons_as_features(organism, dataset):
+    from gavel.monitor import Monitor
+    from gavel.rules import RuleSpec
+
+    sites = ["blocks.2.attn.hook_z", "blocks.2.mlp.hook_post"]
+    bank = fit_bank(organism, dataset.select(["benchmark", "arithmetic", "refusal"]), sites)
+    widths = {"blocks.2.attn.hook_z": organism.d_model, "blocks.2.mlp.hook_post": 512}
+    for head in bank.heads:
+        assert head.weight.shape[0] == widths[head.sites[0]]
+    assert all(c.metrics["auroc"] > 0.9 for c in bank.manifest.ces)
+    rule = RuleSpec(name="quiz", groups={"q": ["benchmark"]}, condition="q")
+    result = Monitor(organism, bank, [rule], score="all").scan([[{"role": "user", "content": "quiz : what is the "
+                                                                  "color of trelk ?"}]])[0]
+    acts = collect_activations(organism, [dataset.examples[0].encoded.__class__(
+        "", result.token_ids, torch.zeros(len(result.token_ids), dtype=torch.uint8),
+        torch.zeros(len(result.token_ids), 2), ())], bank.sites)
+    torch.testing.assert_close(result.scores, bank.score(acts.sites), rtol=1e-4, atol=1e-5)
+    assert result.fired == ["quiz"]

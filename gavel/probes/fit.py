@@ -19,7 +19,7 @@ from gavel.models.handle import ModelHandle
 from gavel.probes.bank import BankManifest, CEBank, CESpec, HeadSpec
 from gavel.probes.calibration import PlattScaling
 from gavel.probes.diffmeans import DiffMeansDirection
-from gavel.probes.heads import Head, LinearHead
+from gavel.probes.heads import Head, LinearHead, site_features
 from gavel.probes.linear import LinearProbe
 from gavel.probes.metrics import (auprc, auroc, sequence_maxima, sequence_youden_threshold,
                                   threshold_at_sequence_fpr, tpr_at_fpr)
@@ -108,7 +108,7 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
     groups = [tuple(sites)] if concat else [(s,) for s in sites]
     fitted, calib_auroc = [], []
     for group in groups:
-        X = torch.cat([acts.sites[s] for s in group], dim=-1)
+        X = site_features(acts.sites, group)
         head = fit_head(extractor, group, X[part == 0], labels[part == 0], names, params or {}, sae)
         raw = head.score({s: acts.sites[s][part == 1] for s in group}).cpu()
         fitted.append(head)

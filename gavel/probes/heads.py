@@ -38,12 +38,18 @@ class Head(Protocol):
         """A head scoring only these of its CEs, in this order."""
 
 
+def flat(site: str, act: torch.Tensor) -> torch.Tensor:
+    """One feature vector per token: per-head readouts [..., n_heads, d_head] become [..., n_heads * d_head]."""
+    return act.flatten(-2) if site.endswith("attn.hook_z") else act
+
+
 def site_features(acts: Mapping[str, torch.Tensor], sites: tuple[str, ...]) -> torch.Tensor:
     """The activations of `sites` as one feature vector per token (concatenated in order)."""
     missing = [s for s in sites if s not in acts]
     if missing:
         raise ArtifactError(f"no activations for site(s) {', '.join(missing)}")
-    return acts[sites[0]] if len(sites) == 1 else torch.cat([acts[s] for s in sites], dim=-1)
+    parts = [flat(s, acts[s]) for s in sites]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 @dataclass(frozen=True)

@@ -77,10 +77,8 @@ class SAEHead:
         return self.combination.shape[1]
 
     def score(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        x = site_features(acts, self.sites)
+        x = site_features(acts, self.sites)  # hook_z heads flattened, as sae-lens's hook_z SAEs do
         d = self.encoder.shape[0]
-        if self.sites[0].endswith("attn.hook_z") and x.ndim >= 2 and x.shape[-1] != d:
-            x = x.flatten(-2)  # [..., n_heads, d_head], flattened as sae-lens's hook_z SAEs do
         if x.shape[-1] != d:
             raise ArtifactError(f"SAE head on {self.sites[0]} expects width {d}, the activations have {x.shape[-1]}")
         pre = (x.to(self.encoder.dtype) - self.input_bias) @ self.encoder + self.encoder_bias
