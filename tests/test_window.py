@@ -112,3 +112,11 @@ def test_scoring_checks_feature_width():
     clf = WindowedGRUClassifier(**dict(SMALL, epochs=1)).fit(X, Y, seq, pos)
     with pytest.raises(DataError, match=r"\[tokens, 4\]"):
         clf.token_scores(X[:, :3], seq, pos)
+
+
+def test_save_and_load_give_the_same_scores(tmp_path):
+    X, Y, seq, pos = patterned(40, seed=4)
+    clf = WindowedGRUClassifier(epochs=2, hidden=8).fit(X, Y, seq, pos)
+    loaded = WindowedGRUClassifier.load(clf.save(tmp_path / "gru"))
+    assert loaded.get_params() == clf.get_params()
+    torch.testing.assert_close(loaded.token_scores(X, seq, pos), clf.token_scores(X, seq, pos))

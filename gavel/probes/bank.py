@@ -26,7 +26,7 @@ TENSORS = "bank.safetensors"
 class CESpec(BaseModel):
     """One cognitive element: the head that scores it, its calibration, threshold and metadata."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
     name: str
     title: str = ""
     role: str | None = None

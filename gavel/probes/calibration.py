@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 
 from gavel.errors import check_is_fitted
+from gavel.probes.estimator import Estimator
 from gavel.probes.linear import validate_labelled
 
 
-class PlattScaling:
+class PlattScaling(Estimator):
     """Per-CE logistic regression on the raw score (class-balanced, lightly regularised)."""
 
     def __init__(self, max_iter: int = 100, l2: float = 1e-4) -> None:

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 import torch
 
 from gavel.errors import check_is_fitted
+from gavel.probes.estimator import Estimator
 from gavel.probes.linear import mean_auroc, validate_labelled
 
 
-class DiffMeansDirection:
+class DiffMeansDirection(Estimator):
     """Per CE, direction = mean(positive tokens) - mean(negative tokens); the raw score is the
     projection onto it minus the projection of the classes' midpoint (so 0 separates them)."""
 

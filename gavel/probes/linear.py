@@ -6,10 +6,11 @@ from collections.abc import Sequence
 import torch
 
 from gavel.errors import DataError, check_is_fitted
+from gavel.probes.estimator import Estimator
 from gavel.probes.metrics import auroc
 
 
-class LinearProbe:
+class LinearProbe(Estimator):
     """Per-token logistic probes for k CEs: p = sigmoid(h @ coef_ + intercept_).
 
     L2-regularised (sklearn's C convention), class-balanced, fitted full-batch with L-BFGS in torch on

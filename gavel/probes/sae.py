@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from gavel.errors import ArtifactError, DataError, check_is_fitted
+from gavel.probes.estimator import Estimator
 from gavel.probes.heads import site_features
 from gavel.probes.linear import mean_auroc, validate_labelled
 
@@ -180,7 +181,7 @@ def encode_all(sae: "SAE", X: torch.Tensor, batch_size: int = 4096) -> torch.Ten
 
 # ---- selection ----------------------------------------------------------------------------
 
-class SAELatentSelector:
+class SAELatentSelector(Estimator):
     """Picks, per CE, the SAE latents that detect it best, from labelled latent activations.
 
     `method` ranks latents: "auroc" (the latent's activation as a detector score) or "mean_diff" (class

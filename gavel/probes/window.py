@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from gavel.errors import DataError, check_is_fitted
+from gavel.probes.estimator import Estimator
 from gavel.probes.linear import mean_auroc, validate_labelled
 
 SCORE_CHUNK = 4096  # windows per forward pass when scoring
@@ -73,7 +74,7 @@ class _WindowGRU(nn.Module):
         return self.out(h.sum(1) / length.to(h)[:, None])
 
 
-class WindowedGRUClassifier:
+class WindowedGRUClassifier(Estimator):
     """Multi-label CE classifier on non-overlapping windows of `window` tokens, as in the GAVEL paper's code.
 
     Each window's standardised token features run through a small bidirectional GRU, are mean-pooled over
@@ -123,6 +124,9 @@ class WindowedGRUClassifier:
         self.ce_names_ = names
         self.n_features_in_ = X.shape[1]
         return self
+
+    def _build_module(self, name: str) -> nn.Module:
+        return _WindowGRU(self.n_features_in_, self.hidden, len(self.ce_names_)).to(self.device)
 
     def window_scores(self, X: torch.Tensor, sequence: torch.Tensor,
                       position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
