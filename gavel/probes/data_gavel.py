@@ -14,11 +14,12 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
 
-from gavel.errors import DataError, Location, RuleError, did_you_mean
+from gavel.errors import DataError, Location, did_you_mean
 from gavel.probes.data_set import CEDataset, CEInfo
 from gavel.probes.data_spans import Parsed, assemble, parse_record, read_text, role_codes
 from gavel.rules.parser import excerpt, line_column
-from gavel.rules.spec import PathKey, RuleSource, _index, _read_yaml
+from gavel.rules.spec import RuleSource
+from gavel.yamlsource import PathKey, index_nodes, line_starts, read_yaml
 
 GavelRole = Literal["directive_to_user", "llm_task", "llm_behavior", "topic"]
 GAVEL_ROLES: tuple[str, ...] = get_args(GavelRole)
@@ -77,16 +78,13 @@ class CEDefinition(BaseModel):
 def read_ce_yaml(path: str | os.PathLike[str]) -> CEDefinition:
     """A `ce.yaml` file, validated; DataError at the file, line and column of the first problem."""
     path = Path(path)
-    try:
-        text, node, data = _read_yaml(path)
-    except RuleError as e:
-        raise DataError(e.message, location=e.location, excerpt=e.excerpt) from None
+    text, node, data = read_yaml(path, DataError)
     values: dict[PathKey, int] = {}
     keys: dict[PathKey, int] = {}
     duplicates: list[tuple[str, int]] = []
     if node is not None:
-        _index(node, (), values, keys, duplicates)
-    source = RuleSource(str(path), text, [0, *(m.end() for m in re.finditer("\n", text))], values, keys, None)
+        index_nodes(node, (), values, keys, duplicates)
+    source = RuleSource(str(path), text, line_starts(text), values, keys, None)
 
     def fail(message: str, i: int, hint: str | None = None) -> DataError:
         return DataError(message, location=source.location(i), excerpt=excerpt(text, i), hint=hint)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
 from gavel.errors import Location, RuleError, did_you_mean
 from gavel.rules.ast import AllOf, Expr, KOf, Name, walk
 from gavel.rules.parser import RESERVED, ConditionSyntaxError, excerpt, line_column, parse_condition
+from gavel.yamlsource import PathKey, index_nodes, line_starts, read_yaml
 
 
 def _not_reserved(name: str) -> str:
@@ -26,7 +26,6 @@ def _not_reserved(name: str) -> str:
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"), AfterValidator(_not_reserved)]
 Group = Annotated[tuple[Identifier, ...], Field(min_length=1)]
-PathKey = tuple[Union[str, int], ...]
 StrPath = Union[str, "os.PathLike[str]"]
 
 
@@ -157,50 +156,8 @@ class RuleSpec(BaseModel):
 
 # --- YAML loading ---------------------------------------------------------------------------
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same safe semantics, 10x faster
 _PACK_KEYS = ("pack", "description", "rules")
 _RULESET_KEYS = ("ruleset", "description", "library", "rules")
-
-
-def _read_yaml(path: Path) -> tuple[str, yaml.Node | None, object]:
-    """File text, composed node tree and data (exactly `yaml.safe_load`'s), or a located RuleError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RuleError(f"cannot read rule file: {e}", location=Location(str(path))) from None
-    loader = _LOADER(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise RuleError(f"invalid YAML: {e.problem or e.context}",
-                        location=Location(str(path), mark.line + 1, mark.column + 1) if mark else Location(str(path)),
-                        excerpt=excerpt(text, mark.index) if mark else None) from None
-    except yaml.YAMLError as e:
-        raise RuleError(f"invalid YAML: {e}", location=Location(str(path))) from None
-    finally:
-        loader.dispose()
-    return text, node, data
-
-
-def _index(node: yaml.Node, path: PathKey, values: dict[PathKey, int], keys: dict[PathKey, int],
-           duplicates: list[tuple[str, int]]) -> None:
-    """Record the character index of every value and mapping key under `node`, and any duplicated keys."""
-    values[path] = node.start_mark.index
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue
-            sub = (*path, key_node.value)
-            if sub in keys:
-                duplicates.append((key_node.value, key_node.start_mark.index))
-                continue
-            keys[sub] = key_node.start_mark.index
-            _index(value_node, sub, values, keys, duplicates)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _index(item, (*path, i), values, keys, duplicates)
 
 
 def _child(node: yaml.Node | None, key: str | int) -> yaml.Node | None:
@@ -266,7 +223,7 @@ def _rule(top: RuleSource, node: yaml.Node, data: object, errors: list[RuleError
     """Validate one rule mapping of the file `top` describes; its errors go to `errors`."""
     values: dict[PathKey, int] = {}
     keys: dict[PathKey, int] = {}
-    _index(node, (), values, keys, [])
+    index_nodes(node, (), values, keys, [])
     condition = data.get("condition") if isinstance(data, dict) else None
     source = RuleSource(top.path, top.text, top.lines, values, keys,
                         _char_indices(top.text, _child(node, "condition"), condition))
@@ -299,7 +256,7 @@ def _find_library(start: Path) -> Path | None:
 def _load_file(path: Path, library: Path | None, errors: list[RuleError], *, rulesets: bool = True) -> list[RuleSpec]:
     """Every rule a YAML file holds: one rule, a pack `{rules: [...]}`, or a ruleset resolved against a library."""
     try:
-        text, node, data = _read_yaml(path)
+        text, node, data = read_yaml(path, RuleError)
     except RuleError as e:
         errors.append(e)
         return []
@@ -307,8 +264,8 @@ def _load_file(path: Path, library: Path | None, errors: list[RuleError], *, rul
     keys: dict[PathKey, int] = {}
     duplicates: list[tuple[str, int]] = []
     if node is not None:
-        _index(node, (), values, keys, duplicates)
-    top = RuleSource(str(path), text, [0, *(m.end() for m in re.finditer("\n", text))], values, keys, None)
+        index_nodes(node, (), values, keys, duplicates)
+    top = RuleSource(str(path), text, line_starts(text), values, keys, None)
     errors.extend(RuleError(f"duplicate key '{k}' (YAML would silently keep the last one)", location=top.location(i),
                             excerpt=excerpt(text, i)) for k, i in duplicates)
     if node is None:
