@@ -59,3 +59,13 @@ def index_nodes(node: yaml.Node, path: PathKey, values: dict[PathKey, int], keys
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             index_nodes(item, (*path, i), values, keys, duplicates)
+
+
+def index_document(node: yaml.Node | None) -> tuple[dict[PathKey, int], dict[PathKey, int], list[tuple[str, int]]]:
+    """(value positions, key positions, duplicated keys) of a whole document; empty for an empty file."""
+    values: dict[PathKey, int] = {}
+    keys: dict[PathKey, int] = {}
+    duplicates: list[tuple[str, int]] = []
+    if node is not None:
+        index_nodes(node, (), values, keys, duplicates)
+    return values, keys, duplicates

@@ -19,7 +19,7 @@ from gavel.probes.data_set import CEDataset, CEInfo
 from gavel.probes.data_spans import Parsed, assemble, parse_record, read_text, role_codes
 from gavel.rules.parser import excerpt, line_column
 from gavel.rules.spec import RuleSource
-from gavel.yamlsource import PathKey, index_nodes, line_starts, read_yaml
+from gavel.yamlsource import index_document, line_starts, read_yaml
 
 GavelRole = Literal["directive_to_user", "llm_task", "llm_behavior", "topic"]
 GAVEL_ROLES: tuple[str, ...] = get_args(GavelRole)
@@ -79,11 +79,7 @@ def read_ce_yaml(path: str | os.PathLike[str]) -> CEDefinition:
     """A `ce.yaml` file, validated; DataError at the file, line and column of the first problem."""
     path = Path(path)
     text, node, data = read_yaml(path, DataError)
-    values: dict[PathKey, int] = {}
-    keys: dict[PathKey, int] = {}
-    duplicates: list[tuple[str, int]] = []
-    if node is not None:
-        index_nodes(node, (), values, keys, duplicates)
+    values, keys, duplicates = index_document(node)
     source = RuleSource(str(path), text, line_starts(text), values, keys, None)
 
     def fail(message: str, i: int, hint: str | None = None) -> DataError:

@@ -15,7 +15,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
 from gavel.errors import Location, RuleError, did_you_mean
 from gavel.rules.ast import AllOf, Expr, KOf, Name, walk
 from gavel.rules.parser import RESERVED, ConditionSyntaxError, excerpt, line_column, parse_condition
-from gavel.yamlsource import PathKey, index_nodes, line_starts, read_yaml
+from gavel.yamlsource import PathKey, index_document, index_nodes, line_starts, read_yaml
 
 
 def _not_reserved(name: str) -> str:
@@ -260,11 +260,7 @@ def _load_file(path: Path, library: Path | None, errors: list[RuleError], *, rul
     except RuleError as e:
         errors.append(e)
         return []
-    values: dict[PathKey, int] = {}
-    keys: dict[PathKey, int] = {}
-    duplicates: list[tuple[str, int]] = []
-    if node is not None:
-        index_nodes(node, (), values, keys, duplicates)
+    values, keys, duplicates = index_document(node)
     top = RuleSource(str(path), text, line_starts(text), values, keys, None)
     errors.extend(RuleError(f"duplicate key '{k}' (YAML would silently keep the last one)", location=top.location(i),
                             excerpt=excerpt(text, i)) for k, i in duplicates)
