@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli_rules import rules_app
 from gavel.errors import GavelError
 
 app = typer.Typer(help="gavel: cognitive-element probes, safety rules and a real-time monitor for LLMs.",
@@ -20,41 +19,7 @@ organism_app = typer.Typer(help="Train and measure the built-in model organism."
 app.add_typer(organism_app, name="organism")
 ce_app = typer.Typer(help="Fit, evaluate and inspect cognitive-element (CE) banks.", no_args_is_help=True)
 app.add_typer(ce_app, name="ce")
-console = Console()
-err_console = Console(stderr=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:organism, a local model directory, or a hub id.")]
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """A GavelError is the user's to fix: one line on stderr, exit code 2, no traceback.
-
-    Also silences transformers' own progress bars: the CLI draws its own.
-    """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    except GavelError as e:
-        err_console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(code=2) from None
-
-
-@contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields an `advance(n)` callback for library code."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    if not enabled:
-        yield lambda n: None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+app.add_typer(rules_app, name="rules")
 
 
 @app.command()
