@@ -76,7 +76,14 @@ class Monitor:
                       else bank.heads_for(self.program.ce_indices))      # only the heads the rules read
         self.sites = list(dict.fromkeys(s for h in self.heads for s in bank.heads[h].sites))
         self.thresholds = self.scoring.thresholds
+        # per step the monitor keeps calibrated logits and compares them with logit thresholds: the same
+        # decision as sigmoid(logit) > threshold, without a sigmoid per token (probabilities come in results())
+        self.plan = [(self.scoring.heads[h], _as_index(bank.columns[h]), self.scoring.scale[bank.columns[h]],
+                      self.scoring.shift[bank.columns[h]]) for h in self.heads]
+        thr = self.thresholds
+        self.logit_thresholds = torch.where(thr <= 0, -torch.inf, torch.where(thr >= 1, torch.inf, torch.logit(thr)))
         self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
+        self.can_block = any(a.stops_generation for a in actions)
         self.action_names = [a.name for a in actions]
         eos = handle.hf_model.generation_config.eos_token_id if handle.is_causal else None
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -173,23 +180,23 @@ class Session:
             self.alive &= ~torch.isin(ids[:, -1], self.m.eos_ids)
         self.cur_valid = valid & self.alive[:, None]
         self.cur_ids = ids
-        self.cur = torch.zeros(b, t, len(self.m.bank.names), device=self.alive.device)
+        self.cur = torch.full((b, t, len(self.m.bank.names)), -torch.inf, device=self.alive.device)  # logits
         self.cur_bad = torch.zeros(b, t, dtype=torch.bool, device=self.alive.device)
         self.stash: dict[str, torch.Tensor] = {}
 
     def site_hook(self, site: str):
         def hook(act: torch.Tensor) -> None:
             self.stash[site] = act
-            self.cur_bad |= ~torch.isfinite(act).flatten(2).all(-1)
         return hook
 
     def after_forward(self, module, args, kwargs, output):
-        bank = self.m.scoring
-        for h in self.m.heads:
+        for head, columns, scale, shift in self.m.plan:
             try:
-                self.cur[..., bank.columns[h]] = bank.score_head(h, self.stash)
+                logits = head.score(self.stash).float() * scale + shift
+                self.cur[..., columns] = logits
+                self.cur_bad |= ~torch.isfinite(logits).all(-1)  # NaN/inf activations make the scores non-finite
             except Exception as e:  # the policy decides: every sequence of the batch is marked failed
-                self.errors.append(f"head {h} ({', '.join(bank.heads[h].sites)}): {type(e).__name__}: {e}")
+                self.errors.append(f"head on {', '.join(head.sites)}: {type(e).__name__}: {e}")
                 self.cur_bad |= True
         self.stash.clear()
         valid = self.cur_valid
@@ -198,10 +205,11 @@ class Session:
         if self.m.policy == "fail_closed":
             self.blocked |= bad
         content = valid & ~torch.isin(self.cur_ids, self.m.special_ids)   # template tokens never fire CEs
-        fired = (self.cur > self.m.thresholds) & content[..., None]
+        fired = (self.cur > self.m.logit_thresholds) & content[..., None]
         holds, self.state = self.m.program.advance(fired, self.state, valid)
         holds = holds & valid[..., None]
-        self.blocked |= (holds & self.m.stops).any(-1).any(-1)
+        if self.m.can_block:
+            self.blocked |= (holds & self.m.stops).any(-1).any(-1)
         self.alive &= ~self.blocked
         self.scores.append(self.cur)
         self.valid.append(valid)
@@ -225,7 +233,7 @@ class Session:
                 first_sequence: int = 0) -> list[Result]:
         """Per-sequence results; the last token of a generation is absent (generate() never runs it)."""
         valid = torch.cat(self.valid, 1).cpu()
-        scores = torch.cat(self.scores, 1).cpu()
+        scores = torch.sigmoid(torch.cat(self.scores, 1)).cpu()
         ids = torch.cat(self.ids, 1).cpu()
         holds = torch.cat(self.holds, 1).cpu()
         blocked, failed = self.blocked.cpu(), self.failed.cpu()
@@ -257,3 +265,8 @@ class Session:
             out.append(Result(tokens=tokens, token_ids=row_ids, scores=row_scores, roles=roles, events=events,
                               blocked=bool(blocked[i]), failed=bool(failed[i]), prompt_length=prompt_lengths[i]))
         return out
+
+
+def _as_index(columns: list[int]) -> slice | list[int]:
+    """A slice when the columns are contiguous (cheap to assign through), else the list."""
+    return slice(columns[0], columns[-1] + 1) if columns == list(range(columns[0], columns[-1] + 1)) else columns

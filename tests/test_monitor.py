@@ -124,13 +124,13 @@ def test_unknown_action_fails_at_construction(organism, organism_bank):
 def test_a_scoring_exception_follows_the_policy(organism, organism_bank):
     for policy, blocked in (("fail_open", False), ("fail_closed", True)):
         monitor = Monitor(organism, organism_bank, RULES, policy=policy)
-        h = monitor.heads[0]
-        head = monitor.scoring.heads[h]
-        monitor.scoring.heads[h] = LinearHead(head.sites, head.weight[:-1], head.bias)  # scoring will raise
+        head, columns, scale, shift = monitor.plan[0]
+        broken = LinearHead(head.sites, head.weight[:-1], head.bias)  # scoring will raise
+        monitor.plan[0] = (broken, columns, scale, shift)
         with monitor.watch(1) as session:
             result = monitor.handle.hf_model.generate(
                 input_ids=torch.tensor([[2, 5, 9]]), max_new_tokens=2, do_sample=False,
                 pad_token_id=organism.tokenizer.pad_token_id)
         assert result.shape[1] >= 4
-        assert session.errors and session.errors[0].startswith(f"head {h}")
+        assert session.errors and session.errors[0].startswith(f"head on {head.sites[0]}")
         assert bool(session.failed[0]) and bool(session.blocked[0]) is blocked

@@ -64,26 +64,33 @@ class RuleProgram:
     def evaluate(self, detected: Tensor) -> Tensor:
         """Rule conditions over detected sets: bool [rows, n_needed] -> bool [rows, n_rules]."""
         device = detected.device
+        if self.membership.device != device:
+            return self.to(device).evaluate(detected)
         n_ce, n_sel = self.membership.shape
         width = 1 + n_ce + n_sel + sum(g.threshold.shape[0] for g in self.levels)
         values = torch.zeros(detected.shape[0], width, dtype=torch.float32, device=device)
         values[:, 1:1 + n_ce] = detected
-        counts = values[:, 1:1 + n_ce] @ self.membership.to(device)
-        values[:, 1 + n_ce:1 + n_ce + n_sel] = counts >= self.selector_threshold.to(device)
+        counts = values[:, 1:1 + n_ce] @ self.membership
+        values[:, 1 + n_ce:1 + n_ce + n_sel] = counts >= self.selector_threshold
         start = 1 + n_ce + n_sel
         for gates in self.levels:
             n = gates.threshold.shape[0]
-            total = values[:, gates.inputs.to(device)].sum(dim=-1)
-            values[:, start:start + n] = total >= gates.threshold.to(device)
+            total = values[:, gates.inputs].sum(dim=-1)
+            values[:, start:start + n] = total >= gates.threshold
             start += n
-        return values[:, self.outputs.to(device)] > 0.5
+        return values[:, self.outputs] > 0.5
+
+    def _needed(self, fired: Tensor) -> Tensor:
+        """The needed CEs' columns of `fired` (the program's index moved only if it lives elsewhere)."""
+        gather = self.gather if self.gather.device == fired.device else self.gather.to(fired.device)
+        return _check_fired(fired).index_select(-1, gather)
 
     def step(self, fired: Tensor, state: RuleState, active: Tensor | None = None) -> tuple[Tensor, RuleState]:
         """One token: `fired` bool [batch, len(ce_names)]; rows where `active` is False keep their state.
 
         Returns (holds bool [batch, n_rules], new state).
         """
-        new = _check_fired(fired).index_select(-1, self.gather.to(fired.device))
+        new = self._needed(fired)
         if active is not None:
             new = new & active.bool().unsqueeze(-1)
         detected = state.detected | new
@@ -92,12 +99,15 @@ class RuleProgram:
     def advance(self, fired: Tensor, state: RuleState, mask: Tensor | None = None) -> tuple[Tensor, RuleState]:
         """Several tokens from `state` at once (a prefill): `fired` bool [batch, T, len(ce_names)], `mask`
         bool [batch, T] -> (holds [batch, T, n_rules], state after the last token). Same as T `step`s."""
-        new = _check_fired(fired).index_select(-1, self.gather.to(fired.device))
+        new = self._needed(fired)
         if mask is not None:
             new = new & mask.bool().unsqueeze(-1)
         batch, length, n = new.shape
         if length == 0:
             return torch.zeros(batch, 0, len(self.rule_names), dtype=torch.bool, device=fired.device), state
+        if length == 1:  # a decoding step
+            detected = state.detected | new[:, 0]
+            return self.evaluate(detected).unsqueeze(1), RuleState(detected)
         detected = state.detected.unsqueeze(1) | (new.cumsum(dim=1) > 0)
         holds = self.evaluate(detected.reshape(batch * length, n)).reshape(batch, length, -1)
         return holds, RuleState(detected[:, -1])
