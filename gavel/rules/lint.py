@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -125,11 +126,12 @@ class DuplicateRuleIssue(Issue):
         return f"{self.field} '{self.value}' is used by more than one rule"
 
 
-class Validator:
+class Validator(ABC):
     """One check: `validate` looks at a rule, `finalize` at everything seen (for checks across rules)."""
 
+    @abstractmethod
     def validate(self, rule: RuleSpec) -> list[Issue]:
-        raise NotImplementedError
+        """The issues this check finds in one rule."""
 
     def finalize(self) -> list[Issue]:
         return []
