@@ -2,6 +2,9 @@
 
 Targets: load (YAML + validation + condition parsing) and compile 1,000 generated rules in <= 2 s;
 `RuleProgram.run` evaluates 100 rules at >= 1M token-steps/s (batch 64, 15,625 tokens each, 64 CEs).
+Two rule families: GAVEL conditions (groups, selectors, and/or; conversation mode) and the temporal language
+(comparisons, not, once/then/for/count/max windows, scopes, both modes). Also timed: token-by-token `step`
+(batch 64), the monitor's decoding path.
 Usage: python benchmarks/rules_speed.py [--rules 1000] [--eval-rules 100] [--steps 1000000] [--batch 64]
 Each measurement is the median of --repeats runs (the condition parse cache is cleared before each load).
 Writes benchmarks/results/rules_speed.json.
@@ -21,6 +24,7 @@ import torch
 import yaml
 
 from gavel.rules import compile_rules, load_rules, parse_condition
+from gavel.rules.compiler import RESPONSE
 
 
 def _condition(rng: random.Random, groups: dict[str, list[str]], depth: int) -> str:
@@ -36,6 +40,47 @@ def _condition(rng: random.Random, groups: dict[str, list[str]], depth: int) -> 
     op = rng.choice(["and", "or"])
     terms = [_condition(rng, groups, depth - 1) for _ in range(rng.randint(2, 3))]
     return f" {op} ".join(f"({t})" if " and " in t or " or " in t else t for t in terms)
+
+
+def _temporal(rng: random.Random, groups: dict[str, list[str]], depth: int) -> str:
+    """A random condition of the full language over the rule's groups and CEs."""
+    names = [*groups, *(c for g in groups.values() for c in g)]
+    if depth == 0 or rng.random() < 0.25:
+        a, b = rng.choice(names), rng.choice(names)
+        n = rng.randint(2, 16)
+        return rng.choice([
+            f"{a}", f"{rng.choice(names)} > 0.{rng.randint(5, 9)}", f"once {a} within {n} tokens",
+            f"{a} then {b} within {n} tokens", f"{a} for {rng.randint(2, 4)} tokens",
+            f"count({a}) >= {rng.randint(2, 3)} within {n} tokens", f"max({a}) over {n} tokens > 0.9",
+            f"{a} in {rng.choice(['prompt', 'response', 'user', 'assistant'])}", f"not {a}",
+            f"2 of ({a}, {b}, {rng.choice(names)})"])
+    op = rng.choice(["and", "or"])
+    terms = [_temporal(rng, groups, depth - 1) for _ in range(rng.randint(2, 3))]
+    return f" {op} ".join(f"({t})" if " and " in t or " or " in t else t for t in terms)
+
+
+def generate_temporal_rules(n: int, ces: list[str], seed: int) -> list[dict]:
+    """`n` rules of the temporal language, half per token and half conversation-level."""
+    rng = random.Random(seed)
+    rules = []
+    for i in range(n):
+        groups = {f"{topic}_{i}": rng.sample(ces, rng.randint(2, 4))
+                  for topic in rng.sample(["threat", "money", "topic", "urgency", "fiction"], 2)}
+        rules.append({"name": f"temporal_{i}", "groups": groups, "condition": _temporal(rng, groups, 2),
+                      "match": rng.choice(["token", "conversation"])})
+    return rules
+
+
+def traces(batch: int, length: int, n_ces: int, fire_rate: float, seed: int):
+    """CE scores that are mostly low with rare spikes (fired above 0.5), plus role codes: user prompt, then
+    the assistant's response."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, length, n_ces, generator=g) * 0.2
+    spikes = torch.rand(batch, length, n_ces, generator=g) < fire_rate
+    scores = torch.where(spikes, 0.6 + 0.4 * torch.rand(batch, length, n_ces, generator=g), scores)
+    roles = torch.full((batch, length), 2, dtype=torch.long)
+    roles[:, length // 4:] = 3 + RESPONSE
+    return scores > 0.5, scores, roles
 
 
 def generate_rules(n: int, ces: list[str], seed: int) -> list[dict]:
@@ -75,7 +120,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         pack = Path(tmp) / "pack.yaml"
-        pack.write_text(yaml.safe_dump({"pack": "bench", "rules": generate_rules(args.rules, ces, 0)}))
+        half = args.rules // 2
+        specs = generate_rules(args.rules - half, ces, 0) + generate_temporal_rules(half, ces, 1)
+        pack.write_text(yaml.safe_dump({"pack": "bench", "rules": specs}))
 
         def load():
             parse_condition.cache_clear()
@@ -84,31 +131,43 @@ def main() -> None:
         load_s, rules = _median_seconds(load, args.repeats)
     compile_s, _ = _median_seconds(lambda: compile_rules(rules, ces), args.repeats)
     build_s = load_s + compile_s
-
-    program = compile_rules(rules[:args.eval_rules], ces)
-    length = args.steps // args.batch
-    g = torch.Generator().manual_seed(0)
-    fired = torch.rand(args.batch, length, len(ces), generator=g) < args.fire_rate
-    mask = torch.ones(args.batch, length, dtype=torch.bool)
-    program.run(fired[:, :256], mask[:, :256])  # warm-up
-    run_s, holds = _median_seconds(lambda: program.run(fired, mask), args.repeats)
-    steps = args.batch * length
-    rate = steps / run_s
-
-    result = {
-        "threads": 1,
-        "build": {"rules": len(rules), "load_seconds": round(load_s, 3), "compile_seconds": round(compile_s, 3),
-                  "seconds": round(build_s, 3), "time_ratio_to_2s_target": round(build_s / 2.0, 3)},
-        "run": {"rules": len(program.rule_names), "ces": len(ces), "batch": args.batch, "tokens": length,
-                "token_steps": steps, "seconds": round(run_s, 3), "steps_per_second": round(rate),
-                "throughput_ratio_to_1M_target": round(rate / 1e6, 3),
-                "rules_holding_at_end": round(holds[:, -1].float().mean().item(), 3)},
-    }
+    result = {"threads": 1, "build": {"rules": len(rules), "load_seconds": round(load_s, 3),
+                                      "compile_seconds": round(compile_s, 3), "seconds": round(build_s, 3),
+                                      "time_ratio_to_2s_target": round(build_s / 2.0, 3)}}
     print(f"torch threads: 1 (torch {torch.__version__})")
-    print(f"load {len(rules)} rules: {load_s:.3f} s (YAML + validation + parsing), compile: {compile_s:.3f} s; "
-          f"total {build_s:.3f} s = {build_s / 2.0:.2f} of the 2 s target")
-    print(f"run {len(program.rule_names)} rules over {steps:,} token-steps (batch {args.batch} x {length} tokens, "
-          f"{len(ces)} CEs): {run_s:.3f} s = {rate / 1e6:.2f}M steps/s = {rate / 1e6:.2f}x the 1M steps/s target")
+    print(f"load {len(rules)} rules (half GAVEL, half temporal): {load_s:.3f} s (YAML + validation + parsing), "
+          f"compile: {compile_s:.3f} s; total {build_s:.3f} s = {build_s / 2.0:.2f} of the 2 s target")
+
+    length = args.steps // args.batch
+    fired, scores, roles = traces(args.batch, length, len(ces), args.fire_rate, 0)
+    mask = torch.ones(args.batch, length, dtype=torch.bool)
+    gavel_rules = [r for r in rules if not r.name.startswith("temporal_")][:args.eval_rules]
+    temporal_rules = [r for r in rules if r.name.startswith("temporal_")][:args.eval_rules]
+    for family, chosen in (("gavel", gavel_rules), ("temporal", temporal_rules)):
+        program = compile_rules(chosen, ces)
+        kwargs = {"scores": scores, "roles": roles}
+        program.run(fired[:, :256], mask[:, :256], scores=scores[:, :256], roles=roles[:, :256])  # warm-up
+        run_s, holds = _median_seconds(lambda: program.run(fired, mask, **kwargs), args.repeats)
+        steps = args.batch * length
+        rate = steps / run_s
+        result[f"run_{family}"] = {
+            "rules": len(program.rule_names), "ces": len(ces), "batch": args.batch, "tokens": length,
+            "token_steps": steps, "seconds": round(run_s, 3), "steps_per_second": round(rate),
+            "throughput_ratio_to_1M_target": round(rate / 1e6, 3),
+            "rules_holding_at_end": round(holds[:, -1].float().mean().item(), 3)}
+        print(f"run {len(program.rule_names)} {family} rules over {steps:,} token-steps (batch {args.batch} x "
+              f"{length} tokens, {len(ces)} CEs): {run_s:.3f} s = {rate / 1e6:.2f}M steps/s = "
+              f"{rate / 1e6:.2f}x the 1M steps/s target")
+        state = program.init_state(args.batch)
+        tokens = 200
+        start = time.perf_counter()
+        for t in range(tokens):
+            _, state = program.step(fired[:, t], state, scores=scores[:, t], roles=roles[:, t])
+        step_s = (time.perf_counter() - start) / tokens
+        result[f"step_{family}"] = {"batch": args.batch, "ms_per_token": round(step_s * 1e3, 3),
+                                    "steps_per_second": round(args.batch / step_s)}
+        print(f"  token by token (step, batch {args.batch}): {step_s * 1e3:.2f} ms per token = "
+              f"{args.batch / step_s / 1e3:.0f}k steps/s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

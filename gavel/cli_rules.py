@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,8 @@ rules_app = typer.Typer(help="Check, test and format GAVEL rules.", no_args_is_h
 PathsArg = Annotated[list[Path], typer.Argument(help="Rule files, packs, rulesets or folders.", exists=True,
                                                 metavar="PATH")]
 TestPathsArg = Annotated[list[Path], typer.Argument(
-    help="Packs, rule.yaml files, trace fixtures (*.tests.jsonl, tests/traces.jsonl) or folders.", exists=True,
+    help="Packs (with their `tests:`), rule.yaml files, fixtures (*.tests.jsonl, *.texts.jsonl, tests/*.json[l]) "
+    "or folders.", exists=True,
     metavar="PATH")]
 COLOURS = {"error": "red", "high": "red", "medium": "yellow", "low": "cyan",
            "pass": "green", "fail": "red", "skip": "yellow"}
@@ -40,6 +42,21 @@ def _known_ces(bank: Path | None, ces: str | None) -> list[str] | None:
         else:
             raise ArtifactError(f"{bank} is neither a CE bank (manifest.json) nor a GAVEL ces/ folder")
     return list(dict.fromkeys(names))
+
+
+def _params(items: list[str]) -> dict[str, int | float]:
+    """`NAME=NUMBER` options as parameter values."""
+    out: dict[str, int | float] = {}
+    for item in items:
+        name, _, value = (part.strip() for part in item.partition("="))
+        try:
+            number = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            number = None
+        if not name or number is None or not math.isfinite(number):
+            raise GavelError(f"--param {item!r}: expected NAME=NUMBER, as in --param threshold=0.8")
+        out[name] = number
+    return out
 
 
 def _plural(n: int, word: str) -> str:
@@ -77,6 +94,8 @@ def rules_check(paths: PathsArg,
                     help="Known CE names, comma-separated (adds to --bank).")] = None,
                 library: Annotated[Path | None, typer.Option(
                     help="The GAVEL library that rulesets name rules from.")] = None,
+                param: Annotated[list[str] | None, typer.Option(
+                    "--param", "-p", help="Set a pack parameter `${NAME}`: NAME=NUMBER (repeatable).")] = None,
                 as_json: JsonOpt = False) -> None:
     """Load every rule and lint it; report every syntax error, load error and lint finding with its place.
 
@@ -86,10 +105,11 @@ def rules_check(paths: PathsArg,
 
     with user_errors():
         known = _known_ces(bank, ces)
-    rules, errors = collect_rules(paths, library=library)
+        params = _params(param or [])
+    rules, errors = collect_rules(paths, library=library, params=params)
     findings = [_error(e) for e in errors]
-    findings += [_finding(i.location, i.severity.name.lower(), type(i).__name__, f"rule '{i.rule}': {i.message}",
-                          rule=i.rule) for i in lint(rules, ces=known)]
+    findings += [_finding(i.location, i.severity.name.lower(), type(i).__name__, f"{i.subject}: {i.message}",
+                          i.hint, rule=i.rule) for i in lint(rules, ces=known)]
     findings.sort(key=lambda f: (f["path"] or "", f["line"] or 0, f["column"] or 0))
     if as_json:
         print(json.dumps(findings, indent=2))
@@ -107,21 +127,22 @@ def rules_check(paths: PathsArg,
 @rules_app.command("test")
 def rules_test(paths: TestPathsArg,
                model: Annotated[str | None, typer.Option(
-                   "--model", "-m", help="With --bank: run GAVEL positive/negative sets (builtin:organism, "
-                   "a model directory, or a hub id).")] = None,
+                   "--model", "-m", help="With --bank: run text fixtures and GAVEL positive/negative sets "
+                   "(builtin:organism, a model directory, or a hub id).")] = None,
                bank: Annotated[Path | None, typer.Option(
                    "--bank", "-b", help="With --model: a CE bank directory.")] = None,
                force: Annotated[bool, typer.Option(help="Skip the bank's model fingerprint check.")] = False,
                as_json: JsonOpt = False) -> None:
-    """Run rule tests: CE-trace fixtures, and GAVEL positive/negative conversations with --model and --bank.
+    """Run rule tests: CE traces through the compiled rules; texts and GAVEL positive/negative conversations
+    through a model and CE bank (--model and --bank; skipped without). Failures show expected vs got.
 
     Exit 0: every test passed (skips allowed). Exit 1: a test failed.
     Exit 2: bad input (a malformed fixture, a rule that does not load or compile, a bank for another model).
     """
     if (model is None) != (bank is None):
-        err_console.print("[red]error:[/] --model and --bank go together (GAVEL conversations need both)")
+        err_console.print("[red]error:[/] --model and --bank go together (text tests need both)")
         raise typer.Exit(code=2)
-    from gavel.rules.testing import run_rule_tests
+    from gavel.rules.testing import describe, run_rule_tests
 
     handle = loaded = None
     with user_errors():
@@ -143,7 +164,8 @@ def rules_test(paths: TestPathsArg,
         for r in results:
             where = r.path + (f":{r.line}" if r.line else "")
             console.print(f"[{COLOURS[r.status]}]{r.status.upper():4}[/] {escape(where)}  {escape(r.name)}"
-                          + (f"  [dim]({escape(r.reason)})[/]" if r.reason else ""), soft_wrap=True)
+                          + (f"  [dim]({escape(r.reason)})[/]" if r.reason else "")
+                          + (f"  [dim]-> {escape(describe(r.outcome))}[/]" if r.outcome else ""), soft_wrap=True)
             for m in r.mismatches:
                 console.print(f"     {escape(str(m))}", soft_wrap=True)
         for e in errors:

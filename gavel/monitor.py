@@ -5,6 +5,8 @@ generate()'s stopping check reads); events are copied to the host once, when a b
 """
 from __future__ import annotations
 
+import dataclasses
+import string
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ from gavel.plugins.actions import PRECEDENCE
 from gavel.plugins.registry import registry
 from gavel.probes.bank import CEBank
 from gavel.rules import compile_rules
+from gavel.rules.actions import check_actions
+from gavel.rules.compiler import RESPONSE
+from gavel.rules.source import RuleErrors
 
 Policy = Literal["fail_open", "fail_closed"]
 
@@ -67,9 +72,15 @@ class Monitor:
                  score: Literal["rules", "all"] = "rules") -> None:
         if policy not in ("fail_open", "fail_closed"):
             raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {policy!r}")
-        self.handle, self.bank, self.rules, self.policy = handle, bank, list(rules), policy
-        self.program = compile_rules(self.rules, bank.names).to(handle.device)
-        actions = [registry().get("actions", getattr(r, "action", "log")) for r in self.rules]
+        self.handle, self.bank, self.policy = handle, bank, policy
+        rules = list(rules)
+        self.program = compile_rules(rules, bank.names).to(handle.device)
+        problems = check_actions(rules, registry(), runnable=True)
+        if problems:
+            raise RuleErrors(problems)
+        self.rules = [r for r in rules if not r.private]   # what the program reports
+        self.calls = [r.action_call for r in self.rules]
+        actions = [registry().get("actions", c.name) for c in self.calls]
         device = handle.device
         self.scoring = bank.to(device)
         self.heads = (list(range(len(bank.heads))) if score == "all"
@@ -91,9 +102,11 @@ class Monitor:
         self.special_ids = torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long, device=device)
 
     @contextmanager
-    def watch(self, batch_size: int) -> Iterator["Session"]:
-        """Hooks for one batch of sequences; each sequence keeps its own rule state."""
-        session = Session(self, batch_size)
+    def watch(self, batch_size: int, classes: torch.Tensor | None = None) -> Iterator["Session"]:
+        """Hooks for one batch of sequences; each sequence keeps its own rule state. `classes` [B, T] are the
+        token class codes (role + 4 for response tokens) of the first forward's tokens; later tokens are
+        generated ones (assistant response)."""
+        session = Session(self, batch_size, classes)
         model = self.handle.model
         handles = []
         try:
@@ -112,7 +125,8 @@ class Monitor:
         from transformers import StoppingCriteriaList
 
         batch = prompt_batch(self.handle, conversations)
-        with self.watch(len(conversations)) as session:
+        classes, _ = pad_sequences([e.roles.long() for e in batch.encoded], 0, "left")
+        with self.watch(len(conversations), classes.to(self.handle.device)) as session:
             out = self.handle.hf_model.generate(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                 pad_token_id=self.handle.tokenizer.pad_token_id,
@@ -132,7 +146,8 @@ class Monitor:
         for start in range(0, len(conversations), batch_size):
             encoded = [encode_conversation(self.handle.tokenizer, c) for c in conversations[start:start + batch_size]]
             ids, mask = pad_sequences([e.input_ids for e in encoded], pad, "right")
-            with self.watch(len(encoded)) as session:
+            classes, _ = pad_sequences([token_classes(e.roles) for e in encoded], 0, "right")
+            with self.watch(len(encoded), classes.to(self.handle.device)) as session:
                 self.handle.forward(ids.to(self.handle.device), mask.long().to(self.handle.device))
             results += session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded],
                                        first_sequence=start)
@@ -145,16 +160,17 @@ class Monitor:
         block = next((e for e in result.events if e.action == "block"), None)
         if block is None:
             return "[blocked: the monitor failed on this sequence (policy fail_closed)]"
-        rule = next(r for r in self.rules if r.name == block.rule)
-        return getattr(rule, "reply", None) or f"[blocked by rule {rule.name}]"
+        r = next(i for i, rule in enumerate(self.rules) if rule.name == block.rule)
+        return self.calls[r].text or f"[blocked by rule {block.rule}]"
 
 
 class Session:
     """Per-batch monitor state, all tensors on the model's device until `results()`."""
 
-    def __init__(self, monitor: Monitor, batch_size: int) -> None:
+    def __init__(self, monitor: Monitor, batch_size: int, classes: torch.Tensor | None = None) -> None:
         self.m = monitor
         device = monitor.handle.device
+        self.classes = classes   # [B, T_prompt] token class codes of the first forward, padded like its ids
         self.state = monitor.program.init_state(batch_size, device)
         self.alive = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.blocked = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -180,6 +196,10 @@ class Session:
             self.alive &= ~torch.isin(ids[:, -1], self.m.eos_ids)
         self.cur_valid = valid & self.alive[:, None]
         self.cur_ids = ids
+        if self.forwards == 0 and self.classes is not None and self.classes.shape[1] == t:
+            self.cur_classes = self.classes
+        else:   # generated tokens: the assistant's response
+            self.cur_classes = torch.full((b, t), 3 + RESPONSE, dtype=torch.long, device=ids.device)
         self.cur = torch.full((b, t, len(self.m.bank.names)), -torch.inf, device=self.alive.device)  # logits
         self.cur_bad = torch.zeros(b, t, dtype=torch.bool, device=self.alive.device)
         self.stash: dict[str, torch.Tensor] = {}
@@ -206,7 +226,10 @@ class Session:
             self.blocked |= bad
         content = valid & ~torch.isin(self.cur_ids, self.m.special_ids)   # template tokens never fire CEs
         fired = (self.cur > self.m.logit_thresholds) & content[..., None]
-        holds, self.state = self.m.program.advance(fired, self.state, valid)
+        program = self.m.program
+        scores = torch.sigmoid(self.cur) * content[..., None] if program.needs_scores else None
+        holds, self.state = program.advance(fired, self.state, valid, scores=scores,
+                                            roles=self.cur_classes if program.needs_roles else None)
         holds = holds & valid[..., None]
         if self.m.can_block:
             self.blocked |= (holds & self.m.stops).any(-1).any(-1)
@@ -255,16 +278,49 @@ class Session:
                 if len(hits) == 0:
                     continue
                 t = int(hits[0])
-                events.append(Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
-                                    severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
-                                    sequence=first_sequence + i, token_index=t, token=tokens[t],
-                                    ces={n: round(float(row_scores[t, j]), 4) for n in rule.ce_names
-                                         if row_scores[t, j := names.index(n)] > thresholds[j]},
-                                    message=getattr(rule, "message", None)))
+                ces = {n: round(float(row_scores[t, j]), 4) for n in rule.ce_names if n in names
+                       and row_scores[t, j := names.index(n)] > thresholds[j]}
+                event = Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
+                              severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
+                              sequence=first_sequence + i, token_index=t, token=tokens[t], ces=ces)
+                text = self.m.calls[r].text
+                if text is not None and self.m.action_names[r] != "block":
+                    scores_now = {n: round(float(row_scores[t, j]), 4) for j, n in enumerate(names)}
+                    event = dataclasses.replace(event, message=render_message(text, event, scores_now))
+                events.append(event)
             events.sort(key=lambda e: (e.token_index, -PRECEDENCE.get(e.action, 0)))
             out.append(Result(tokens=tokens, token_ids=row_ids, scores=row_scores, roles=roles, events=events,
                               blocked=bool(blocked[i]), failed=bool(failed[i]), prompt_length=prompt_lengths[i]))
         return out
+
+
+class _Placeholders(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def render_message(text: str, event: Event, scores: dict[str, float]) -> str:
+    """An alert's text with {rule}, {title}, {severity}, {token}, {token_index}, {sequence}, {ces} and
+    {<ce name>} (its score at the firing token) filled in; unknown placeholders stay as written."""
+    fields = _Placeholders(scores)
+    fields.update(rule=event.rule, title=event.title, severity=event.severity, token=event.token,
+                  token_index=event.token_index, sequence=event.sequence,
+                  ces=", ".join(f"{n}={v:.2f}" for n, v in event.ces.items()))
+    try:
+        return string.Formatter().vformat(text, (), fields)
+    except (ValueError, IndexError, AttributeError):   # braces that are not placeholders: keep the text as written
+        return text
+
+
+def token_classes(roles: torch.Tensor) -> torch.Tensor:
+    """Token class codes of a stored conversation: role codes, + RESPONSE on its final assistant message."""
+    classes = roles.long().clone()
+    speaking = (classes > 0).nonzero().squeeze(1)
+    if len(speaking) and classes[speaking[-1]] == 3:
+        others = ((classes == 1) | (classes == 2)).nonzero().squeeze(1)
+        start = int(others[-1]) + 1 if len(others) else 0
+        classes[start:] += RESPONSE * (classes[start:] == 3)
+    return classes
 
 
 def _as_index(columns: list[int]) -> slice | list[int]:

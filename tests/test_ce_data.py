@@ -14,8 +14,17 @@ from gavel.models.chat import ROLE_ASSISTANT
 from gavel.organism import corpus
 from gavel.organism.labels import as_conversation, encode_example
 from gavel.organism.tokenizer import build_tokenizer
-from gavel.probes.data import (CEDataset, CEInfo, LabelledExample, load_dataset, load_gavel_ces, load_spans_jsonl,
-                               merge_datasets, organism_dataset, read_ce_yaml)
+from gavel.probes.data import (
+    CEDataset,
+    CEInfo,
+    LabelledExample,
+    load_dataset,
+    load_gavel_ces,
+    load_spans_jsonl,
+    merge_datasets,
+    organism_dataset,
+    read_ce_yaml,
+)
 from gavel.probes.data_spans import parse_record, role_codes
 
 FIXTURES = Path(__file__).parent / "fixtures"

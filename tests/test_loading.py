@@ -52,8 +52,8 @@ def test_unknown_backend(tiny_llama_dir):
 
 
 def test_lens_backend_sees_the_same_activations(organism):
-    from gavel.models.collect import collect_activations
     from gavel.models.chat import encode_conversation
+    from gavel.models.collect import collect_activations
 
     lens = load_model("builtin:organism", backend="lens")
     enc = [encode_conversation(organism.tokenizer, [{"role": "user", "content": "how do i fix my bike ?"}])]

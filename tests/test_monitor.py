@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from gavel.errors import GavelError
-from gavel.models.collect import collect_activations
 from gavel.models.chat import Encoded
+from gavel.models.collect import collect_activations
 from gavel.models.generation import generate_replies
 from gavel.models.hooks import count_hooks
 from gavel.monitor import Monitor

@@ -1,21 +1,40 @@
-"""The plugin registry: built-ins first, broken or non-conforming plugins reported and skipped."""
+"""The plugin registry: built-ins first, broken or non-conforming plugins reported and skipped; actions declare
+their arguments."""
 from importlib.metadata import EntryPoint
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from gavel.errors import GavelError
 from gavel.plugins import registry as registry_module
-from gavel.plugins.actions import BlockAction
+from gavel.plugins.actions import BUILTIN_ACTIONS, PRECEDENCE, Action, BlockAction, RotateAction
+
+
+class WebhookArgs(BaseModel):
+    url: str
 
 
 class WebhookAction:
     name = "webhook"
     kind = "alert"
     stops_generation = False
+    params = WebhookArgs
+    takes_text = True
+    implemented = True
 
 
 class NotAnAction:
     name = "half"
+
+
+class OddKind(WebhookAction):
+    name = "odd"
+    kind = "shout"
+
+
+class BadParams(WebhookAction):
+    name = "bad_params"
+    params = dict
 
 
 def fake_entry_points(**points):
@@ -26,8 +45,38 @@ def fake_entry_points(**points):
 
 def test_builtins_are_registered():
     reg = registry_module.load_registry()
-    assert {"log", "alert", "block"} <= set(reg.plugins["actions"])
+    assert set(reg.plugins["actions"]) == {"log", "alert", "block", "rotate", "add", "ablate", "align",
+                                           "steer_neurons", "perturb"}
     assert reg.get("actions", "block") is BlockAction
+    assert reg.problems == []
+
+
+def test_builtin_actions_declare_arguments_and_text():
+    by_name = {a.name: a for a in BUILTIN_ACTIONS}
+    assert all(isinstance(a, type) and isinstance(a(), Action) for a in BUILTIN_ACTIONS)
+    assert {n for n, a in by_name.items() if a.takes_text} == {"alert", "block"}
+    assert {n for n, a in by_name.items() if a.params is None} == {"log", "alert", "block"}
+    assert {n for n, a in by_name.items() if a.stops_generation} == {"block"}
+    steering = {n for n, a in by_name.items() if a.kind == "steer"}
+    assert steering == {"rotate", "add", "ablate", "align", "steer_neurons", "perturb"}
+    # declarations only: nothing pretends to steer yet
+    assert {n for n, a in by_name.items() if not a.implemented} == steering
+    assert PRECEDENCE["block"] > PRECEDENCE["steer"] > PRECEDENCE["alert"] > PRECEDENCE["log"]
+    fields = {n: list(a.params.model_fields) for n, a in by_name.items() if a.params is not None}
+    assert fields == {"rotate": ["plane", "angle"], "add": ["vector", "strength"], "ablate": ["direction"],
+                      "align": ["model"], "steer_neurons": ["neurons", "strength"], "perturb": ["method", "budget"]}
+
+
+def test_steering_arguments_are_checked_strictly():
+    args = RotateAction.params.model_validate({"plane": "refusal", "angle": 30})
+    assert (args.plane, args.angle) == ("refusal", 30.0)
+    for bad in ({"plane": "refusal"}, {"plane": "refusal", "angle": "30"}, {"plane": 3, "angle": 30},
+                {"plane": "refusal", "angle": 30, "axis": 1}, {"plane": "refusal", "angle": float("inf")}):
+        with pytest.raises(ValidationError):
+            RotateAction.params.model_validate(bad)
+    perturb = {a.name: a for a in BUILTIN_ACTIONS}["perturb"].params
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        perturb.model_validate({"method": "gaussian", "budget": -1})
 
 
 def test_third_party_broken_and_duplicate_plugins(monkeypatch):
@@ -37,14 +86,20 @@ def test_third_party_broken_and_duplicate_plugins(monkeypatch):
         ("missing", "no_such_module_xyz:Action"),
         ("half", f"{here}:NotAnAction"),
         ("log", f"{here}:WebhookAction"),
+        ("odd", f"{here}:OddKind"),
+        ("bad_params", f"{here}:BadParams"),
     ]}))
     with pytest.warns(UserWarning):
         reg = registry_module.load_registry()
     assert reg.get("actions", "webhook") is WebhookAction
     assert reg.plugins["actions"]["log"].__module__ == "gavel.plugins.actions"  # the first one wins
-    assert "missing" not in reg.plugins["actions"] and "half" not in reg.plugins["actions"]
-    assert any("no_such_module_xyz" in p for p in reg.problems)
-    assert any("does not implement Action" in p for p in reg.problems)
+    assert not {"missing", "half", "odd", "bad_params"} & set(reg.plugins["actions"])
+    problems = "\n".join(reg.problems)
+    assert "no_such_module_xyz" in problems
+    assert ("'half' does not implement Action (it lacks kind, stops_generation, params, takes_text, implemented)"
+            in problems)
+    assert "'odd' has kind 'shout'; an action's kind is one of log, alert, steer, block" in problems
+    assert "'bad_params' has `params` that is not a pydantic model class" in problems
 
 
 def test_unknown_plugin_suggests_a_name():

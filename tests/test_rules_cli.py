@@ -1,4 +1,5 @@
-"""`gavel rules check|test|fmt`: exit codes, text and JSON output, trace fixtures, GAVEL sets on the organism."""
+"""`gavel rules check|test|fmt`: exit codes, text and JSON output, trace and text fixtures, GAVEL sets and text
+fixtures on the organism."""
 import json
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from gavel.rules.fmt import canonical, format_paths
 FIXTURES = Path(__file__).parent / "fixtures"
 LIBRARY = FIXTURES / "gavel_library"
 RULE_TESTS = FIXTURES / "rule_tests"
+RULES_TESTS = FIXTURES / "rules_tests"  # verdicts, roles, scores, tests inside packs, text fixtures
 runner = CliRunner()
 
 
@@ -64,7 +66,7 @@ def test_check_reports_every_problem_located(tmp_path):
     result = invoke("check", pack, "--ces", "tax,making_threat")
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
-    assert f"{pack}:3:24: error: rule 'broken': unexpected `|`; expected a group or CE name, a number, `all` or `(`" \
+    assert f"{pack}:3:24: error: rule 'broken': unexpected `|`; expected a name, a number, a `${{parameter}}`, `all`, `any`, `not`, `once`, `ever` or `(`" \
         in lines
     assert "    hint: use `or` instead of `||`" in lines
     assert f"{pack}:5:5: error: rule 'typo': unknown field 'condtion'" in lines
@@ -119,9 +121,56 @@ def test_trace_failures_show_what_was_expected_and_got():
     report = json.loads(invoke("test", RULE_TESTS / "fail", "--json").stdout)
     first = report["results"][0]
     assert (first["status"], first["name"]) == ("fail", "fires later than expected")
-    assert first["mismatches"][0] | {"message": None} == {
-        "rule": "late", "expected": {"fires": True, "first_token": 1}, "got_first_token": 2, "token": None,
-        "message": None}
+    assert first["mismatches"] == [{
+        "subject": "late", "expected": {"fires": True, "first_token": 1},
+        "got": {"fires": True, "first_token": 2, "token": None},
+        "message": "late: expected to fire at token 1, first fired at token 2"}]
+
+
+def test_verdicts_roles_scores_and_tests_inside_packs_pass():
+    result = invoke("test", RULES_TESTS / "pass")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[-1] == "15 passed, 0 failed, 0 skipped, 0 errors"
+    assert f"PASS {RULES_TESTS / 'pass' / 'guarded.yaml'}:21  compliance after a harmful ask blocks  -> block from " \
+           "token 3 (rule 'complied')" in lines
+    assert f"PASS {RULES_TESTS / 'pass' / 'mini.gvl'}:8  tax alerts  -> alert from token 1 (rule 'tax_talk')" in lines
+
+
+def test_verdict_and_action_failures_show_expected_vs_got():
+    result = invoke("test", RULES_TESTS / "fail")
+    assert result.exit_code == 1
+    fixture = RULES_TESTS / "fail" / "misjudged.tests.jsonl"
+    assert result.output.splitlines() == [
+        f"FAIL {fixture}:1  wrong verdict  -> block from token 1 (rule 'extortion')",
+        "     verdict: expected alert, got block from token 1 (rule 'extortion')",
+        f"FAIL {fixture}:2  verdict starts later  -> block from token 1 (rule 'extortion')",
+        "     verdict: expected block from token 0, got block from token 1 (rule 'extortion')",
+        f"FAIL {fixture}:3  not clean  -> log from token 1 (rule 'tax_talk')",
+        "     verdict: expected clean, got log from token 1 (rule 'tax_talk')",
+        f"FAIL {fixture}:4  clean, not blocked  -> clean",
+        "     verdict: expected block, got clean",
+        f"FAIL {fixture}:5  wrong action",
+        "     extortion: expected action 'alert', the rule's action is 'block'",
+        f"PASS {fixture}:6  passes  -> block from token 0 (rule 'extortion')",
+        "1 passed, 5 failed, 0 skipped, 0 errors"]
+    report = json.loads(invoke("test", fixture, "--json").stdout)
+    assert [(r["status"], r["outcome"]) for r in report["results"]][3:5] == [
+        ("fail", {"verdict": "clean"}), ("fail", None)]
+    assert report["results"][4]["mismatches"][0] | {"message": None} == {
+        "subject": "extortion", "expected": {"action": "alert"}, "got": {"action": "block"}, "message": None}
+
+
+def test_bad_rule_test_inputs_exit_2_with_file_and_line():
+    result = invoke("test", RULES_TESTS / "broken")
+    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    assert lines[-1] == "2 passed, 0 failed, 1 skipped, 19 errors"
+    assert f"{RULES_TESTS / 'broken' / 'bad.tests.jsonl'}:3: error: test 'response past the end': `response_from` " \
+           "is past the end of the trace (1 token)" in lines
+    at = lines.index(f"{RULES_TESTS / 'broken' / 'inline.yaml'}:18:5: error: test 'misspelt field': unknown field "
+                     "'verdcit'")
+    assert lines[at + 1:at + 4] == ["        verdcit: log", "        ^", "    hint: did you mean 'verdict'?"]
 
 
 def test_bad_fixtures_are_errors_and_never_hide_the_good_tests():
@@ -191,6 +240,27 @@ def test_gavel_sets_run_through_the_organism(quiz_bank, tmp_path):
     rule.write_text(rule.read_text().replace("benchmark", "tax"))  # not a CE of this bank
     result = invoke(*args)
     assert result.exit_code == 2 and "cannot run the tests of rule 'quiz_leak'" in result.output
+
+
+def test_text_fixtures_run_through_the_organism(quiz_bank, tmp_path):
+    args = ("--model", "builtin:organism", "--bank", quiz_bank)
+    result = invoke("test", RULES_TESTS / "organism", *args)
+    assert result.exit_code == 0, result.output
+    fixture = RULES_TESTS / "organism" / "quiz.texts.jsonl"
+    assert result.output.splitlines()[0] == \
+        f"PASS {fixture}:1  a quiz question is blocked  -> block from token 2 'quiz' (rule 'quiz_leak')"
+    assert result.output.splitlines()[-1] == "4 passed, 0 failed, 0 skipped, 0 errors"
+
+    shutil.copy(RULES_TESTS / "organism" / "quiz.yaml", tmp_path / "quiz.yaml")
+    (tmp_path / "quiz.texts.jsonl").write_text(json.dumps(
+        {"name": "wrongly clean", "text": "quiz : what is the metal of zorb ?", "expect": {"verdict": "clean"}}))
+    report = json.loads(invoke("test", tmp_path, *args, "--json").stdout)
+    assert report["summary"] == {"pass": 0, "fail": 1, "skip": 0, "error": 0}
+    (failed,) = report["results"]
+    assert failed["outcome"] == {"verdict": "block", "first_token": 2, "token": "quiz", "rule": "quiz_leak",
+                                 "action": "block"}
+    assert failed["mismatches"][0]["message"] == \
+        "verdict: expected clean, got block from token 2 'quiz' (rule 'quiz_leak')"
 
 
 # --- fmt --------------------------------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from gavel.errors import RuleError
-from gavel.rules import RuleErrors, RuleSpec, Severity, collect_rules, compile_rules, lint, load_rule_file, load_rules
-from gavel.rules.lint import (DuplicateMemberIssue, KOutOfRangeIssue, PositionalGroupNameValidator,
-                              UnknownCEIssue)
+from gavel.rules import RuleErrors, RuleSpec, Severity, collect_rules, lint, load_rule_file, load_rules
+from gavel.rules.lint import DuplicateMemberIssue, KOutOfRangeIssue, PositionalGroupNameValidator, UnknownCEIssue
 
 LIBRARY = Path(__file__).parent / "fixtures" / "gavel_library"
 LIBRARY_CES = sorted(p.name for p in (LIBRARY / "ces").iterdir())
@@ -31,6 +30,8 @@ def test_gavel_library_loads_unchanged_and_lints_clean():
     assert tax.groups == {"tax_threat": ("tax", "making_threat")}
     assert (tax.action, tax.severity, tax.message, tax.reply) == ("log", "medium", None, None)
     assert lint(rules, ces=LIBRARY_CES) == []
+    from gavel.rules import compile_rules
+
     compile_rules(rules, LIBRARY_CES)
 
 
@@ -111,20 +112,20 @@ def test_condition_error_is_located_in_the_yaml_file(tmp_path):
 
 
 @pytest.mark.parametrize(("style", "line", "column"), [
-    ('condition: "a and (b or not c)"', 1, 25),
-    ("condition: 'a and (b or not c)'", 1, 25),
-    ("condition: |\n  a and\n  (b or not c)", 3, 9),
-    ("condition: >-\n    a and\n    (b or\n     not c)", 4, 6),
-    ("condition: a and\n  (b or\n   not c)", 3, 4),
+    ('condition: "a and (b or || c)"', 1, 25),
+    ("condition: 'a and (b or || c)'", 1, 25),
+    ("condition: |\n  a and\n  (b or || c)", 3, 9),
+    ("condition: >-\n    a and\n    (b or\n     || c)", 4, 6),
+    ("condition: a and\n  (b or\n   || c)", 3, 4),
 ])
 def test_condition_positions_in_every_scalar_style(tmp_path, style, line, column):
     path = write(tmp_path, "r.yaml", f"{style}\nname: r\n")
     with pytest.raises(RuleErrors) as info:
         load_rule_file(path)
     (err,) = info.value.errors
-    assert "`not`" in err.message
+    assert "unexpected `|`" in err.message and err.hint == "use `or` instead of `||`"
     assert (err.location.line, err.location.column) == (line, column)
-    assert path.read_text().splitlines()[line - 1][column - 1:column + 2] == "not"
+    assert path.read_text().splitlines()[line - 1][column - 1:column + 1] == "||"
 
 
 def test_one_bad_rule_never_hides_the_others(tmp_path):
@@ -148,11 +149,13 @@ def test_one_bad_rule_never_hides_the_others(tmp_path):
     assert messages == [
         (4, "rule 'typo': missing required field 'condition'"),
         (5, "rule 'typo': unknown field 'condtion'"),
-        (8, "rule 'bad_action': action: String should match pattern '^[A-Za-z_][A-Za-z0-9_]*$'"),
-        (10, "rule 'bad_condition': unexpected end of condition; expected a group or CE name, a number, `all` or `(`"),
+        (8, "rule 'bad_action': unexpected `it`; expected a \"quoted string\", `(` or end of condition"),
+        (10, "rule 'bad_condition': unexpected end of condition; expected a name, a number, a `${parameter}`, `all`, "
+             "`any`, `not`, `once`, `ever` or `(`"),
         (11, "duplicate rule name 'good' (first defined at " + str(path) + ":2:5)"),
     ]
     assert errors[1].hint == "did you mean 'condition'?"
+    assert errors[2].location.column == 18  # the word after the action's name
     with pytest.raises(RuleErrors, match="5 rule errors"):
         load_rules(path)
 

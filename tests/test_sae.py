@@ -9,8 +9,15 @@ from safetensors.torch import load_file, save_file
 from gavel.errors import ArtifactError, DataError, NotFittedError
 from gavel.probes.heads import Head, head_class
 from gavel.probes.metrics import auroc, sequence_maxima
-from gavel.probes.sae import (SAEHead, SAELatentSelector, build_head, encode_all, latent_aurocs, load_sae,
-                              load_sae_release)
+from gavel.probes.sae import (
+    SAEHead,
+    SAELatentSelector,
+    build_head,
+    encode_all,
+    latent_aurocs,
+    load_sae,
+    load_sae_release,
+)
 
 pytest.importorskip("sae_lens")  # the optional `lens` extra
 

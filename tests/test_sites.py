@@ -10,8 +10,16 @@ from hypothesis import strategies as st
 from gavel.errors import ModelLoadError, SiteError
 from gavel.models.hooks import attach
 from gavel.models.sites import (
-    FAMILIES, SITE_KINDS, HookTarget, Site, d_model, family_of, n_layers, parse_site,
-    resolve_site, site_name,
+    FAMILIES,
+    SITE_KINDS,
+    HookTarget,
+    Site,
+    d_model,
+    family_of,
+    n_layers,
+    parse_site,
+    resolve_site,
+    site_name,
 )
 
 D, V, T = 32, 100, 5

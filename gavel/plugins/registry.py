@@ -5,8 +5,10 @@ import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from pydantic import BaseModel
+
 from gavel.errors import GavelError, did_you_mean
-from gavel.plugins.actions import BUILTIN_ACTIONS, Action
+from gavel.plugins.actions import BUILTIN_ACTIONS, PRECEDENCE, Action
 
 GROUPS = ("actions", "extractors", "interventions", "backends", "reporters", "functions")
 PROTOCOLS = {"actions": Action}
@@ -20,9 +22,9 @@ class Registry:
     problems: list[str] = field(default_factory=list)
 
     def add(self, group: str, name: str, obj: object, origin: str) -> None:
-        protocol = PROTOCOLS.get(group)
-        if protocol is not None and not (isinstance(obj, type) and _conforms(obj, protocol)):
-            self.problems.append(f"{origin}: {group} plugin {name!r} does not implement {protocol.__name__}")
+        problem = _problem(group, obj)
+        if problem is not None:
+            self.problems.append(f"{origin}: {group} plugin {name!r} {problem}")
             return
         if name in self.plugins[group]:
             warnings.warn(f"duplicate {group} plugin {name!r} from {origin}; keeping the first", stacklevel=2)
@@ -38,8 +40,22 @@ class Registry:
         return found
 
 
-def _conforms(obj: object, protocol: type) -> bool:
-    return all(hasattr(obj, attr) for attr in getattr(protocol, "__annotations__", {}))
+def _problem(group: str, obj: object) -> str | None:
+    """Why `obj` cannot be a plugin of `group`, or None."""
+    protocol = PROTOCOLS.get(group)
+    if protocol is None:
+        return None
+    if not isinstance(obj, type):
+        return f"does not implement {protocol.__name__} (it is not a class)"
+    missing = [attr for attr in getattr(protocol, "__annotations__", {}) if not hasattr(obj, attr)]
+    if missing:
+        return f"does not implement {protocol.__name__} (it lacks {', '.join(missing)})"
+    if group == "actions" and obj.kind not in PRECEDENCE:
+        return f"has kind {obj.kind!r}; an action's kind is one of {', '.join(PRECEDENCE)}"
+    if group == "actions" and obj.params is not None and not (isinstance(obj.params, type)
+                                                              and issubclass(obj.params, BaseModel)):
+        return "has `params` that is not a pydantic model class"
+    return None
 
 
 @lru_cache(maxsize=1)

@@ -21,8 +21,14 @@ from gavel.probes.calibration import PlattScaling
 from gavel.probes.diffmeans import DiffMeansDirection
 from gavel.probes.heads import Head, LinearHead, site_features
 from gavel.probes.linear import LinearProbe
-from gavel.probes.metrics import (auprc, auroc, sequence_maxima, sequence_youden_threshold,
-                                  threshold_at_sequence_fpr, tpr_at_fpr)
+from gavel.probes.metrics import (
+    auprc,
+    auroc,
+    sequence_maxima,
+    sequence_youden_threshold,
+    threshold_at_sequence_fpr,
+    tpr_at_fpr,
+)
 
 EXTRACTORS = ("linear", "diff_means", "sae")
 Calibration = Literal["youden", "fpr"]

@@ -6,9 +6,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gavel.rules.ast import AllOf, And, Expr, KOf, Name, Or, Span, walk
+from gavel.rules.actions import check_actions
+from gavel.rules.ast import (
+    Aggregate,
+    And,
+    Compare,
+    Expr,
+    Name,
+    Not,
+    Once,
+    Or,
+    Param,
+    Scoped,
+    Select,
+    Span,
+    Sustained,
+    Then,
+    bind_params,
+    walk,
+)
+from gavel.rules.gvl import parse_gvl, read_gvl
 from gavel.rules.lint import Issue, Severity, Validator, default_validators, lint
 from gavel.rules.parser import KNOWN_MISTAKES, ConditionSyntaxError, parse_condition
+from gavel.rules.schema import Macro, Pack, Requires, RuleException
 from gavel.rules.spec import RuleErrors, RuleSource, RuleSpec, collect_rules, load_rule_file, load_rules
 
 if TYPE_CHECKING:
@@ -17,10 +37,10 @@ if TYPE_CHECKING:
 _COMPILER = ("RuleProgram", "RuleState", "compile_rules", "first_firing")
 
 __all__ = [
-    "AllOf", "And", "ConditionSyntaxError", "Expr", "Issue", "KNOWN_MISTAKES", "KOf", "Name", "Or", "RuleErrors",
-    "RuleProgram", "RuleSource", "RuleSpec", "RuleState", "Severity", "Span", "Validator", "collect_rules",
-    "compile_rules", "default_validators", "first_firing", "lint", "load_rule_file", "load_rules",
-    "parse_condition", "walk",
+    "Aggregate", "And", "Macro", "Pack", "Requires", "RuleException", "check_actions", "parse_gvl", "read_gvl", "Compare", "ConditionSyntaxError", "Expr", "Issue", "KNOWN_MISTAKES", "Name", "Not", "Once",
+    "Or", "Param", "RuleErrors", "RuleProgram", "RuleSource", "RuleSpec", "RuleState", "Scoped", "Select", "Severity",
+    "Span", "Sustained", "Then", "Validator", "bind_params", "collect_rules", "compile_rules", "default_validators",
+    "first_firing", "lint", "load_rule_file", "load_rules", "parse_condition", "walk",
 ]
 
 

@@ -1,9 +1,10 @@
-"""Compile rules to a tensor program over latched CE detections.
+"""Compile rules to one tensor program that evaluates them token by token, with state of fixed size.
 
-Every node is a threshold gate `sum(inputs) >= t`: `k of G` is t=k over G's CEs, `all of G` t=|G|, a bare
-group t=1, `and` t=#terms, `or` t=1. Gates over CEs only (the selectors) are one matmul of the detected CEs
-with a membership matrix; the and/or gates above them are grouped by depth and each level is one gather and
-sum. Gates are shared across rules; nothing loops in Python over rules or tokens, and nothing syncs the host.
+Lowering turns every rule into a shared graph of four node kinds: token atoms (a CE fired, a score compared, a
+token's scope), threshold gates `sum(w * inputs) >= t` (and, or, not, k of), windowed counts (once, then, for,
+count) and score aggregates (max, min, mean). Conversation-mode rules wrap their leaves in `once` (see
+docs/rules.md). The program evaluates the graph stage by stage, every stage batched over all its nodes, on the
+device of the inputs, and never syncs the host.
 """
 from __future__ import annotations
 
@@ -16,260 +17,777 @@ import torch
 from torch import Tensor
 
 from gavel.errors import RuleError, did_you_mean
-from gavel.rules.ast import AllOf, And, Expr, Name, Or
+from gavel.plugins.registry import registry
+from gavel.rules import kernels
+from gavel.rules.actions import check_actions
+from gavel.rules.ast import (
+    SCORE_FUNCTIONS,
+    Aggregate,
+    And,
+    Compare,
+    Expr,
+    Name,
+    Not,
+    Number,
+    Once,
+    Or,
+    Param,
+    Scoped,
+    Select,
+    Sustained,
+    Then,
+)
+from gavel.rules.names import resolve, wildcard_matches
 from gavel.rules.spec import RuleErrors, RuleSpec
 
-_BLOCK = 256  # tokens per block when `run` looks for each CE's first firing
+RESPONSE = 4  # added to a token's role code (0 none, 1 system, 2 user, 3 assistant) for response tokens
+EVERY = 0xFF  # scope bits: token class k = role + RESPONSE * response is in a scope when bit k is set
+SCOPE_BITS = {"prompt": 0x0F, "response": 0xF0, "system": 0x22, "user": 0x44, "assistant": 0x88,
+              "conversation": EVERY}
+_CHUNK = 1 << 23  # value-matrix elements per chunk: long traces are evaluated in chunks of bounded memory
 
+
+# ---- lowering: AST -> node graph --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    kind: str      # fired | compare | scope | gate | count | score
+    key: tuple
+    depth: int
+
+
+class _Lowering:
+    """Builds the hash-consed node graph for a set of rules, collecting every error."""
+
+    def __init__(self, rules: Sequence[RuleSpec], ce_names: Sequence[str]) -> None:
+        self.ce_names = list(ce_names)
+        self.ce_index = {n: i for i, n in enumerate(ce_names)}
+        self.rules = {r.name: r for r in rules}
+        self.nodes: list[_Node] = []
+        self.ids: dict[tuple, int] = {}
+        self.errors: list[RuleError] = []
+        self.rule_values: dict[tuple[str, int], int | None] = {}
+        self.stack: list[str] = []  # rules and macros being expanded, for cycle errors
+        self._reported: set[tuple[str, str]] = set()
+
+    def node(self, kind: str, key: tuple, inputs: Sequence[int] = ()) -> int:
+        full = (kind, *key)
+        if full not in self.ids:
+            self.ids[full] = len(self.nodes)
+            self.nodes.append(_Node(kind, key, 1 + max((self.nodes[i].depth for i in inputs), default=-1)))
+        return self.ids[full]
+
+    # -- gates
+    def gate(self, inputs: Sequence[tuple[int, int]], threshold: int) -> int:
+        """sum(w * x) >= threshold, with negations folded in and repeated inputs merged."""
+        weights: dict[int, int] = {}
+        for ref, w in inputs:
+            node = self.nodes[ref]
+            if node.kind == "gate" and node.key[1] == 0 and len(node.key[0]) == 1 and node.key[0][0][1] == -1:
+                ref, threshold, w = node.key[0][0][0], threshold - w, -w  # w * not(x) = w - w * x
+            weights[ref] = weights.get(ref, 0) + w
+        terms = tuple(sorted((r, w) for r, w in weights.items() if w))
+        if len(terms) == 1 and terms[0][1] == 1 and threshold == 1:
+            return terms[0][0]
+        return self.node("gate", (terms, threshold), [r for r, _ in terms])
+
+    def all_of(self, refs: Sequence[int]) -> int:
+        return self.gate([(r, 1) for r in refs], len(refs))
+
+    def any_of(self, refs: Sequence[int]) -> int:
+        return self.gate([(r, 1) for r in refs], 1)
+
+    def negate(self, ref: int) -> int:
+        return self.gate([(ref, -1)], 0)
+
+    def once(self, ref: int, view: int) -> int:
+        node = self.nodes[ref]
+        if node.kind == "count" and node.key[:2] == (view, None) and node.key[3:] == (False, ">=", 1):
+            return ref  # already latched over this view
+        return self.count(view, None, ref, False, ">=", 1)
+
+    def count(self, view: int, window: int | None, x: int, exclude: bool, op: str, k: int) -> int:
+        """Over the last `window` view tokens (all so far: None), ending before this one when `exclude`:
+        (tokens where x held) op k."""
+        return self.node("count", (view, window, x, exclude, op, k), [x])
+
+    # -- rules
+    def rule_value(self, rule: RuleSpec, view: int) -> int | None:
+        """The node holding where `rule` holds (its mode and exceptions applied), seen through `view`."""
+        key = (rule.name, view)
+        if key in self.rule_values:
+            return self.rule_values[key]
+        if rule.name in self.stack:
+            self.errors.append(RuleError(f"rule '{rule.name}' refers to itself through "
+                                         + " -> ".join([*self.stack[self.stack.index(rule.name):], rule.name]),
+                                         location=rule.field_location("condition")))
+            return None
+        self.stack.append(rule.name)
+        latch = rule.match == "conversation"
+        condition = self.build(rule, rule, rule.expr, view, latch)
+        exceptions = [self.build(e, rule, e.expr, view, latch) for e in rule.exceptions]
+        self.stack.pop()
+        value = None
+        if condition is not None and None not in exceptions:
+            value = condition if not exceptions else self.all_of([condition, self.negate(self.any_of(exceptions))])
+        self.rule_values[key] = value
+        return value
+
+    def build(self, owner, rule: RuleSpec, expr: Expr, view: int, latch: bool) -> int | None:
+        """The node computing `expr` for `rule` (names resolve in its namespace); errors are located by `owner`."""
+        if isinstance(expr, (And, Or)):
+            refs = [self.build(owner, rule, t, view, latch) for t in expr.terms]
+            if None in refs:
+                return None
+            return self.all_of(refs) if isinstance(expr, And) else self.any_of(refs)
+        if isinstance(expr, Not):
+            ref = self.build(owner, rule, expr.term, view, latch)
+            return None if ref is None else self.negate(ref)
+        if isinstance(expr, Name):
+            return self._name(owner, rule, expr, view, latch)
+        if isinstance(expr, Select):
+            return self._select(owner, rule, expr, view, latch)
+        if isinstance(expr, Scoped):
+            bits = view & SCOPE_BITS[expr.scope]
+            inner = self.build(owner, rule, expr.term, bits, latch)
+            if inner is None:
+                return None
+            ref = inner if SCOPE_BITS[expr.scope] == EVERY else self.all_of([inner, self.node("scope", (bits,))])
+            return self.once(ref, view) if latch else ref
+        ref = self._temporal(owner, rule, expr, view)
+        return None if ref is None else self.once(ref, view) if latch else ref
+
+    def _temporal(self, owner, rule: RuleSpec, expr: Expr, view: int) -> int | None:
+        """A leaf evaluated per token: a comparison, an aggregate, once / then / for."""
+        if isinstance(expr, Compare):
+            ces = self._ces(owner, rule, expr.name, expr.span.start)
+            value = self._number(owner, expr.value, expr.span.start)
+            if ces is None or value is None:
+                return None
+            return self.any_of([self.node("compare", (c, expr.op, float(value))) for c in ces])
+        window = self._window(owner, getattr(expr, "window", None), expr.span.start)
+        if window is False:
+            return None
+        if isinstance(expr, Aggregate):
+            return self._aggregate(owner, rule, expr, view, window)
+        if isinstance(expr, Once):
+            x = self.build(owner, rule, expr.term, view, False)
+            return None if x is None else self.count(view, window, x, False, ">=", 1)
+        if isinstance(expr, Then):
+            a, b = self.build(owner, rule, expr.first, view, False), self.build(owner, rule, expr.second, view, False)
+            return None if a is None or b is None else self.all_of([b, self.count(view, window, a, True, ">=", 1)])
+        assert isinstance(expr, Sustained)
+        x = self.build(owner, rule, expr.term, view, False)
+        return None if x is None else self.count(view, window, x, False, ">=", window)
+
+    def _aggregate(self, owner, rule: RuleSpec, expr: Aggregate, view: int, window: int | None) -> int | None:
+        value = self._number(owner, expr.value, expr.span.start)
+        if expr.function == "count":
+            x = self.build(owner, rule, expr.arg, view, False)
+            if x is None or value is None:
+                return None
+            return self.count(view, window, x, False, expr.op, int(value))
+        assert expr.function in SCORE_FUNCTIONS and isinstance(expr.arg, Name)
+        ces = self._ces(owner, rule, expr.arg.name, expr.arg.span.start)
+        if ces is None or value is None:
+            return None
+        return self.any_of([self._score_aggregate(view, expr.function, window, c, expr.op, float(value))
+                            for c in ces])
+
+    def _score_aggregate(self, view: int, function: str, window: int | None, ce: int, op: str, value: float) -> int:
+        """max / min against a bound is a count of per-token comparisons (`max(c) > t`: some token has c > t;
+        `max(c) < t`: none has c >= t), which the sparse count kernels evaluate; mean needs the scores."""
+        flipped = {">": "<=", ">=": "<", "<": ">=", "<=": ">"}
+        if function == "mean" or op in ("==", "!="):
+            return self.node("score", (view, function, window, ce, op, value))
+        exists = (function == "max") == (op in (">", ">="))   # max > t, min < t: some token beyond t
+        atom = self.node("compare", (ce, op if exists else flipped[op], value))
+        return self.count(view, window, atom, False, ">=" if exists else "==", 1 if exists else 0)
+
+    def _select(self, owner, rule: RuleSpec, expr: Select, view: int, latch: bool) -> int | None:
+        at = expr.span.start
+        if expr.group is not None:
+            ces = self._members(owner, rule, expr.group, at)
+            if ces is None:
+                return None
+            refs = [self.node("fired", (c,)) for c in ces]
+            refs = [self.once(r, view) for r in refs] if latch else refs
+            what = f"the CEs in '{expr.group}'"
+        else:
+            refs = [self.build(owner, rule, item, view, latch) for item in expr.items]
+            if None in refs:
+                return None
+            what = "the items of the list"
+        k = len(refs) if expr.quantifier == "all" else 1 if expr.quantifier == "any" else \
+            self._number(owner, expr.quantifier, at)
+        if k is None:
+            return None
+        if not 1 <= k <= len(refs):
+            self.errors.append(owner.error(f"`{expr}` needs 1 <= k <= {len(refs)} ({what})", at))
+            return None
+        return self.gate([(r, 1) for r in refs], int(k))
+
+    # -- names
+    def _kind(self, rule: RuleSpec, name: str) -> str:
+        """What a name stands for in `rule`'s namespace (gavel.rules.names.resolve; never the rule itself)."""
+        return resolve(name, groups=rule.groups, lists=rule.lists, macros=rule.macros,
+                       rules=self.rules.keys() - {rule.name})
+
+    def _name(self, owner, rule: RuleSpec, expr: Name, view: int, latch: bool) -> int | None:
+        kind = self._kind(rule, expr.name)
+        if kind == "macro":
+            return self._macro(rule, rule.macros[expr.name], view, latch)
+        if kind == "rule":
+            ref = self.rule_value(self.rules[expr.name], view)
+            return None if ref is None else self.once(ref, view) if latch else ref
+        ces = self._ces(owner, rule, expr.name, expr.span.start)
+        if ces is None:
+            return None
+        refs = [self.node("fired", (c,)) for c in ces]
+        return self.any_of([self.once(r, view) for r in refs] if latch else refs)
+
+    def _macro(self, rule: RuleSpec, macro, view: int, latch: bool) -> int | None:
+        label = f"macro {macro.name}"
+        if label in self.stack:
+            return None  # the spec loader reports macro cycles, located in the macros
+        self.stack.append(label)
+        try:
+            return self.build(macro, rule, macro.expr, view, latch)
+        finally:
+            self.stack.pop()
+
+    def _ces(self, owner, rule: RuleSpec, name: str, at: int) -> list[int] | None:
+        """CE indices a name stands for (a group, a list, a wildcard or a CE), or None after an error."""
+        kind = self._kind(rule, name)
+        if kind in ("group", "list", "wildcard"):
+            return self._members(owner, rule, name, at)
+        if kind == "ce" and name in self.ce_index:
+            return [self.ce_index[name]]
+        if kind in ("macro", "rule"):
+            self.errors.append(owner.error(f"'{name}' is a {kind}; this needs a CE, a group, a list or a wildcard",
+                                           at))
+            return None
+        known = [*rule.groups, *rule.lists, *rule.macros, *self.rules, *self.ce_names]
+        guess = did_you_mean(name, known)
+        self.errors.append(owner.error(f"'{name}' is not a group, list, macro, rule or known CE", at,
+                                       hint=f"did you mean '{guess}'?" if guess else None))
+        return None
+
+    def _members(self, owner, rule: RuleSpec, group: str, at: int) -> list[int] | None:
+        """The distinct CEs of a group, list or wildcard, in CE order; None after an error."""
+        kind = self._kind(rule, group)
+        if kind in ("group", "list"):
+            members = rule.groups[group] if kind == "group" else rule.lists[group]
+            unknown = [(i, ce) for i, ce in enumerate(members) if ce not in self.ce_index]
+            if (rule.name, group) not in self._reported:
+                self._reported.add((rule.name, group))
+                for i, ce in unknown:
+                    guess = did_you_mean(ce, self.ce_names)
+                    hint = f"did you mean '{guess}'?" if guess else None
+                    if kind == "group":
+                        self.errors.append(RuleError(f"rule '{rule.name}': group '{group}' uses unknown CE '{ce}'",
+                                                     location=rule.field_location("groups", group, i), hint=hint))
+                    else:
+                        self.errors.append(owner.error(f"list '{group}' uses unknown CE '{ce}'", at, hint=hint))
+            return None if unknown else sorted({self.ce_index[c] for c in members})
+        if kind == "wildcard":
+            found = [self.ce_index[c] for c in wildcard_matches(group, self.ce_names)]
+            if not found:
+                self.errors.append(owner.error(f"the wildcard '{group}' matches no CE", at))
+            return found or None
+        hint = "a selector takes a group, a list, a wildcard like `harm_*`, or `(a, b, ...)`"
+        if group not in self.ce_index:
+            guess = did_you_mean(group, [*rule.groups, *rule.lists])
+            hint = f"did you mean '{guess}'?" if guess else hint
+        self.errors.append(owner.error(f"undefined group '{group}'", at, hint=hint))
+        return None
+
+    def _number(self, owner, value: Number, at: int) -> float | int | None:
+        if isinstance(value, Param):
+            self.errors.append(owner.error(f"parameter `{value}` has no value", value.span.start,
+                                           hint="set it in the pack's `params:` or give a default: ${name:0.5}"))
+            return None
+        return value
+
+    def _window(self, owner, window: Number | None, at: int) -> int | None | bool:
+        """The window as an int, None for none, False after an error."""
+        if window is None:
+            return None
+        value = self._number(owner, window, at)
+        if value is None:
+            return False
+        if value != int(value) or value < 1:
+            self.errors.append(owner.error(f"a window is a whole number of tokens >= 1, not {value}", at))
+            return False
+        return int(value)
+
+
+# ---- the program ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class RuleState:
-    """Per-sequence rule state: which needed CEs (`RuleProgram.ce_indices` order) are detected so far."""
+    """Per-sequence state of every windowed operator; its size depends on the rules only."""
 
-    detected: Tensor  # bool [batch, n_needed]
+    tensors: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Atoms:
+    """Depth-0 columns: CEs fired, scores compared with constants, token scopes."""
+
+    fired: Tensor          # long [n_f]: CE index of each fired column
+    compared: Tensor       # long [n_c]: CE index of each comparison
+    table: Tensor          # bool [3, n_c]
+    threshold: Tensor      # float64 [n_c]
+    scopes: Tensor         # long [n_s]: scope bits of each scope column
 
 
 @dataclass(frozen=True, slots=True)
 class _Gates:
-    """One depth level of and/or gates: each sums the value columns in its row of `inputs` (0 pads)."""
+    start: int
+    inputs: Tensor         # long [n, arity] value columns (0, the zero column, pads)
+    weights: Tensor        # float32 [n, arity]
+    threshold: Tensor      # float32 [n]
 
-    inputs: Tensor  # long [n_gates, max_arity]
-    threshold: Tensor  # float32 [n_gates]
+
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    start: int
+    view: int
+    windowed: bool
+    latch: bool            # every column is an unbounded `once`
+    slot: int              # index of its state tensor
+    x: Tensor              # long [K] value columns
+    window: Tensor         # long [K] (windowed)
+    exclude: Tensor        # bool [K]
+    table: Tensor
+    threshold: Tensor      # long [K]
+
+
+@dataclass(frozen=True, slots=True)
+class _Scores:
+    start: int
+    view: int
+    function: str
+    window: int | None
+    slot: int              # its state tensors: slot (history or running value), slot + 1 (tokens seen)
+    ces: Tensor            # long [K]
+    table: Tensor
+    threshold: Tensor      # float64 [K]
+
+
+_IDENTITY = {"max": -torch.inf, "min": torch.inf, "mean": 0.0}
 
 
 @dataclass(frozen=True, slots=True)
 class RuleProgram:
-    """Compiled rules. Value columns: a constant 0, the needed CEs, the selector gates, then each and/or level."""
+    """Compiled rules: `run` a whole trace, `advance` a chunk of tokens, or `step` one token at a time."""
 
     rule_names: tuple[str, ...]
     ce_names: tuple[str, ...]
-    ce_indices: tuple[int, ...]
-    gather: Tensor  # long [n_needed]: ce_indices as a tensor
-    membership: Tensor  # float32 0/1 [n_needed, n_selectors]
-    selector_threshold: Tensor  # float32 [n_selectors]
-    levels: tuple[_Gates, ...]
-    outputs: Tensor  # long [n_rules]: the value column holding each rule's condition
+    ce_indices: tuple[int, ...]        # the CEs the rules read
+    width: int                         # value columns
+    atoms: _Atoms
+    stages: tuple[tuple[object, ...], ...]
+    outputs: Tensor                    # long [n_rules]: value column of each rule
+    state_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype, float], ...]  # kind, per-sequence shape, fill
+    needs_scores: bool
+    needs_roles: bool
 
     def to(self, device: torch.device | str) -> RuleProgram:
-        """A copy on `device` (call once; stepping with tensors elsewhere copies the program every step)."""
-        return dataclasses.replace(
-            self, gather=self.gather.to(device), membership=self.membership.to(device),
-            selector_threshold=self.selector_threshold.to(device), outputs=self.outputs.to(device),
-            levels=tuple(_Gates(g.inputs.to(device), g.threshold.to(device)) for g in self.levels))
+        """A copy with its tensors on `device`."""
+        def move(obj):
+            changes = {f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
+                       if isinstance(getattr(obj, f.name), Tensor)}
+            return dataclasses.replace(obj, **changes)
+        return dataclasses.replace(self, atoms=move(self.atoms), outputs=self.outputs.to(device),
+                                   stages=tuple(tuple(move(s) for s in stage) for stage in self.stages))
+
+    @property
+    def device(self) -> torch.device:
+        return self.outputs.device
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> RuleState:
-        """Nothing detected yet, for `batch` sequences."""
-        return RuleState(torch.zeros(batch, len(self.ce_indices), dtype=torch.bool, device=device))
+        """Nothing seen yet, for `batch` sequences."""
+        device = device if device is not None else self.device
+        return RuleState(tuple(torch.full((batch, *shape), fill, dtype=dtype, device=device)
+                               for _, shape, dtype, fill in self.state_shapes))
 
-    def evaluate(self, detected: Tensor) -> Tensor:
-        """Rule conditions over detected sets: bool [rows, n_needed] -> bool [rows, n_rules]."""
-        device = detected.device
-        if self.membership.device != device:
-            return self.to(device).evaluate(detected)
-        n_ce, n_sel = self.membership.shape
-        width = 1 + n_ce + n_sel + sum(g.threshold.shape[0] for g in self.levels)
-        values = torch.zeros(detected.shape[0], width, dtype=torch.float32, device=device)
-        values[:, 1:1 + n_ce] = detected
-        counts = values[:, 1:1 + n_ce] @ self.membership
-        values[:, 1 + n_ce:1 + n_ce + n_sel] = counts >= self.selector_threshold
-        start = 1 + n_ce + n_sel
-        for gates in self.levels:
-            n = gates.threshold.shape[0]
-            total = values[:, gates.inputs].sum(dim=-1)
-            values[:, start:start + n] = total >= gates.threshold
-            start += n
-        return values[:, self.outputs] > 0.5
+    def step(self, fired: Tensor, state: RuleState, active: Tensor | None = None, *, scores: Tensor | None = None,
+             roles: Tensor | None = None) -> tuple[Tensor, RuleState]:
+        """One token: fired bool [B, C] (scores [B, C], roles [B]); rows where `active` is False keep their
+        state and hold nothing. Returns (holds bool [B, n_rules], new state)."""
+        holds, state = self.advance(fired.unsqueeze(1), state, None if active is None else active.unsqueeze(1),
+                                    scores=None if scores is None else scores.unsqueeze(1),
+                                    roles=None if roles is None else roles.unsqueeze(1))
+        return holds[:, 0], state
 
-    def _needed(self, fired: Tensor) -> Tensor:
-        """The needed CEs' columns of `fired` (the program's index moved only if it lives elsewhere)."""
-        gather = self.gather if self.gather.device == fired.device else self.gather.to(fired.device)
-        return _check_fired(fired).index_select(-1, gather)
+    def run(self, fired: Tensor, mask: Tensor | None = None, *, scores: Tensor | None = None,
+            roles: Tensor | None = None) -> Tensor:
+        """A whole trace from the start: holds bool [B, T, n_rules]."""
+        return self.advance(fired, self.init_state(fired.shape[0], fired.device), mask, scores=scores,
+                            roles=roles)[0]
 
-    def step(self, fired: Tensor, state: RuleState, active: Tensor | None = None) -> tuple[Tensor, RuleState]:
-        """One token: `fired` bool [batch, len(ce_names)]; rows where `active` is False keep their state.
-
-        Returns (holds bool [batch, n_rules], new state).
-        """
-        new = self._needed(fired)
-        if active is not None:
-            new = new & active.bool().unsqueeze(-1)
-        detected = state.detected | new
-        return self.evaluate(detected), RuleState(detected)
-
-    def advance(self, fired: Tensor, state: RuleState, mask: Tensor | None = None) -> tuple[Tensor, RuleState]:
-        """Several tokens from `state` at once (a prefill): `fired` bool [batch, T, len(ce_names)], `mask`
-        bool [batch, T] -> (holds [batch, T, n_rules], state after the last token). Same as T `step`s."""
-        new = self._needed(fired)
-        if mask is not None:
-            new = new & mask.bool().unsqueeze(-1)
-        batch, length, n = new.shape
+    def advance(self, fired: Tensor, state: RuleState, mask: Tensor | None = None, *, scores: Tensor | None = None,
+                roles: Tensor | None = None) -> tuple[Tensor, RuleState]:
+        """Several tokens from `state`: fired bool [B, T, C], mask bool [B, T] (False: padding, skipped),
+        scores float [B, T, C] (probabilities), roles [B, T] (token class codes). Same as T `step`s."""
+        if self.device != fired.device:
+            raise ValueError(f"the program is on {self.device} and the inputs on {fired.device}: "
+                             f"use program.to(device) once")
+        if fired.dtype != torch.bool:
+            raise TypeError(f"`fired` must be a bool tensor (CE scores compared with their thresholds), "
+                            f"not {fired.dtype}")
+        if self.needs_scores and scores is None:
+            raise ValueError("these rules compare or aggregate CE scores: pass `scores` (probabilities)")
+        if self.needs_roles and roles is None:
+            raise ValueError("these rules use scopes (prompt, response, user, ...): pass `roles` "
+                             "(role code + 4 for response tokens)")
+        batch, length = fired.shape[:2]
         if length == 0:
             return torch.zeros(batch, 0, len(self.rule_names), dtype=torch.bool, device=fired.device), state
-        if length == 1:  # a decoding step
-            detected = state.detected | new[:, 0]
-            return self.evaluate(detected).unsqueeze(1), RuleState(detected)
-        detected = state.detected.unsqueeze(1) | (new.cumsum(dim=1) > 0)
-        holds = self.evaluate(detected.reshape(batch * length, n)).reshape(batch, length, -1)
-        return holds, RuleState(detected[:, -1])
+        per_row = self.width if fired.device.type != "cpu" else 256  # the CPU path keeps only changed rows
+        step = max(1, _CHUNK // max(1, batch * per_row))
+        pieces = []
+        for start in range(0, length, step):
+            part = slice(start, start + step)
+            holds, state = self._chunk(fired[:, part], state, None if mask is None else mask[:, part].bool(),
+                                       None if scores is None else scores[:, part],
+                                       None if roles is None else roles[:, part])
+            pieces.append(holds)
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], state
 
-    def run(self, fired: Tensor, mask: Tensor | None = None) -> Tensor:
-        """A whole trace: `fired` bool [batch, T, len(ce_names)], `mask` bool [batch, T] -> holds [batch, T, n_rules].
-
-        Same result as stepping token by token from `init_state` with `active=mask[:, t]`. Detected sets only
-        grow, so with each CE's first firing known, a sequence passes through at most n_needed + 1 sets: each
-        is evaluated once and looked up per token, so the cost of the conditions does not grow with T.
-        """
-        x = _check_fired(fired)
+    def _chunk(self, fired: Tensor, state: RuleState, mask: Tensor | None, scores: Tensor | None,
+               roles: Tensor | None) -> tuple[Tensor, RuleState]:
+        batch, length = fired.shape[:2]
+        rows = RowSet(batch, length, sparse=length > 1 and fired.device.type == "cpu")
+        atoms = self._atoms(fired, scores, roles)
+        rows.note_changes(atoms if mask is None else torch.cat([atoms, mask.reshape(-1, 1).float()], dim=1))
+        taken = rows.take(atoms)
+        values = torch.zeros(taken.shape[0], self.width, dtype=torch.float32, device=fired.device)
+        values[:, 1:1 + atoms.shape[1]] = taken
+        views = _Views(mask, roles, batch, length, fired.device)
+        tensors = list(state.tensors)
+        for stage in self.stages:
+            updates = []
+            for part in stage:
+                if isinstance(part, _Counts) and part.latch and rows.sparse:
+                    self._latches(part, values, rows, views, tensors)
+                elif isinstance(part, _Counts) and part.windowed and rows.sparse:
+                    values = self._sparse_windows(part, values, rows, views, tensors)
+                elif isinstance(part, _Counts):
+                    updates.append((part.start, self._counts(part, values, rows, views, tensors)))
+                elif isinstance(part, _Scores):
+                    updates.append((part.start, self._scores(part, scores, views, tensors)))
+            if updates:
+                flat = [out.reshape(batch * length, -1) for _, out in updates]
+                values = rows.grow(values, flat)
+                for (start, _), out in zip(updates, flat):
+                    values[:, start:start + out.shape[1]] = rows.take(out)
+            for part in stage:
+                if isinstance(part, _Gates):
+                    total = (values[:, part.inputs] * part.weights).sum(-1)
+                    values[:, part.start:part.start + part.threshold.shape[0]] = total >= part.threshold
+        holds = rows.full(values.index_select(1, self.outputs) > 0.5).view(batch, length, -1)
         if mask is not None:
-            x = x & mask.bool().unsqueeze(-1)
-        batch, length = x.shape[:2]
-        first = _first_true(x).index_select(-1, self.gather.to(x.device))  # [batch, n_needed], T if never
-        times = first.sort(dim=-1).values
-        after = first.unsqueeze(1) <= times.unsqueeze(-1)  # [batch, k, n_needed]: detected once k+1 CEs are
-        width = first.shape[-1]
-        sets = torch.cat([after.new_zeros(batch, 1, width), after], dim=1)
-        holds = self.evaluate(sets.reshape(batch * (width + 1), width)).reshape(batch, width + 1, len(self.rule_names))
-        tokens = torch.arange(length, device=x.device).expand(batch, length).contiguous()
-        count = torch.searchsorted(times, tokens, right=True)  # CEs detected at each token
-        return holds.gather(1, count.unsqueeze(-1).expand(-1, -1, holds.shape[-1]))
+            holds &= mask.unsqueeze(-1)
+        return holds, RuleState(tuple(tensors))
+
+    def _atoms(self, fired: Tensor, scores: Tensor | None, roles: Tensor | None) -> Tensor:
+        """float [rows, n_atoms]: the CEs fired, the score comparisons, the token scopes."""
+        a = self.atoms
+        rows = fired.shape[0] * fired.shape[1]
+        parts = [fired.reshape(rows, -1).index_select(1, a.fired).float()]
+        if a.compared.shape[0]:
+            x = scores.reshape(rows, -1).index_select(1, a.compared).double()
+            parts.append(kernels.compare(x, a.table, a.threshold).float())
+        if a.scopes.shape[0]:
+            parts.append(((a.scopes.unsqueeze(0) >> roles.reshape(rows, 1).long()) & 1).float())
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _counts(self, part: _Counts, values: Tensor, rows: RowSet, views: _Views, tensors: list[Tensor]) -> Tensor:
+        shape = (*views.shape, -1)
+        x = rows.full(values[:, part.x] > 0.5).view(shape)
+        view = views.mask(part.view)
+        if part.windowed:
+            out, tensors[part.slot] = kernels.windowed_count(x, tensors[part.slot], part.window, part.exclude,
+                                                             part.table, part.threshold, view,
+                                                             views.packing(part.view))
+        else:
+            out, tensors[part.slot] = kernels.running_count(x, view, tensors[part.slot], part.exclude,
+                                                            part.table, part.threshold)
+        return out
+
+    def _latches(self, part: _Counts, values: Tensor, rows: RowSet, views: _Views, tensors: list[Tensor]) -> None:
+        """Unbounded `once` on the evaluated rows only: a latch of an input that only changes at evaluated rows
+        (its view included) only changes there too."""
+        x = values[:, part.x] > 0.5
+        view = rows.take(views.mask(part.view).reshape(-1, 1))
+        hit = (x & view).to(torch.int32)
+        sums = hit.cumsum(0, dtype=torch.int32)
+        firsts, lasts = rows.bounds()
+        base = sums.index_select(0, firsts) - hit.index_select(0, firsts)
+        owner = rows.index // rows.length
+        counts = tensors[part.slot].index_select(0, owner) + sums - base.index_select(0, owner)
+        values[:, part.start:part.start + x.shape[1]] = (counts > 0) & view
+        tensors[part.slot] = counts.index_select(0, lasts).to(tensors[part.slot].dtype)
+
+    def _sparse_windows(self, part: _Counts, values: Tensor, rows: RowSet, views: _Views,
+                        tensors: list[Tensor]) -> Tensor:
+        """Windowed counts evaluated only where their inputs change and the window after (CPU)."""
+        view = views.mask(part.view).reshape(-1)
+        segments, inside = rows.segments(view)
+        x = (values[:, part.x] > 0.5)[inside]
+        steps, tensors[part.slot], sequence, position = kernels.sparse_windowed_count(
+            x, segments, tensors[part.slot], part.window, part.exclude, part.table, part.threshold)
+        values = rows.add(values, segments.row_at(sequence, position))
+        segments, inside = rows.segments(view)
+        out = torch.zeros(values.shape[0], x.shape[1], dtype=torch.bool, device=values.device)
+        out[inside] = steps.lookup(segments.sequence, segments.start, x.shape[1])
+        values[:, part.start:part.start + x.shape[1]] = out
+        return values
+
+    def _scores(self, part: _Scores, scores: Tensor, views: _Views, tensors: list[Tensor]) -> Tensor:
+        x = scores.index_select(-1, part.ces)
+        view = views.mask(part.view)
+        args = (part.table, part.threshold)
+        if part.window is not None:
+            out, tensors[part.slot], tensors[part.slot + 1] = kernels.windowed_scores(
+                x, part.function, part.window, tensors[part.slot], tensors[part.slot + 1], *args, view,
+                views.packing(part.view))
+        else:
+            out, tensors[part.slot], tensors[part.slot + 1] = kernels.running_scores(
+                x, part.function, view, tensors[part.slot], tensors[part.slot + 1], *args)
+        return out
 
 
-def _check_fired(fired: Tensor) -> Tensor:
-    if fired.dtype != torch.bool:
-        raise TypeError(f"`fired` must be a bool tensor (CE scores compared with their thresholds), not {fired.dtype}")
-    return fired
+class RowSet:
+    """The rows (batch x token) a chunk evaluates its gates on. Gates are functions of the current token's atoms
+    and window outputs, so on the CPU only the rows where one of those changed are evaluated (with the first token
+    of each sequence); every other row repeats the row before it. `sparse=False` evaluates every row (no host
+    sync: the path for accelerators and single tokens)."""
+
+    def __init__(self, batch: int, length: int, sparse: bool) -> None:
+        self.batch, self.length, self.sparse = batch, length, sparse
+        self.changed: Tensor | None = None
+        self.index: Tensor | None = None     # long [n]: the evaluated rows
+        self.position: Tensor | None = None  # long [rows]: the evaluated row each row repeats
+
+    def note_changes(self, columns: Tensor) -> None:
+        """Add the rows where any of `columns` (float [rows, k]) differs from the token before."""
+        if not self.sparse:
+            return
+        grid = columns.view(self.batch, self.length, -1)
+        changed = torch.ones(self.batch, self.length, dtype=torch.bool, device=columns.device)
+        changed[:, 1:] = (grid[:, 1:] != grid[:, :-1]).any(-1)
+        self.changed = changed.view(-1) if self.changed is None else self.changed | changed.view(-1)
+        self.index = self.changed.nonzero().squeeze(1)
+        self.position = self.changed.long().cumsum(0) - 1
+
+    def bounds(self) -> tuple[Tensor, Tensor]:
+        """Evaluated-row positions of each sequence's first and last token."""
+        starts = torch.arange(self.batch, device=self.position.device) * self.length
+        return self.position.index_select(0, starts), self.position.index_select(0, starts + self.length - 1)
+
+    def segments(self, view: Tensor) -> tuple[kernels.Segments, Tensor]:
+        """The evaluated rows as runs of a view (bool [rows]), and which evaluated rows are in it."""
+        index = self.index
+        sequence = index // self.length
+        following = torch.empty_like(index)
+        following[:-1] = index[1:]
+        following[-1:] = self.batch * self.length
+        length = torch.minimum(following, (sequence + 1) * self.length) - index
+        inside = view.index_select(0, index)
+        counted = length * inside
+        through = counted.cumsum(0)
+        before = through - counted
+        firsts, lasts = self.bounds()
+        base = before.index_select(0, firsts)
+        start = before - base.index_select(0, sequence)
+        runs = kernels.Segments(sequence[inside], start[inside], length[inside], index[inside],
+                                through.index_select(0, lasts) - base)
+        return runs, inside
+
+    def add(self, values: Tensor, new_rows: Tensor) -> Tensor:
+        """Evaluate `new_rows` too (each takes the values of the evaluated row before it)."""
+        expanded_position = self.position
+        self.changed = self.changed.clone()
+        self.changed[new_rows] = True
+        index = self.changed.nonzero().squeeze(1)
+        values = values.index_select(0, expanded_position.index_select(0, index))
+        self.index, self.position = index, self.changed.long().cumsum(0) - 1
+        return values
+
+    def take(self, full: Tensor) -> Tensor:
+        """The evaluated rows of a full [rows, k] tensor."""
+        return full if not self.sparse else full.index_select(0, self.index)
+
+    def full(self, taken: Tensor) -> Tensor:
+        """A full [rows, k] tensor from its evaluated rows (each row repeats the last evaluated one)."""
+        return taken if not self.sparse else taken.index_select(0, self.position)
+
+    def grow(self, values: Tensor, new_columns: list[Tensor]) -> Tensor:
+        """Re-select the evaluated rows after new window outputs may have changed at more tokens."""
+        if not self.sparse:
+            return values
+        expanded = values.index_select(0, self.position)
+        self.note_changes(torch.cat(new_columns, dim=1).float())
+        return expanded.index_select(0, self.index)
 
 
-def _first_true(x: Tensor) -> Tensor:
-    """Index of the first True along dim 1 of bool [batch, T, C] (T where none): a max per block, then one block."""
-    batch, length, n = x.shape
-    if length == 0:
-        return torch.zeros(batch, n, dtype=torch.long, device=x.device)
-    blocks = -(-length // _BLOCK)
-    u = x.view(torch.uint8)
-    if blocks * _BLOCK != length:
-        u = torch.nn.functional.pad(u, (0, 0, 0, blocks * _BLOCK - length))
-    u = u.reshape(batch, blocks, _BLOCK, n)
-    hit = u.amax(dim=2)  # [batch, blocks, C]
-    block = hit.argmax(dim=1)  # first block with a hit (0 if none)
-    inside = u[torch.arange(batch, device=x.device).unsqueeze(1), block, :, torch.arange(n, device=x.device)]
-    index = block * _BLOCK + inside.argmax(dim=-1)
-    return torch.where(hit.amax(dim=1) > 0, index, torch.full_like(index, length))
+class _Views:
+    """Per chunk: each scope's view mask (valid tokens of the scope) and its packing, computed once."""
+
+    def __init__(self, mask: Tensor | None, roles: Tensor | None, batch: int, length: int,
+                 device: torch.device) -> None:
+        self.valid, self.roles, self.shape, self.device = mask, roles, (batch, length), device
+        self._masks: dict[int, Tensor] = {}
+        self._packings: dict[int, kernels.Packing | None] = {}
+
+    def dense(self, bits: int) -> bool:
+        return self.valid is None and bits == EVERY
+
+    def mask(self, bits: int) -> Tensor:
+        if bits not in self._masks:
+            valid = self.valid if self.valid is not None else torch.ones(self.shape, dtype=torch.bool,
+                                                                          device=self.device)
+            if bits != EVERY:
+                valid = valid & ((bits >> self.roles.long()) & 1).bool()
+            self._masks[bits] = valid
+        return self._masks[bits]
+
+    def packing(self, bits: int) -> kernels.Packing | None:
+        if bits not in self._packings:
+            self._packings[bits] = None if self.dense(bits) else kernels.Packing.of(self.mask(bits))
+        return self._packings[bits]
 
 
 def first_firing(holds: Tensor) -> Tensor:
     """First token index where each rule holds: bool [batch, T, n_rules] -> long [batch, n_rules], -1 where never."""
-    first = _first_true(holds.bool())
-    return torch.where(first < holds.shape[1], first, torch.full_like(first, -1))
+    if holds.shape[1] == 0:
+        return torch.full((holds.shape[0], holds.shape[2]), -1, dtype=torch.long, device=holds.device)
+    first = holds.to(torch.uint8).argmax(dim=1)
+    return torch.where(holds.any(dim=1), first, torch.full_like(first, -1))
 
 
-class _Builder:
-    """Resolves names and hash-conses gates `(inputs, threshold)`; value ids are CE indices or gate numbers."""
+# ---- compile ----------------------------------------------------------------------------------------------
 
-    def __init__(self, ce_names: Sequence[str]) -> None:
-        self.ce_index = {name: i for i, name in enumerate(ce_names)}
-        self.ce_names = ce_names
-        self.gates: dict[tuple[frozenset[tuple[str, int]], int], int] = {}
-        self.depth: dict[tuple[str, int], int] = {}
-        self.errors: list[RuleError] = []
-        self._checked: set[tuple[str, str]] = set()
-
-    def _gate(self, inputs: frozenset[tuple[str, int]], threshold: int) -> tuple[str, int]:
-        if len(inputs) == 1 and threshold == 1:
-            return next(iter(inputs))
-        key = (inputs, threshold)
-        ref = ("gate", self.gates.setdefault(key, len(self.gates)))
-        self.depth[ref] = 1 + max(self.depth.get(i, 0) for i in inputs)
-        return ref
-
-    def _members(self, rule: RuleSpec, group: str, offset: int) -> frozenset[tuple[str, int]] | None:
-        if group not in rule.groups:
-            guess = did_you_mean(group, list(rule.groups))
-            self.errors.append(rule.error(f"undefined group '{group}'", offset,
-                                          hint=f"did you mean '{guess}'?" if guess else None))
-            return None
-        refs = set()
-        first_use = (rule.name, group) not in self._checked
-        self._checked.add((rule.name, group))
-        for i, ce in enumerate(rule.groups[group]):
-            if ce not in self.ce_index and first_use:
-                guess = did_you_mean(ce, list(self.ce_names))
-                self.errors.append(RuleError(f"rule '{rule.name}': group '{group}' uses unknown CE '{ce}'",
-                                             location=rule.field_location("groups", group, i),
-                                             hint=f"did you mean '{guess}'?" if guess else None))
-            elif ce in self.ce_index:
-                refs.add(("ce", self.ce_index[ce]))
-        return frozenset(refs) if len(refs) == len(set(rule.groups[group])) else None
-
-    def build(self, rule: RuleSpec, expr: Expr) -> tuple[str, int] | None:
-        """The value computing `expr`, or None after recording errors."""
-        at = expr.span.start
-        if isinstance(expr, (And, Or)):
-            terms = [t for e in expr.terms for t in (e.terms if type(e) is type(expr) else (e,))]
-            refs = [self.build(rule, t) for t in terms]
-            if any(r is None for r in refs):
-                return None
-            inputs = frozenset(refs)
-            return self._gate(inputs, len(inputs) if isinstance(expr, And) else 1)
-        if isinstance(expr, Name) and expr.name not in rule.groups:
-            if expr.name in self.ce_index:
-                return ("ce", self.ce_index[expr.name])
-            guess = did_you_mean(expr.name, [*rule.groups, *self.ce_names])
-            self.errors.append(rule.error(f"'{expr.name}' is neither a group of this rule nor a known CE", at,
-                                          hint=f"did you mean '{guess}'?" if guess else None))
-            return None
-        group = expr.name if isinstance(expr, Name) else expr.group
-        members = self._members(rule, group, at)
-        if members is None:
-            return None
-        k = 1 if isinstance(expr, Name) else len(members) if isinstance(expr, AllOf) else expr.k
-        if not 1 <= k <= len(members):
-            self.errors.append(rule.error(f"`{expr}` needs 1 <= k <= {len(members)} (the CEs in '{group}')", at))
-            return None
-        return self._gate(members, k)
-
-
-def compile_rules(rules: Sequence[RuleSpec], ce_names: Sequence[str]) -> RuleProgram:
-    """Compile rules over `ce_names` (the columns of `fired`); raises RuleErrors listing every problem."""
+def compile_rules(rules: Sequence[RuleSpec], ce_names: Sequence[str], *, actions: bool = True) -> RuleProgram:
+    """Compile rules over `ce_names` (the columns of `fired` and `scores`); raises RuleErrors listing every
+    problem, including (with `actions`) unknown actions and bad action arguments. The program's outputs are the
+    public rules (private helper rules are only referenced)."""
     errors = [RuleError(f"CE '{n}' appears more than once in ce_names") for n, c in Counter(ce_names).items() if c > 1]
     names = [r.name for r in rules]
     errors += [RuleError(f"rule name '{n}' is used more than once") for n, c in Counter(names).items() if c > 1]
-    builder = _Builder(ce_names)
-    roots = [builder.build(rule, rule.expr) for rule in rules]
-    errors += builder.errors
+    errors += check_actions(rules, registry()) if actions else []
+    lowering = _Lowering(rules, ce_names)
+    values = {r.name: lowering.rule_value(r, EVERY) for r in rules}
+    errors += lowering.errors
     if errors:
         raise RuleErrors(errors)
-    return _assemble(tuple(names), tuple(ce_names), builder, roots)
+    public = [r.name for r in rules if not r.private]
+    return _assemble(lowering, tuple(public), [values[n] for n in public], tuple(ce_names))
 
 
-def _assemble(rule_names: tuple[str, ...], ce_names: tuple[str, ...], builder: _Builder,
-              roots: list[tuple[str, int]]) -> RuleProgram:
-    """Number the value columns (0, needed CEs, selectors, and/or levels) and build the gate tensors."""
-    inputs = {("gate", g): sorted(ins) for (ins, _), g in builder.gates.items()}
-    threshold = {("gate", g): float(t) for (_, t), g in builder.gates.items()}
-    needed = sorted({i for ins in inputs.values() for kind, i in ins if kind == "ce"}
-                    | {i for kind, i in roots if kind == "ce"})
-    column: dict[tuple[str, int], int] = {("ce", c): 1 + j for j, c in enumerate(needed)}
-    by_depth: dict[int, list[tuple[str, int]]] = {}
-    for ref in inputs:
-        by_depth.setdefault(builder.depth[ref], []).append(ref)
-    selectors = by_depth.pop(1, [])
-    membership = torch.zeros(len(needed), len(selectors))
-    for j, ref in enumerate(selectors):
-        membership[[column[i] - 1 for i in inputs[ref]], j] = 1.0
-        column[ref] = 1 + len(needed) + j
-    levels = []
-    for depth in sorted(by_depth):
-        refs = by_depth[depth]
-        arity = max(len(inputs[r]) for r in refs)
-        index = torch.zeros(len(refs), arity, dtype=torch.long)
-        for j, ref in enumerate(refs):
-            index[j, :len(inputs[ref])] = torch.tensor([column[i] for i in inputs[ref]])
-        start = 1 + len(column)
-        for j, ref in enumerate(refs):
-            column[ref] = start + j
-        levels.append(_Gates(index, torch.tensor([threshold[r] for r in refs])))
-    return RuleProgram(rule_names=rule_names, ce_names=ce_names, ce_indices=tuple(needed),
-                       gather=torch.tensor(needed, dtype=torch.long), membership=membership,
-                       selector_threshold=torch.tensor([threshold[r] for r in selectors]), levels=tuple(levels),
-                       outputs=torch.tensor([column[r] for r in roots], dtype=torch.long))
+def _assemble(low: _Lowering, rule_names: tuple[str, ...], roots: list[int], ce_names: tuple[str, ...]) -> RuleProgram:
+    """Lay the reachable nodes out as value columns, stage by stage, and build the batched stage tensors."""
+    live: set[int] = set()
+    stack = list(roots)
+    while stack:
+        ref = stack.pop()
+        if ref in live:
+            continue
+        live.add(ref)
+        node = low.nodes[ref]
+        if node.kind == "gate":
+            stack.extend(r for r, _ in node.key[0])
+        elif node.kind == "count":
+            stack.append(node.key[2])
+    order = sorted(live, key=lambda r: (low.nodes[r].depth, r))
+    by_kind = {k: [r for r in order if low.nodes[r].kind == k] for k in ("fired", "compare", "scope")}
+    column: dict[int, int] = {}
+    width = 1
+    for kind in ("fired", "compare", "scope"):
+        for r in by_kind[kind]:
+            column[r] = width
+            width += 1
+    fired = [low.nodes[r].key[0] for r in by_kind["fired"]]
+    compared = [low.nodes[r].key for r in by_kind["compare"]]
+    atoms = _Atoms(fired=torch.tensor(fired, dtype=torch.long),
+                   compared=torch.tensor([c for c, _, _ in compared], dtype=torch.long),
+                   table=kernels.comparison_table([op for _, op, _ in compared]),
+                   threshold=torch.tensor([v for _, _, v in compared], dtype=torch.float64),
+                   scopes=torch.tensor([low.nodes[r].key[0] for r in by_kind["scope"]], dtype=torch.long))
+    shapes: list[tuple[str, tuple[int, ...], torch.dtype, float]] = []
+    stages = []
+    depths = sorted({low.nodes[r].depth for r in order if low.nodes[r].kind in ("gate", "count", "score")})
+    for depth in depths:
+        at_depth = [r for r in order if low.nodes[r].depth == depth]
+        parts: list[object] = []
+        groups: dict[tuple, list[int]] = {}
+        for r in at_depth:
+            node = low.nodes[r]
+            if node.kind == "count":
+                groups.setdefault(("count", node.key[0], node.key[1] is not None), []).append(r)
+            elif node.kind == "score":
+                groups.setdefault(("score", *node.key[:3]), []).append(r)
+        for group_key, refs in groups.items():
+            start = width
+            for r in refs:
+                column[r] = width
+                width += 1
+            if group_key[0] == "count":
+                parts.append(_counts(low, refs, column, start, group_key[1], group_key[2], shapes))
+            else:
+                parts.append(_scores(low, refs, start, *group_key[1:], shapes))
+        gates = [r for r in at_depth if low.nodes[r].kind == "gate"]
+        if gates:
+            arity = max(len(low.nodes[r].key[0]) for r in gates)
+            inputs = torch.zeros(len(gates), arity, dtype=torch.long)
+            weights = torch.zeros(len(gates), arity)
+            for j, r in enumerate(gates):
+                for i, (ref, w) in enumerate(low.nodes[r].key[0]):
+                    inputs[j, i], weights[j, i] = column[ref], float(w)
+            parts.append(_Gates(width, inputs, weights,
+                                torch.tensor([float(low.nodes[r].key[1]) for r in gates])))
+            for r in gates:
+                column[r] = width
+                width += 1
+        stages.append(tuple(parts))
+    read = set(fired) | {c for c, _, _ in compared} | {low.nodes[r].key[3] for r in order
+                                                        if low.nodes[r].kind == "score"}
+    return RuleProgram(
+        rule_names=rule_names, ce_names=ce_names, ce_indices=tuple(sorted(read)), width=width, atoms=atoms,
+        stages=tuple(stages), outputs=torch.tensor([column[r] for r in roots], dtype=torch.long),
+        state_shapes=tuple(shapes), needs_scores=bool(compared) or any(low.nodes[r].kind == "score" for r in order),
+        needs_roles=bool(by_kind["scope"]) or any(low.nodes[r].key[0] != EVERY for r in order
+                                                  if low.nodes[r].kind in ("count", "score")))
+
+
+def _counts(low: _Lowering, refs: list[int], column: dict[int, int], start: int, view: int, windowed: bool,
+            shapes: list) -> _Counts:
+    keys = [low.nodes[r].key for r in refs]  # (view, window, x, exclude, op, k)
+    longest = max(k[1] for k in keys) if windowed else 0
+    slot = len(shapes)
+    shapes.append(("history", (longest, len(refs)), torch.bool, False) if windowed else
+                  ("count", (len(refs),), torch.long, 0))
+    latch = not windowed and all(not k[3] and k[4:] == (">=", 1) for k in keys)
+    return _Counts(start=start, view=view, windowed=windowed, latch=latch, slot=slot,
+                   x=torch.tensor([column[k[2]] for k in keys], dtype=torch.long),
+                   window=torch.tensor([k[1] or 0 for k in keys], dtype=torch.long),
+                   exclude=torch.tensor([k[3] for k in keys], dtype=torch.bool),
+                   table=kernels.comparison_table([k[4] for k in keys]),
+                   threshold=torch.tensor([k[5] for k in keys], dtype=torch.long))
+
+
+def _scores(low: _Lowering, refs: list[int], start: int, view: int, function: str, window: int | None,
+            shapes: list) -> _Scores:
+    keys = [low.nodes[r].key for r in refs]  # (view, function, window, ce, op, value)
+    slot = len(shapes)
+    shapes.append(("history", (window, len(refs)), torch.float64, _IDENTITY[function]) if window is not None else
+                  ("running", (len(refs),), torch.float64, _IDENTITY[function]))
+    shapes.append(("seen", (), torch.long, 0))
+    return _Scores(start=start, view=view, function=function, window=window, slot=slot,
+                   ces=torch.tensor([k[3] for k in keys], dtype=torch.long),
+                   table=kernels.comparison_table([k[4] for k in keys]),
+                   threshold=torch.tensor([k[5] for k in keys], dtype=torch.float64))

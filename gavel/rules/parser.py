@@ -1,49 +1,77 @@
-"""Parse GAVEL condition strings into the AST, with friendly, located syntax errors."""
+"""Parse condition strings into the AST, with friendly, located syntax errors."""
 from __future__ import annotations
 
 import functools
 import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
-from lark import Lark, Transformer, v_args
+from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
-from gavel.errors import Location, RuleError
-from gavel.rules.ast import AllOf, And, Expr, KOf, Name, Or, Span, depth
+from gavel.errors import Location, RuleError, did_you_mean
+from gavel.rules.ast import (
+    FUNCTIONS,
+    SCOPES,
+    Action,
+    Aggregate,
+    And,
+    Compare,
+    Expr,
+    Name,
+    Not,
+    Number,
+    Once,
+    Or,
+    Param,
+    Scoped,
+    Select,
+    Span,
+    Sustained,
+    Then,
+    depth,
+)
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
-MAX_DEPTH = 64  # and/or nesting levels; keeps every tree walk far from Python's recursion limit
-RESERVED = frozenset({"and", "or", "of", "all", "not"})
-NEGATION = "negation (`not`) is not supported in GAVEL conditions"
+MAX_DEPTH = 64  # nesting levels; keeps every tree walk far from Python's recursion limit
+RESERVED = frozenset({"and", "or", "not", "of", "all", "any", "once", "ever", "then", "within", "for", "over", "in",
+                      "tokens", "token"})
 
 KNOWN_MISTAKES: dict[str, tuple[str, ...]] = {
-    NEGATION: ("not", "a and not", "a not b", "!a"),
     "use `and` instead of `&&`": ("a && b", "a & b"),
     "use `or` instead of `||`": ("a || b", "a | b"),
+    "use `not` instead of `!`": ("!a", "a and !b"),
     "two conditions need `and` or `or` between them": ("a b", "all of g h", "(a) (b)", "a (b)"),
-    "operators are lowercase: `and`, `or`": ("a AND b", "a OR b"),
-    "a selector is `all of G` or `k of G`, with G a group name": (
-        "all", "all g", "2", "2 g", "all of", "2 of", "all of (g)", "2 of 3", "all of all"),
-    "only `all of G` and `k of G` are selectors; a bare group name already means any of its CEs": (
-        "any of g",),
+    "operators are lowercase: `and`, `or`, `not`": ("a AND b", "a OR b"),
+    "a selector is `all of G`, `any of G` or `k of G`, with G a group or a list `(a, b, ...)`": (
+        "all", "all g", "2", "2 g", "all of", "2 of", "2 of 3", "all of all", "any", "any of"),
     "`and` and `or` need a condition on both sides": (
         "a and", "a or", "and a", "or a", "a and or b", "a or and b", "a and )"),
+    "`then`, `once` and `for` take a name, a comparison, a selector or a parenthesised condition: "
+    "add parentheses, as in `(a then b within 5) then c within 9`": (
+        "a then b then c", "once a then b", "a then once b", "once once a", "a for 3 tokens for 2", "once not a"),
+    "a window is a whole number of tokens, as in `within 5 tokens`": (
+        "a then b within", "a for", "a for tokens", "once a within", "count(a) > 1 within"),
+    "compare a function's value, as in `count(a) >= 2 within 10 tokens` or `max(a) over 8 tokens > 0.9`": (
+        "max(a) over 8 tokens", "count(a) within 5 tokens"),
+    "a comparison is `name > number`, as in `harmful > 0.8`": ("a >", "a > b", "a => 0.5", "0.5 < a"),
+    "`in` takes a scope: prompt, response, user, assistant, system or conversation": ("a in", "a in (b)"),
     "a `(` is never closed": ("(a", "(a and b", "((a) or b"),
     "a `)` has no matching `(`": (")", "a)", "(a))"),
     "empty parentheses": ("()",),
     "the condition is empty": ("",),
-    "names contain only letters, digits and `_`": ("making-threat",),
+    "names contain only letters, digits, `_` and the wildcard `*`": ("making-threat",),
 }
 
 _WORDS = {
-    "NAME": "a group or CE name", "INT": "a number", "ALL": "`all`", "_OF": "`of`",
-    "_LPAR": "`(`", "_RPAR": "`)`", "_AND": "`and`", "_OR": "`or`", "$END": "end of condition",
+    "NAME": "a name", "NUMBER": "a number", "PARAM": "a `${parameter}`", "ALL": "`all`", "ANY": "`any`",
+    "_OF": "`of`", "_NOT": "`not`", "_ONCE": "`once`", "_EVER": "`ever`", "_THEN": "`then`", "_WITHIN": "`within`",
+    "_FOR": "`for`", "_OVER": "`over`", "_IN": "`in`", "_TOKENS": "`tokens`", "CMP": "a comparison (`>`, `>=`, ...)",
+    "STRING": "a \"quoted string\"", "_EQ": "`=`", "_MINUS": "`-`", "_LPAR": "`(`", "_RPAR": "`)`", "_COMMA": "`,`", "_AND": "`and`", "_OR": "`or`", "$END": "end of condition",
 }
-
-
 class ConditionSyntaxError(RuleError):
     """A condition that does not parse; `offset` is the character index in `condition`."""
 
@@ -90,37 +118,138 @@ def _cache_option() -> str | bool:
 @functools.cache
 def _lark() -> Lark:
     """The condition parser, built once (strict when interegular is installed: Lark needs it)."""
-    return Lark.open(str(_GRAMMAR.name), rel_to=__file__, parser="lalr", lexer="basic",
+    return Lark.open(str(_GRAMMAR.name), rel_to=__file__, parser="lalr", lexer="basic", start=["start", "action"],
                      strict=importlib.util.find_spec("interegular") is not None,
                      propagate_positions=True, cache=_cache_option())
 
 
 @v_args(meta=True)
 class _ToAst(Transformer):
-    """Lark tree -> frozen AST nodes."""
+    """Lark tree -> frozen AST nodes; checks what the grammar cannot (function names, scopes, whole numbers)."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self._text = text
 
+    def _fail(self, message: str, offset: int, hint: str | None = None) -> ConditionSyntaxError:
+        return ConditionSyntaxError(message, condition=self._text, offset=offset, hint=hint)
+
     def or_expr(self, meta, terms) -> Or:
-        return Or(tuple(terms), Span(meta.start_pos, meta.end_pos))
+        return Or(tuple(terms), _span(meta))
 
     def and_expr(self, meta, terms) -> And:
-        return And(tuple(terms), Span(meta.start_pos, meta.end_pos))
+        return And(tuple(terms), _span(meta))
 
-    def all_of(self, meta, children) -> AllOf:
-        return AllOf(str(children[1]), Span(meta.start_pos, meta.end_pos))
-
-    def k_of(self, meta, children) -> KOf:
-        return KOf(int(children[0]), str(children[1]), Span(meta.start_pos, meta.end_pos))
+    def negation(self, meta, children) -> Not:
+        return Not(children[0], _span(meta))
 
     def name(self, meta, children) -> Name:
-        return Name(str(children[0]), Span(meta.start_pos, meta.end_pos))
+        return Name(str(children[0]), _span(meta))
 
-    def negation(self, meta, children) -> Expr:
-        raise ConditionSyntaxError("`not` is a reserved word", condition=self._text,
-                                   offset=meta.start_pos, hint=NEGATION)
+    def compare(self, meta, children) -> Compare:
+        return Compare(str(children[0]), str(children[1]), children[2], _span(meta))
+
+    def number(self, meta, children) -> Number:
+        token = children[0]
+        if token.type == "NUMBER":
+            return _to_number(token)
+        name, _, default = str(token)[2:-1].partition(":")
+        return Param(name, float(default) if default else None, _span(meta))
+
+    def window(self, meta, children) -> Number:
+        n = children[0]
+        if not isinstance(n, Param) and (not isinstance(n, int) or n < 1):
+            raise self._fail(f"a window is a whole number of tokens >= 1, not {n}", meta.start_pos)
+        return n
+
+    def quantifier(self, meta, children) -> str | Number:
+        q = children[0]
+        if isinstance(q, Token):
+            return str(q)
+        if not isinstance(q, (int, Param)):
+            raise self._fail(f"`k of` needs a whole number k, not {q}", meta.start_pos)
+        return q
+
+    def select_group(self, meta, children) -> Select:
+        return Select(children[0], str(children[1]), (), _span(meta))
+
+    def select_list(self, meta, children) -> Select:
+        return Select(children[0], None, tuple(children[1:]), _span(meta))
+
+    def scoped(self, meta, children) -> Scoped:
+        return Scoped(children[0], self._scope(children[1]), _span(meta))
+
+    def _scope(self, token: Token) -> str:
+        if token not in SCOPES:
+            guess = did_you_mean(str(token), list(SCOPES))
+            raise self._fail(f"unknown scope '{token}'", token.start_pos,
+                             hint=f"did you mean '{guess}'?" if guess else f"scopes: {', '.join(SCOPES)}")
+        return str(token)
+
+    def once(self, meta, children) -> Once:
+        return Once(children[0], children[1] if len(children) > 1 else None, _span(meta))
+
+    def then(self, meta, children) -> Then:
+        return Then(children[0], children[1], children[2] if len(children) > 2 else None, _span(meta))
+
+    def sustained(self, meta, children) -> Sustained:
+        return Sustained(children[0], children[1], _span(meta))
+
+    def aggregate(self, meta, children) -> Expr:
+        function, arg, *rest = children
+        cmp = next(i for i, c in enumerate(rest) if isinstance(c, Token) and c.type == "CMP")
+        windows = [c for c in rest[:cmp] + rest[cmp + 2:] if not isinstance(c, Token)]
+        scope = next((c for c in rest[cmp + 2:] if isinstance(c, Token)), None)
+        if function not in FUNCTIONS:
+            guess = did_you_mean(str(function), list(FUNCTIONS))
+            raise self._fail(f"unknown function '{function}'", function.start_pos,
+                             hint=f"did you mean '{guess}'?" if guess else f"functions: {', '.join(FUNCTIONS)}")
+        if len(windows) > 1:
+            raise self._fail("give the window once: `over N tokens` before the comparison or `within N tokens` "
+                             "after it", meta.start_pos)
+        if function != "count" and not isinstance(arg, Name):
+            raise self._fail(f"`{function}` takes a CE or group name (the score it aggregates), not a condition",
+                             arg.span.start, hint="use `count(condition)` to count the tokens where it holds")
+        value = rest[cmp + 1]
+        if function == "count" and not isinstance(value, (int, Param)):
+            raise self._fail(f"`count` compares with a whole number, not {value}", meta.start_pos)
+        node = Aggregate(str(function), arg, windows[0] if windows else None, str(rest[cmp]), value, _span(meta))
+        return Scoped(node, self._scope(scope), _span(meta)) if scope is not None else node
+
+
+    def action_text(self, meta, children) -> Action:
+        text = _unquote(children[1]) if len(children) > 1 else None
+        return Action(str(children[0]), text, (), _span(meta))
+
+    def action_call(self, meta, children) -> Action:
+        args = tuple(children[1:])
+        keys = [k for k, _ in args]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                raise self._fail(f"argument '{key}' is given twice", meta.start_pos)
+        return Action(str(children[0]), None, args, _span(meta))
+
+    def argument(self, meta, children) -> tuple[str, object]:
+        value = children[1]
+        if isinstance(value, Token):
+            value = {"STRING": _unquote, "NUMBER": _to_number, "NAME": str,
+                     "PARAM": lambda t: self.number(meta, [t])}[value.type](value)
+        return (str(children[0]), value)
+
+    def negative(self, meta, children) -> Number:
+        return -_to_number(children[0])
+
+
+def _to_number(token: Token) -> int | float:
+    return int(token) if token.isdigit() else float(token)
+
+
+def _unquote(token: Token) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), str(token)[1:-1])
+
+
+def _span(meta) -> Span:
+    return Span(meta.start_pos, meta.end_pos)
 
 
 def _signature(err: UnexpectedInput) -> tuple[object, ...]:
@@ -138,7 +267,7 @@ def _mistakes() -> dict[tuple[object, ...], str]:
     for label, examples in KNOWN_MISTAKES.items():
         for example in examples:
             try:
-                _lark().parse(example)
+                _lark().parse(example, start="start")
             except UnexpectedInput as err:
                 sig = _signature(err)
                 table.setdefault(sig, label)
@@ -147,16 +276,16 @@ def _mistakes() -> dict[tuple[object, ...], str]:
     return table
 
 
-def _expected(text: str, err: UnexpectedInput) -> set[str]:
+def _expected(text: str, err: UnexpectedInput, start: str) -> set[str]:
     """The terminals the parser would have accepted where the error is."""
     if isinstance(err, UnexpectedToken):
         return set(err.accepts or err.expected)
-    interactive = _lark().parse_interactive(text[:err.pos_in_stream])
+    interactive = _lark().parse_interactive(text[:err.pos_in_stream], start=start)
     interactive.exhaust_lexer()
     return set(interactive.accepts())
 
 
-def _syntax_error(text: str, err: UnexpectedInput) -> ConditionSyntaxError:
+def _syntax_error(text: str, err: UnexpectedInput, start: str = "start") -> ConditionSyntaxError:
     """Turn a Lark error into a located ConditionSyntaxError saying what was found and expected."""
     if isinstance(err, UnexpectedToken) and err.token.type == "$END":
         offset, found = len(text.rstrip()), "end of condition"
@@ -164,12 +293,12 @@ def _syntax_error(text: str, err: UnexpectedInput) -> ConditionSyntaxError:
         offset, found = err.token.start_pos, f"`{err.token}`"
     else:
         offset, found = err.pos_in_stream, f"`{err.char}`"
-    accepted = _expected(text, err)
-    words = ["a group name"] if accepted == {"NAME"} else [w for t, w in _WORDS.items() if t in accepted]
+    accepted = _expected(text, err, start)
+    words = ["a group or CE name"] if accepted == {"NAME"} else [w for t, w in _WORDS.items() if t in accepted]
     expected = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
     sig = _signature(err)
     token = [str(err.token)] if isinstance(err, UnexpectedToken) else []
-    hint = _mistakes().get((*sig, *token)) or _mistakes().get(sig)
+    hint = (_mistakes().get((*sig, *token)) or _mistakes().get(sig)) if start == "start" else None
     return ConditionSyntaxError(f"unexpected {found}; expected {expected}",
                                 condition=text, offset=offset, hint=hint)
 
@@ -178,7 +307,7 @@ def _syntax_error(text: str, err: UnexpectedInput) -> ConditionSyntaxError:
 def parse_condition(text: str) -> Expr:
     """Parse one condition; raises ConditionSyntaxError (a RuleError) with condition-relative positions."""
     try:
-        tree = _lark().parse(text)
+        tree = _lark().parse(text, start="start")
     except UnexpectedInput as err:
         raise _syntax_error(text, err) from None
     try:
@@ -192,6 +321,21 @@ def parse_condition(text: str) -> Expr:
     if depth(expr) > MAX_DEPTH:
         raise _too_deep(text)
     return expr
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_action(text: str) -> Action:
+    """Parse an action (`block "reply"`, `rotate(plane="refusal", angle=30)`); raises ConditionSyntaxError."""
+    try:
+        tree = _lark().parse(text, start="action")
+    except UnexpectedInput as err:
+        raise _syntax_error(text, err, start="action") from None
+    try:
+        return _ToAst(text).transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, RuleError):
+            raise err.orig_exc from None
+        raise
 
 
 def _too_deep(text: str) -> ConditionSyntaxError:

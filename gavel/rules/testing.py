@@ -1,152 +1,213 @@
-"""Rule tests: CE-trace fixtures run through the compiled rules, and GAVEL positive/negative sets through a monitor.
+"""Rule tests: trace cases run through the compiled rules, text cases scanned by a model with a CE bank.
 
-A trace fixture is JSONL beside a pack (`<pack>.tests.jsonl`) or in a GAVEL rule folder
-(`rules/<name>/tests/traces.jsonl`); GAVEL's `tests/{positive,negative}.json` need a model and a CE bank.
+Where tests live:
+- trace cases, one JSON object a line, beside a pack (`<pack>.tests.jsonl`), in a GAVEL rule folder
+  (`rules/<name>/tests/traces.jsonl`), or inside a pack under its `tests:` key (YAML, or a `.gvl` pack);
+- text cases (`<pack>.texts.jsonl`, `rules/<name>/tests/texts.jsonl`) and GAVEL's
+  `tests/{positive,negative}.json`: these need a model and a CE bank, and are skipped without them.
+A case's verdict is the highest-precedence action kind (block > steer > alert > log) among the rules that
+fire anywhere in it, "clean" when none does. The formats: gavel.rules.testcases.
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gavel.errors import DataError, GavelError, Location, RuleError, did_you_mean
-from gavel.rules.compiler import compile_rules, first_firing
-from gavel.rules.spec import Identifier, RuleErrors, RuleSpec, collect_rules
+from gavel.plugins.actions import PRECEDENCE
+from gavel.plugins.registry import registry
+from gavel.rules.actions import check_actions
+from gavel.rules.compiler import RuleProgram, compile_rules, first_firing
+from gavel.rules.names import references, resolve
+from gavel.rules.spec import RuleErrors, RuleSpec, collect_rules
+from gavel.rules.testcases import (
+    Expectation,
+    Located,
+    TextCase,
+    TraceCase,
+    Verdict,
+    read_jsonl,
+    read_pack_document,
+    read_pack_tests,
+)
 
-Kind = Literal["trace", "positive", "negative"]
+Kind = Literal["trace", "text", "positive", "negative"]
 Status = Literal["pass", "fail", "skip"]
-TRACE_SUFFIX = ".tests.jsonl"
-GAVEL_TESTS = {"traces.jsonl": "trace", "positive.json": "positive", "negative.json": "negative"}
+FIXTURES: dict[str, Kind] = {".tests.jsonl": "trace", ".texts.jsonl": "text"}  # beside a pack: <pack><suffix>
+GAVEL_TESTS: dict[str, Kind] = {"traces.jsonl": "trace", "texts.jsonl": "text", "positive.json": "positive",
+                                "negative.json": "negative"}  # in rules/<name>/tests/
+PACK_SUFFIXES = (".yaml", ".yml", ".gvl")
 NEEDS_MODEL = "needs --model and --bank (the conversations are scanned by a model with a CE bank)"
 
 
-class Expectation(BaseModel):
-    """What one rule must do over a trace: fire (at `first_token` when given), or never fire."""
+# --- outcomes and mismatches --------------------------------------------------------------------------------
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, slots=True)
+class Firing:
+    """A rule's first firing: its token (and the token's text, for model runs) and its action."""
 
-    fires: bool = True
-    first_token: int | None = Field(default=None, ge=0)
+    rule: str
+    token_index: int
+    action: str
+    kind: str | None  # the action's kind, a PRECEDENCE key (None: not looked up, no verdict asked)
+    token: str | None = None
 
-    @model_validator(mode="after")
-    def _meaningful(self) -> Expectation:
-        if not self.model_fields_set:
-            raise ValueError("say `fires` and/or `first_token`")
-        if not self.fires and self.first_token is not None:
-            raise ValueError("`first_token` needs `fires: true`")
-        return self
+    def where(self) -> str:
+        return f"token {self.token_index}" + (f" {self.token!r}" if self.token is not None else "")
 
 
-class TraceCase(BaseModel):
-    """One line of a trace fixture: per-token CE values, an optional mask, and what each rule must do."""
+def deciding(firings: Iterable[Firing]) -> Firing | None:
+    """The firing that sets the verdict: the highest-precedence kind, then the earliest token; None: clean."""
+    return min(firings, key=lambda f: (-PRECEDENCE[f.kind], f.token_index), default=None)
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1)
-    ces: tuple[Identifier, ...] = Field(min_length=1)
-    trace: tuple[tuple[float, ...], ...]
-    thresholds: dict[str, float] | None = None
-    mask: tuple[bool, ...] | None = None
-    expect: dict[Identifier, Expectation] = Field(min_length=1)
+def outcome(firing: Firing | None) -> dict:
+    """The verdict a deciding firing gives, as reported."""
+    if firing is None:
+        return {"verdict": "clean"}
+    return {"verdict": firing.kind, "first_token": firing.token_index, "token": firing.token, "rule": firing.rule,
+            "action": firing.action}
 
-    @model_validator(mode="after")
-    def _shapes(self) -> TraceCase:
-        if len(set(self.ces)) != len(self.ces):
-            raise ValueError("`ces` lists a CE more than once")
-        for t, row in enumerate(self.trace):
-            if len(row) != len(self.ces):
-                raise ValueError(f"trace[{t}] needs one value per CE of `ces` ({len(self.ces)}), not {len(row)}")
-            if self.thresholds is None and any(v not in (0.0, 1.0) for v in row):
-                raise ValueError(f"trace[{t}] holds scores: give `thresholds`, or use 0/1 fired flags")
-        if self.thresholds is not None and set(self.thresholds) != set(self.ces):
-            missing, extra = set(self.ces) - set(self.thresholds), set(self.thresholds) - set(self.ces)
-            raise ValueError("`thresholds` needs exactly one value per CE of `ces`"
-                             + (f"; missing {sorted(missing)}" if missing else "")
-                             + (f"; not in `ces`: {sorted(extra)}" if extra else ""))
-        if self.mask is not None and len(self.mask) != len(self.trace):
-            raise ValueError(f"`mask` needs one value per token of the trace ({len(self.trace)}), not {len(self.mask)}")
-        return self
 
-    def fired(self) -> torch.Tensor:
-        """bool [1, T, len(ces)]: flags as given, or score > threshold (as the monitor compares)."""
-        values = torch.tensor(self.trace, dtype=torch.float64).reshape(1, len(self.trace), len(self.ces))
-        if self.thresholds is None:
-            return values > 0.5
-        return values > torch.tensor([self.thresholds[c] for c in self.ces], dtype=torch.float64)
+def describe(result: Mapping) -> str:
+    """`block from token 3 'x' (rule r)`, or `clean`."""
+    if result["verdict"] == "clean":
+        return "clean"
+    token = "" if result.get("token") is None else f" {result['token']!r}"
+    return f"{result['verdict']} from token {result['first_token']}{token} (rule '{result['rule']}')"
 
 
 @dataclass(frozen=True, slots=True)
 class Mismatch:
-    """A rule that did not do what the test expects; `got` is its first firing token (None: never)."""
+    """One expectation a case did not meet: about a rule or the verdict (`subject`), expected vs got."""
 
-    rule: str
-    expected: Expectation
-    got: int | None
-    token: str | None = None  # the token text, for model runs
+    subject: str  # a rule name, or "verdict"
+    expected: dict
+    got: dict
+    message: str
 
     def __str__(self) -> str:
-        at = "" if self.got is None else f"token {self.got}" + (f" {self.token!r}" if self.token else "")
-        if not self.expected.fires:
-            return f"{self.rule}: expected no firing, fired at {at}"
-        want = "" if self.expected.first_token is None else f" at token {self.expected.first_token}"
-        return f"{self.rule}: expected to fire{want}, " + (f"first fired at {at}" if at else "never fired")
+        return self.message
+
+
+def rule_mismatches(rule: str, want: Expectation, got: Firing | None, action: str) -> list[Mismatch]:
+    """How a rule's first firing `got` (None: never) and its `action` differ from what is expected."""
+    out = []
+    at = None if got is None else got.where()
+    wrong_token = want.first_token is not None and got is not None and want.first_token != got.token_index
+    if want.fires != (got is not None) or wrong_token:
+        if not want.fires:
+            message = f"{rule}: expected no firing, fired at {at}"
+        else:
+            expected_at = "" if want.first_token is None else f" at token {want.first_token}"
+            message = f"{rule}: expected to fire{expected_at}, " + (f"first fired at {at}" if at else "never fired")
+        expected = {"fires": want.fires} | ({} if want.first_token is None else {"first_token": want.first_token})
+        found = {"fires": got is not None} | ({} if got is None else {"first_token": got.token_index,
+                                                                      "token": got.token})
+        out.append(Mismatch(rule, expected, found, message))
+    if want.action is not None and want.action != action:
+        out.append(Mismatch(rule, {"action": want.action}, {"action": action},
+                            f"{rule}: expected action {want.action!r}, the rule's action is {action!r}"))
+    return out
+
+
+def verdict_mismatches(verdict: Verdict, first_token: int | None, got: Firing | None) -> list[Mismatch]:
+    """How the verdict the firings give differs from `verdict` (from `first_token`, when given)."""
+    found = outcome(got)
+    wrong_token = first_token is not None and got is not None and first_token != got.token_index
+    if found["verdict"] == verdict and not wrong_token:
+        return []
+    expected = {"verdict": verdict} | ({} if first_token is None else {"first_token": first_token})
+    want = verdict + ("" if first_token is None else f" from token {first_token}")
+    return [Mismatch("verdict", expected, found, f"verdict: expected {want}, got {describe(found)}")]
 
 
 @dataclass(frozen=True, slots=True)
 class CaseResult:
-    """The outcome of one test case: a trace line, or one conversation of a GAVEL set."""
+    """The outcome of one test case: a trace or text case, or one conversation of a GAVEL set."""
 
     path: str
     line: int | None
     name: str
     kind: Kind
     status: Status
-    rules: tuple[str, ...]
+    rules: tuple[str, ...]  # the rules the case checks (every public rule when it checks the verdict)
     mismatches: tuple[Mismatch, ...] = ()
     reason: str | None = None  # why it was skipped
+    outcome: dict | None = None  # the verdict the case gave, when it checks one (see `outcome`)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["mismatches"] = [{"rule": m.rule, "expected": m.expected.model_dump(), "got_first_token": m.got,
-                              "token": m.token, "message": str(m)} for m in self.mismatches]
-        return out
+        return asdict(self)
 
+
+# --- finding the tests --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Suite:
-    """One fixture file and the rule file (a pack or a GAVEL `rule.yaml`) whose rules it tests."""
+    """One source of test cases (a fixture file, or a pack's own `tests:`) and the rule file it tests."""
 
     kind: Kind
     fixture: Path
     rules: Path
+
+    @property
+    def inline(self) -> bool:
+        return self.fixture == self.rules
+
+
+def _has_inline_tests(path: Path) -> bool:
+    """Whether a pack file has `tests:` (a `.gvl` file that does not parse is a pack: its errors are reported)."""
+    try:
+        data = read_pack_document(path)[1]
+    except GavelError:
+        return path.suffix == ".gvl"  # a YAML file that does not read may be anything; `rules check` reports it
+    return isinstance(data, dict) and "tests" in data
 
 
 def _suites_of_rule_file(path: Path) -> list[Suite]:
     if path.name == "rule.yaml":
         tests = path.parent / "tests"
         return [Suite(kind, tests / name, path) for name, kind in GAVEL_TESTS.items() if (tests / name).is_file()]
-    fixture = path.with_name(path.stem + TRACE_SUFFIX)
-    return [Suite("trace", fixture, path)] if fixture.is_file() else []
+    found = [Suite(kind, path.with_name(path.stem + suffix), path) for suffix, kind in FIXTURES.items()
+             if path.with_name(path.stem + suffix).is_file()]
+    return found + ([Suite("trace", path, path)] if _has_inline_tests(path) else [])
 
 
 def _suite_of_fixture(path: Path) -> Suite:
-    if path.name.endswith(TRACE_SUFFIX):
-        stem = path.name.removesuffix(TRACE_SUFFIX)
-        pack = next((p for p in (path.with_name(stem + ".yaml"), path.with_name(stem + ".yml")) if p.is_file()), None)
-        if pack is None:
-            raise DataError(f"no rule file {stem}.yaml beside this trace fixture", location=Location(str(path)))
-        return Suite("trace", path, pack)
+    for suffix, kind in FIXTURES.items():
+        if path.name.endswith(suffix):
+            stem = path.name.removesuffix(suffix)
+            pack = next((p for p in map(path.with_name, (stem + s for s in PACK_SUFFIXES)) if p.is_file()), None)
+            if pack is None:
+                raise DataError(f"no pack {stem}.yaml (or .yml, .gvl) beside this fixture",
+                                location=Location(str(path)))
+            return Suite(kind, path, pack)
     rule = path.parent.parent / "rule.yaml"
     if not rule.is_file():
         raise DataError(f"a GAVEL rule test belongs in rules/<name>/tests/, next to rule.yaml (no {rule})",
                         location=Location(str(path)))
     return Suite(GAVEL_TESTS[path.name], path, rule)
+
+
+def _is_fixture(path: Path) -> bool:
+    return path.name.endswith(tuple(FIXTURES)) or (path.parent.name == "tests" and path.name in GAVEL_TESTS)
+
+
+def _suites_under(folder: Path, errors: list[GavelError]) -> list[Suite]:
+    found = [s for f in sorted(folder.rglob("rule.yaml")) for s in _suites_of_rule_file(f)]
+    for f in sorted(p for suffix in FIXTURES for p in folder.rglob("*" + suffix)):
+        try:
+            found.append(_suite_of_fixture(f))
+        except DataError as e:
+            errors.append(e)
+    packs = sorted(p for suffix in PACK_SUFFIXES for p in folder.rglob("*" + suffix) if p.name != "rule.yaml")
+    return found + [Suite("trace", p, p) for p in packs if _has_inline_tests(p)]
 
 
 def discover(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Suite], list[GavelError]]:
@@ -155,109 +216,224 @@ def discover(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Suite], list
     errors: list[GavelError] = []
     for item in map(Path, paths):
         found: list[Suite] = []
-        try:
-            if not item.exists():
-                raise DataError("no such file or folder", location=Location(str(item)))
-            if item.is_dir():
-                found = [s for f in sorted(item.rglob("rule.yaml")) for s in _suites_of_rule_file(f)]
-                found += [_suite_of_fixture(f) for f in sorted(item.rglob("*" + TRACE_SUFFIX))]
-            elif item.name.endswith(TRACE_SUFFIX) or (item.parent.name == "tests" and item.name in GAVEL_TESTS):
-                found = [_suite_of_fixture(item)]
-            elif item.suffix in (".yaml", ".yml"):
-                found = _suites_of_rule_file(item)
-        except DataError as e:
-            errors.append(e)
+        if not item.exists():
+            errors.append(DataError("no such file or folder", location=Location(str(item))))
             continue
+        if item.is_dir():
+            found = _suites_under(item, errors)
+        elif _is_fixture(item):
+            try:
+                found = [_suite_of_fixture(item)]
+            except DataError as e:
+                errors.append(e)
+                continue
+        elif item.suffix in PACK_SUFFIXES:
+            found = _suites_of_rule_file(item)
         if not found:
             errors.append(DataError("no rule tests here", location=Location(str(item)),
-                                    hint=f"add <pack>{TRACE_SUFFIX} beside a pack, or rules/<name>/tests/"))
+                                    hint="add <pack>.tests.jsonl or a `tests:` list to a pack, or rules/<name>/tests/"))
         suites.update(((s.kind, s.fixture.resolve()), s) for s in found)
     return list(suites.values()), errors
 
 
-def read_traces(path: Path) -> tuple[list[tuple[int, TraceCase]], list[GavelError]]:
-    """The cases of a JSONL trace fixture with their line numbers, and every malformed line."""
-    cases: list[tuple[int, TraceCase]] = []
-    errors: list[GavelError] = []
-    seen: dict[str, int] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        return [], [DataError(f"cannot read this trace fixture: {e}", location=Location(str(path)))]
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = Location(str(path), number)
-        try:
-            data = json.loads(line)
-            case = TraceCase.model_validate(data)
-        except json.JSONDecodeError as e:
-            errors.append(DataError(f"invalid JSON: {e.msg}", location=Location(str(path), number, e.colno)))
-            continue
-        except ValidationError as e:
-            name = data.get("name") if isinstance(data, dict) else None
-            prefix = f"test {name!r}: " if isinstance(name, str) else ""
-            errors.append(DataError(prefix + "; ".join(map(_problem, e.errors())), location=where))
-            continue
-        if case.name in seen:
-            errors.append(DataError(f"duplicate test name {case.name!r} (first on line {seen[case.name]})",
-                                    location=where))
-            continue
-        seen[case.name] = number
-        cases.append((number, case))
-    return cases, errors
+# --- running ------------------------------------------------------------------------------------------------
+
+def action_name(rule: RuleSpec) -> str:
+    """The name of the action a rule takes (`block "sorry"` -> block)."""
+    return rule.action_call.name
 
 
-def _problem(err: dict) -> str:
-    where = ".".join(map(str, err["loc"]))
-    message = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
+def referenced_rules(rule: RuleSpec) -> set[str]:
+    """The other rules of its pack that `rule` names, in its condition, exceptions and the macros they use."""
+    rules = [n for n in (rule.pack.rule_names if rule.pack else ()) if n != rule.name]
+    found: set[str] = set()
+    seen: set[str] = set()
+    todo = [rule.expr, *(e.expr for e in rule.exceptions)]
+    while todo:
+        for name, _, _ in references(todo.pop()):
+            kind = resolve(name, groups=rule.groups, lists=rule.lists, macros=rule.macros, rules=rules)
+            if kind == "macro" and name not in seen:
+                seen.add(name)
+                todo.append(rule.macros[name].expr)
+            elif kind == "rule":
+                found.add(name)
+    return found
 
 
-def run_trace(case: TraceCase, rules: Sequence[RuleSpec]) -> tuple[Mismatch, ...]:
-    """Compile `rules` over the case's CEs, run its trace, and compare each rule's first firing; raises RuleErrors."""
-    program = compile_rules(rules, case.ces)
-    mask = None if case.mask is None else torch.tensor([case.mask], dtype=torch.bool)
-    first = first_firing(program.run(case.fired(), mask))[0].tolist()
-    out = []
-    for rule, got in zip(program.rule_names, first):
-        want, got = case.expect[rule], (got if got >= 0 else None)
-        if want.fires != (got is not None) or (want.first_token is not None and want.first_token != got):
-            out.append(Mismatch(rule, want, got))
-    return tuple(out)
+def ces_read(rule: RuleSpec, rules: Mapping[str, RuleSpec]) -> set[str]:
+    """The CE names `rule` reads, also through the `rules` it refers to (wildcards left out: they match whatever
+    CEs there are)."""
+    found: set[str] = set()
+    seen, todo = {rule.name}, [rule]
+    while todo:
+        current = todo.pop()
+        found.update(current.ce_names)
+        for name in referenced_rules(current) - seen:
+            if name in rules:
+                seen.add(name)
+                todo.append(rules[name])
+    return found
 
 
-def _load_rules(path: Path) -> tuple[dict[str, RuleSpec], list[GavelError]]:
+def _kinds(rules: Iterable[RuleSpec]) -> tuple[dict[str, str], list[GavelError]]:
+    """Each rule's action kind (block, steer, alert, log) from the action registry; unknown actions are errors."""
+    known = registry().plugins["actions"]
+    rules = list(rules)
+    kinds = {r.name: known[action_name(r)].kind for r in rules if action_name(r) in known}
+    return kinds, list(check_actions([r for r in rules if r.name not in kinds], registry()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Pack:
+    """The rules a suite tests, and its file (whether it loaded cleanly) for messages."""
+
+    path: Path
+    rules: dict[str, RuleSpec]
+    loaded: bool  # False: some rules failed to load
+
+    @property
+    def public(self) -> list[str]:
+        return [n for n, r in self.rules.items() if not r.private]
+
+    def unknown_rule(self, located: Located, name: str, *at: str) -> GavelError | None:
+        """The error for a case that expects `name`, unless it is a public rule of the pack."""
+        if name in self.public:
+            return None
+        if name in self.rules:
+            return located.error(f"expects rule {name!r}, which is private (only other rules read it)", *at)
+        guess = did_you_mean(name, self.public)
+        return located.error(f"expects rule {name!r}, which {self.path.name} does not define"
+                             + ("" if self.loaded else " (or it failed to load)"), *at,
+                             hint=f"did you mean {guess!r}?" if guess else None)
+
+
+def _load_pack(path: Path) -> tuple[_Pack, list[GavelError]]:
     rules, errors = collect_rules(path)
-    return {r.name: r for r in rules}, list(errors)
+    return _Pack(path, {r.name: r for r in rules}, not errors), list(errors)
+
+
+class _Programs:
+    """A pack's rules compiled once per CE list; a CE list the rules do not compile over is reported once."""
+
+    def __init__(self, pack: _Pack) -> None:
+        self.rules = pack.rules
+        self.reads = {name: ces_read(rule, pack.rules) for name, rule in pack.rules.items()}
+        self.cache: dict[tuple[str, ...], RuleProgram | None] = {}
+
+    def columns(self, ces: Sequence[str]) -> tuple[str, ...]:
+        """The case's CEs, then every other CE a rule reads (columns that never fire and score 0)."""
+        extra = set().union(*self.reads.values()) - set(ces)
+        return (*ces, *sorted(extra))
+
+    def get(self, columns: tuple[str, ...], case: Located[TraceCase]) -> tuple[RuleProgram | None, list[GavelError]]:
+        if columns in self.cache:
+            return self.cache[columns], []
+        try:
+            self.cache[columns] = compile_rules(list(self.rules.values()), columns, actions=False)  # see _kinds
+            return self.cache[columns], []
+        except RuleErrors as e:
+            self.cache[columns] = None
+            context = f" (compiling the rules over the CEs of test {case.case.name!r}, {case.path}:{case.line})"
+            return None, [RuleError(err.message + context, location=err.location, excerpt=err.excerpt, hint=err.hint)
+                          for err in e.errors]
+
+
+def _check_trace(located: Located[TraceCase], pack: _Pack, programs: _Programs
+                 ) -> tuple[CaseResult | None, list[GavelError]]:
+    """Run one trace case over the whole pack and compare; None with errors when the case cannot run."""
+    case, rules = located.case, pack.rules
+    errors = [e for name in case.expect if (e := pack.unknown_rule(located, name, "expect", name)) is not None]
+    for name in set(case.expect) & set(pack.public):
+        missing = sorted(programs.reads[name] - set(case.ces))
+        if missing:
+            errors.append(located.error(f"rule '{name}' reads CEs that `ces` does not list: {', '.join(missing)}",
+                                        "ces", hint="list them, with 0s where a CE does not fire"))
+    kinds: dict[str, str] = {}
+    if case.verdict is not None:
+        kinds, bad = _kinds(rules[n] for n in pack.public)
+        errors += bad
+    if errors:
+        return None, errors
+    columns = programs.columns(case.ces)
+    program, errors = programs.get(columns, located)
+    if program is None:
+        return None, errors
+    mask = None if case.mask is None else torch.tensor([case.mask], dtype=torch.bool)
+    holds = program.run(case.fired(len(columns)), mask,
+                        scores=case.scores(len(columns)) if program.needs_scores else None,
+                        roles=case.token_classes() if program.needs_roles else None)
+    first = dict(zip(program.rule_names, first_firing(holds)[0].tolist()))
+    firings = {n: Firing(n, t, action_name(rules[n]), kinds.get(n)) for n, t in first.items() if t >= 0}
+    mismatches = [m for n, want in case.expect.items()
+                  for m in rule_mismatches(n, want, firings.get(n), action_name(rules[n]))]
+    checked, found = tuple(case.expect), None
+    if case.verdict is not None:
+        decided = deciding(firings.values())
+        mismatches += verdict_mismatches(case.verdict, case.first_token, decided)
+        checked, found = tuple(pack.public), outcome(decided)
+    return CaseResult(located.path, located.line, case.name, "trace", "fail" if mismatches else "pass", checked,
+                      tuple(mismatches), outcome=found), []
 
 
 def _trace_suite(suite: Suite) -> tuple[list[CaseResult], list[GavelError]]:
-    rules, errors = _load_rules(suite.rules)
-    defines = f"{suite.rules} does not define" + (" (or it failed to load)" if errors else "")
-    cases, bad = read_traces(suite.fixture)
+    pack, errors = _load_pack(suite.rules)
+    cases, bad = read_pack_tests(suite.fixture) if suite.inline else read_jsonl(suite.fixture, TraceCase)
     errors += bad
+    programs = _Programs(pack)
     results = []
-    for line, case in cases:
-        where = Location(str(suite.fixture), line)
-        unknown = [n for n in case.expect if n not in rules]
-        for name in unknown:
-            guess = did_you_mean(name, list(rules))
-            errors.append(DataError(f"test {case.name!r} expects rule {name!r}, which {defines}",
-                                    location=where, hint=f"did you mean {guess!r}?" if guess else None))
-        missing = {n: [ce for ce in rules[n].ce_names if ce not in case.ces] for n in case.expect if n in rules}
-        errors += [DataError(f"test {case.name!r}: rule '{n}' reads CEs that `ces` does not list: {', '.join(ces)}",
-                             location=where) for n, ces in missing.items() if ces]
-        if unknown or any(missing.values()):
-            continue
-        try:
-            mismatches = run_trace(case, [rules[n] for n in case.expect])
-        except RuleErrors as e:
-            errors += [DataError(f"test {case.name!r}: {err.message}", location=where, hint=err.hint)
-                       for err in e.errors]
-            continue
-        results.append(CaseResult(str(suite.fixture), line, case.name, "trace", "fail" if mismatches else "pass",
-                                  tuple(case.expect), mismatches))
+    for case in cases:
+        result, bad = _check_trace(case, pack, programs)
+        errors += bad
+        results += [result] if result is not None else []
+    return results, errors
+
+
+def _scan(rules: Sequence[RuleSpec], conversations: list[list[dict[str, str]]], handle, bank, where: Path, what: str
+          ) -> tuple[list[list[Firing]] | None, list[GavelError]]:
+    """Each conversation's rule firings, scanned by a monitor; None with errors (about `what`, the rule or pack
+    under test, at `where`) when the rules cannot run."""
+    from gavel.monitor import Monitor
+
+    try:
+        scanned = Monitor(handle, bank, rules).scan(conversations)
+    except GavelError as e:
+        nested = e.errors if isinstance(e, RuleErrors) else (e,)
+        return None, [RuleError(f"cannot run the tests of {what}: {err.message}", location=Location(str(where)),
+                                hint=err.hint) for err in nested]
+    kind = {name: registry().get("actions", name).kind for name in {e.action for r in scanned for e in r.events}}
+    return [[Firing(e.rule, e.token_index, e.action, kind[e.action], e.token) for e in r.events] for r in scanned], []
+
+
+def _text_suite(suite: Suite, handle, bank) -> tuple[list[CaseResult], list[GavelError]]:
+    pack, errors = _load_pack(suite.rules)
+    cases, bad = read_jsonl(suite.fixture, TextCase)
+    errors += bad
+    runnable = []
+    for located in cases:
+        name = located.case.expect.rule
+        problem = None if name is None else pack.unknown_rule(located, name, "expect", "rule")
+        errors += [problem] if problem is not None else []
+        runnable += [located] if problem is None else []
+    if not runnable or not pack.rules:
+        return [], errors
+    if handle is None or bank is None:
+        return [CaseResult(c.path, c.line, c.case.name, "text", "skip", tuple(pack.public), reason=NEEDS_MODEL)
+                for c in runnable], errors
+    firings, bad = _scan(list(pack.rules.values()), [c.case.messages() for c in runnable], handle, bank, suite.rules,
+                          suite.rules.name)
+    if firings is None:
+        return [], errors + bad
+    results = []
+    for located, found in zip(runnable, firings):
+        want, decided = located.case.expect, deciding(found)
+        mismatches = verdict_mismatches(want.verdict, want.first_token, decided)
+        if want.rule is not None:
+            got = next((f for f in found if f.rule == want.rule), None)
+            mismatches += rule_mismatches(want.rule, Expectation(action=want.action), got,
+                                          action_name(pack.rules[want.rule]))
+        results.append(CaseResult(located.path, located.line, located.case.name, "text",
+                                  "fail" if mismatches else "pass", tuple(pack.public), tuple(mismatches),
+                                  outcome=outcome(decided)))
     return results, errors
 
 
@@ -286,7 +462,8 @@ def _case_name(kind: str, i: int, conversation: list[dict[str, str]]) -> str:
 
 def _gavel_suites(suites: Sequence[Suite], handle, bank) -> tuple[list[CaseResult], list[GavelError]]:
     """The positive/negative sets of one GAVEL rule: scanned by a monitor when a model and bank are given."""
-    rules, errors = _load_rules(suites[0].rules)
+    pack, errors = _load_pack(suites[0].rules)
+    rules = pack.rules
     sets = []
     for suite in suites:
         try:
@@ -302,32 +479,26 @@ def _gavel_suites(suites: Sequence[Suite], handle, bank) -> tuple[list[CaseResul
     if handle is None or bank is None:
         return [CaseResult(str(s.fixture), None, _case_name(s.kind, i, c), s.kind, "skip", (rule.name,),
                            reason=NEEDS_MODEL) for s, convs in sets for i, c in enumerate(convs)], errors
-    from gavel.monitor import Monitor
-
-    try:
-        monitor = Monitor(handle, bank, [rule])
-        scanned = iter(monitor.scan([c for _, convs in sets for c in convs]))
-    except GavelError as e:
-        nested = e.errors if isinstance(e, RuleErrors) else (e,)
-        return [], errors + [RuleError(f"cannot run the tests of rule '{rule.name}': {err.message}",
-                                       location=Location(str(suites[0].rules)), hint=err.hint) for err in nested]
+    firings, bad = _scan([rule], [c for _, convs in sets for c in convs], handle, bank, suites[0].rules,
+                         f"rule '{rule.name}'")
+    if firings is None:
+        return [], errors + bad
+    scanned = iter(firings)
     results = []
     for suite, convs in sets:
         want = Expectation(fires=suite.kind == "positive")
         for i, conversation in enumerate(convs):
-            result = next(scanned)
-            event = next((e for e in result.events if e.rule == rule.name), None)
-            got = None if event is None else event.token_index
-            bad = want.fires != (got is not None)
-            mismatch = (Mismatch(rule.name, want, got, event.token if event else None),) if bad else ()
+            got = next((f for f in next(scanned) if f.rule == rule.name), None)
+            mismatches = tuple(rule_mismatches(rule.name, want, got, action_name(rule)))
             results.append(CaseResult(str(suite.fixture), None, _case_name(suite.kind, i, conversation), suite.kind,
-                                      "fail" if bad else "pass", (rule.name,), mismatch))
+                                      "fail" if mismatches else "pass", (rule.name,), mismatches))
     return results, errors
 
 
 def run_rule_tests(paths: Iterable[str | os.PathLike[str]], *, handle=None, bank=None
                    ) -> tuple[list[CaseResult], list[GavelError]]:
-    """Run every rule test under `paths`; GAVEL positive/negative sets need a model `handle` and a CE `bank`.
+    """Run every rule test under `paths`; text cases and GAVEL positive/negative sets need a model `handle` and a
+    CE `bank` (skipped without).
 
     Returns the case results and every problem with the inputs (fixtures, rule files, rules that do not
     compile over a case's CEs or the bank), so one bad fixture never hides the other tests.
@@ -336,12 +507,12 @@ def run_rule_tests(paths: Iterable[str | os.PathLike[str]], *, handle=None, bank
     results: list[CaseResult] = []
     gavel: dict[Path, list[Suite]] = {}
     for suite in suites:
-        if suite.kind == "trace":
-            found, bad = _trace_suite(suite)
-            results += found
-            errors += bad
-        else:
+        if suite.kind in ("positive", "negative"):
             gavel.setdefault(suite.rules.resolve(), []).append(suite)
+            continue
+        found, bad = _trace_suite(suite) if suite.kind == "trace" else _text_suite(suite, handle, bank)
+        results += found
+        errors += bad
     for group in gavel.values():
         found, bad = _gavel_suites(group, handle, bank)
         results += found

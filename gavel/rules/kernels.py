@@ -1,0 +1,273 @@
+"""Tensor kernels of the rule evaluator: past-time window operators over chunks of tokens, with carried state.
+
+Every kernel takes a chunk `[batch, T, K]` (K operator instances side by side), a view mask `[batch, T]` (the
+tokens the operators see) and the state left by the previous chunk, and returns `(out, new state)`; the state's
+size depends on the windows only, never on how many tokens came before. Windowed kernels work on the view's
+tokens packed to the left ("compacted"), preceded by the last N values seen, so a chunk of T tokens costs
+O(T) (counts) or O(T log N) (max/min) whatever the history.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+COMPARISONS = (">", ">=", "<", "<=", "==", "!=")
+# per comparison: does it hold when x > t, x == t, x < t
+_TRUTH = {">": (1, 0, 0), ">=": (1, 1, 0), "<": (0, 0, 1), "<=": (0, 1, 1), "==": (0, 1, 0), "!=": (1, 0, 1)}
+
+
+def comparison_table(ops: list[str]) -> Tensor:
+    """bool [3, K]: rows say whether each column's comparison holds above, at, below its threshold."""
+    return torch.tensor([_TRUTH[op] for op in ops], dtype=torch.bool).reshape(len(ops), 3).T.contiguous()
+
+
+def compare(x: Tensor, table: Tensor, threshold: Tensor) -> Tensor:
+    """`x op threshold` column-wise over the last dim, each column with its own comparison."""
+    return ((x > threshold) & table[0]) | ((x == threshold) & table[1]) | ((x < threshold) & table[2])
+
+
+@dataclass(frozen=True, slots=True)
+class Packing:
+    """Where the view's tokens go when packed to the left of a chunk, and how to unpack."""
+
+    order: Tensor  # long [B, T]: source token of each packed position (view tokens first, in order)
+    rank: Tensor   # long [B, T]: packed position of each token (meaningful where the view holds)
+    count: Tensor  # long [B]: view tokens in the chunk
+
+    @staticmethod
+    def of(view: Tensor) -> Packing:
+        order = torch.argsort((~view).to(torch.uint8), dim=1, stable=True)
+        rank = (view.long().cumsum(1) - 1).clamp(min=0)
+        return Packing(order, rank, view.long().sum(1))
+
+    def pack(self, x: Tensor) -> Tensor:
+        return x.gather(1, self.order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    def unpack(self, x: Tensor, view: Tensor) -> Tensor:
+        return x.gather(1, self.rank.unsqueeze(-1).expand(-1, -1, x.shape[-1])) & view.unsqueeze(-1)
+
+    def last(self, seq: Tensor, n: int) -> Tensor:
+        """The `n` entries of `seq` [B, n + T, K] (history then packed chunk) that end at each row's last token."""
+        index = self.count.unsqueeze(1) + torch.arange(n, device=seq.device)
+        return seq.gather(1, index.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))
+
+
+def windowed_count(x: Tensor, history: Tensor, window: Tensor, exclude: Tensor, table: Tensor,
+                   threshold: Tensor, view: Tensor, packing: Packing | None) -> tuple[Tensor, Tensor]:
+    """Count where x held over each column's last `window` view tokens (ending before the current one where
+    `exclude`) and compare.
+
+    x: bool [B, T, K]; history: bool [B, Nmax, K] (most recent last); window, exclude, threshold: [K];
+    view: bool [B, T]; packing: the view's packing, None when every token of the chunk is in view. Returns (bool [B, T, K], new history).
+    """
+    batch, length, k = x.shape
+    longest = history.shape[1]
+    packed = x if packing is None else packing.pack(x)
+    seq = torch.cat([history, packed], dim=1)
+    sums = F.pad(seq.to(torch.int32).cumsum(1), (0, 0, 1, 0))
+    hi = longest + 1 + torch.arange(length, device=x.device).unsqueeze(1) - exclude.long().unsqueeze(0)
+    lo = hi - window.unsqueeze(0)
+    hi, lo = hi.unsqueeze(0).expand(batch, -1, -1), lo.unsqueeze(0).expand(batch, -1, -1)
+    counts = sums.gather(1, hi) - sums.gather(1, lo)
+    out = compare(counts, table, threshold)
+    if packing is None:
+        return out, seq[:, length:]
+    return packing.unpack(out, view), packing.last(seq, longest)
+
+
+def running_count(x: Tensor, view: Tensor, total: Tensor, exclude: Tensor, table: Tensor,
+                  threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """`windowed_count` without a window: over every view token so far. total: long [B, K], the count so far."""
+    seen = x & view.unsqueeze(-1)
+    through = total.unsqueeze(1) + seen.to(torch.int32).cumsum(1, dtype=torch.int32)
+    counts = torch.where(exclude, through - seen.to(torch.int32), through)
+    out = compare(counts, table, threshold) & view.unsqueeze(-1)
+    return out, through[:, -1].to(total.dtype) if x.shape[1] else total
+
+
+def windowed_scores(x: Tensor, function: str, window: int, history: Tensor, seen: Tensor, table: Tensor,
+                    threshold: Tensor, view: Tensor, packing: Packing | None) -> tuple[Tensor, Tensor, Tensor]:
+    """max / min / mean of each column's scores over the last `window` view tokens (fewer at the start), compared.
+
+    x: float [B, T, K]; history: [B, window, K] (float64, padded with the function's identity); seen: long [B],
+    view tokens so far. Returns (bool [B, T, K], new history, new seen).
+    """
+    length = x.shape[1]
+    packed = x if packing is None else packing.pack(x)
+    seq = torch.cat([history, packed.to(history.dtype)], dim=1)
+    if function == "mean":
+        sums = F.pad(seq.cumsum(1), (0, 0, 1, 0))
+        total = sums[:, window + 1:] - sums[:, 1:1 + length]
+        size = (seen.unsqueeze(1) + 1 + torch.arange(length, device=x.device)).clamp(max=window)
+        value = total / size.unsqueeze(-1)
+    else:
+        sign = 1.0 if function == "max" else -1.0
+        value = sign * sliding_max(sign * seq, window)[:, window:]
+    out = compare(value, table, threshold)
+    if packing is None:
+        return out, seq[:, length:], seen + length
+    return packing.unpack(out, view), packing.last(seq, window), seen + packing.count
+
+
+def running_scores(x: Tensor, function: str, view: Tensor, total: Tensor, seen: Tensor, table: Tensor,
+                   threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`windowed_scores` without a window: max / min / mean over every view token so far."""
+    inside = view.unsqueeze(-1)
+    if function == "mean":
+        sums = total.unsqueeze(1) + torch.where(inside, x.to(total.dtype), 0).cumsum(1)
+        counts = seen.unsqueeze(1) + view.long().cumsum(1)
+        value = sums / counts.clamp(min=1).unsqueeze(-1)
+        last = sums[:, -1] if x.shape[1] else total
+    else:
+        fill = -torch.inf if function == "max" else torch.inf
+        masked = torch.where(inside, x.to(total.dtype), fill)
+        both = torch.cat([total.unsqueeze(1), masked], dim=1)
+        value = (both.cummax(1) if function == "max" else both.cummin(1)).values[:, 1:]
+        last = value[:, -1] if x.shape[1] else total
+    out = compare(value, table, threshold) & inside
+    return out, last, seen + view.long().sum(1)
+
+
+def sliding_max(seq: Tensor, window: int) -> Tensor:
+    """r[:, i] = max(seq[:, i - window + 1 : i + 1]) along dim 1 (fewer at the start), in O(T log window)."""
+    level, span = seq, 1
+    while span * 2 <= window:
+        level = torch.maximum(level, _shift(level, span))
+        span *= 2
+    return level if span == window else torch.maximum(level, _shift(level, window - span))
+
+
+def _shift(x: Tensor, by: int) -> Tensor:
+    """x delayed by `by` steps along dim 1, the front filled with -inf."""
+    return F.pad(x, (0, 0, by, 0), value=-torch.inf)[:, :x.shape[1]]
+
+
+
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """A chunk's view tokens as runs over which every input is constant (the CPU's sparse path).
+
+    Run i belongs to sequence `sequence[i]`, covers view positions [start[i], start[i] + length[i]) of that
+    sequence in this chunk, and begins at flat row `row[i]`; `count[b]` is sequence b's view tokens.
+    """
+
+    sequence: Tensor
+    start: Tensor
+    length: Tensor
+    row: Tensor
+    count: Tensor
+
+    def row_at(self, sequence: Tensor, position: Tensor) -> Tensor:
+        """The flat row of each (sequence, view position)."""
+        span = int(self.count.max()) + 1 if self.count.numel() else 1
+        i = torch.searchsorted(self.sequence * span + self.start, sequence * span + position, right=True) - 1
+        return self.row[i] + (position - self.start[i])
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSteps:
+    """Where each column's windowed count was evaluated, sorted by (column, sequence, position), and the value
+    there; a column keeps its value until its next step."""
+
+    key: Tensor
+    value: Tensor
+    span: int
+    batch: int
+    offset: int   # added to positions in keys (history positions are negative)
+
+    def lookup(self, sequence: Tensor, position: Tensor, columns: int) -> Tensor:
+        """bool [n, K]: each column's value at (sequence, view position) pairs."""
+        k = torch.arange(columns, device=self.key.device)
+        query = (k.unsqueeze(0) * self.batch + sequence.unsqueeze(1)) * self.span + position.unsqueeze(1) + self.offset
+        index = torch.searchsorted(self.key, query.reshape(-1), right=True) - 1
+        return self.value.index_select(0, index.clamp(min=0)).view(-1, columns)
+
+
+def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window: Tensor, exclude: Tensor,
+                          table: Tensor, threshold: Tensor) -> tuple[WindowSteps, Tensor, Tensor, Tensor]:
+    """`windowed_count` over runs: work grows with the number of times inputs change, not with tokens.
+
+    x: bool [n_runs, K] (each run's input). A count can only change when a change of its input enters or
+    leaves the window, so each column is evaluated at its input's changes and the `window + exclude` tokens
+    after each. Returns (the steps, new history, and the (sequence, view position) of every step where a
+    column's value changed, for the caller to evaluate what reads it).
+    """
+    batch, longest, k = history.shape
+    device = x.device
+    span = longest + int(segments.count.max()) + 2 if segments.count.numel() else longest + 2
+    # change events per (column, sequence): every history change (the oldest slot always), every run change
+    h_change = torch.ones_like(history)
+    h_change[:, 1:] = history[:, 1:] != history[:, :-1]
+    hb, hj, hk = h_change.nonzero(as_tuple=True)
+    first_run = torch.ones_like(segments.sequence, dtype=torch.bool)
+    first_run[1:] = segments.sequence[1:] != segments.sequence[:-1]
+    before = torch.where(first_run.unsqueeze(1), history[segments.sequence, -1], x.roll(1, 0))
+    ri, rk = (x != before).nonzero(as_tuple=True)
+    ev_b = torch.cat([hb, segments.sequence[ri]])
+    ev_k = torch.cat([hk, rk])
+    ev_pos = torch.cat([hj - longest, segments.start[ri]])
+    ev_val = torch.cat([history[hb, hj, hk], x[ri, rk]])
+    group = ev_k * batch + ev_b
+    key = group * span + ev_pos + longest
+    key, order = key.sort()
+    group, ev_b, ev_k, ev_pos, ev_val = group[order], ev_b[order], ev_k[order], ev_pos[order], ev_val[order]
+    # true tokens in each group strictly before each event
+    same_next = torch.zeros_like(group, dtype=torch.bool)
+    same_next[:-1] = group[1:] == group[:-1]
+    end = torch.where(same_next, ev_pos.roll(-1), segments.count[ev_b])
+    trues = ev_val.long() * (end - ev_pos)
+    through = trues.cumsum(0)
+    starts = torch.ones_like(same_next)
+    starts[1:] = ~same_next[:-1]
+    first_index = torch.where(starts, torch.arange(len(group), device=device), 0).cummax(0).values
+    prior = through - trues - (through - trues)[first_index]
+
+    def cumulative(g: Tensor, u: Tensor) -> Tensor:
+        """True tokens of group g at view positions <= u (history included)."""
+        i = (torch.searchsorted(key, g * span + (u + longest).clamp(min=0), right=True) - 1).clamp(min=0)
+        c = prior[i] + ev_val[i].long() * (u - ev_pos[i] + 1)
+        return torch.where(u >= -longest, c, 0)
+
+    # evaluation steps: each sequence's first position, and after each event until its effect settles
+    reach = (window + exclude.long())
+    spread = int(reach.max()) + 1 if k else 1
+    offsets = torch.arange(spread, device=device)
+    spawn_pos = (ev_pos.unsqueeze(1) + offsets).reshape(-1)
+    spawn_keep = (offsets.unsqueeze(0) <= reach[ev_k].unsqueeze(1)).reshape(-1)
+    spawn_b = ev_b.repeat_interleave(spread)
+    spawn_k = ev_k.repeat_interleave(spread)
+    live = spawn_keep & (spawn_pos >= 0) & (spawn_pos < segments.count[spawn_b])
+    init_b = torch.arange(batch, device=device).repeat(k)
+    init_k = torch.arange(k, device=device).repeat_interleave(batch)
+    step_b = torch.cat([init_b, spawn_b[live]])
+    step_k = torch.cat([init_k, spawn_k[live]])
+    step_pos = torch.cat([torch.zeros_like(init_b), spawn_pos[live]])
+    step_group = step_k * batch + step_b
+    step_key, order = (step_group * span + step_pos + longest).sort()
+    step_b, step_k, step_pos, step_group = step_b[order], step_k[order], step_pos[order], step_group[order]
+    hi = step_pos - exclude[step_k].long()
+    counts = cumulative(step_group, hi) - cumulative(step_group, hi - window[step_k])
+    inside = step_pos < segments.count[step_b]
+    value = _compare_per_row(counts, table, threshold, step_k) & inside
+    # steps where a column's value changed (a group's first step is each sequence's first view token, whose
+    # row is evaluated anyway)
+    changed = torch.zeros_like(value)
+    changed[1:] = (value[1:] != value[:-1]) & (step_group[1:] == step_group[:-1])
+    changed &= inside
+    changed_at = (step_b[changed], step_pos[changed])
+    # new history: the input at the last `longest` view positions of each sequence
+    tail = segments.count.unsqueeze(1) - longest + torch.arange(longest, device=device)   # [B, Nmax]
+    g = (torch.arange(k, device=device).view(1, 1, k) * batch + torch.arange(batch, device=device).view(-1, 1, 1))
+    pos = tail.unsqueeze(-1).expand(-1, -1, k)
+    gi = (torch.searchsorted(key, (g * span + pos + longest).reshape(-1), right=True) - 1).clamp(min=0)
+    new_history = ev_val[gi].view(batch, longest, k)
+    return WindowSteps(step_key, value, span, batch, longest), new_history, changed_at[0], changed_at[1]
+
+
+def _compare_per_row(x: Tensor, table: Tensor, threshold: Tensor, column: Tensor) -> Tensor:
+    """`compare` where row i uses column `column[i]`'s comparison and threshold."""
+    t = threshold[column]
+    return ((x > t) & table[0, column]) | ((x == t) & table[1, column]) | ((x < t) & table[2, column])
