@@ -1,4 +1,4 @@
-"""A naive reference evaluator for the rule language, written from /tmp semantics text, not from the compiler.
+"""A naive reference evaluator for the rule language, written from its semantics, independently of the compiler.
 
 It follows the semantics literally: every expression is evaluated at every token of a whole trace under a *view*
 (a set of token indices); temporal operators look at the history H(V, t) spelled out as a list; `conversation`

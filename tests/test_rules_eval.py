@@ -127,6 +127,14 @@ def test_only_rules_reading_scores_or_scopes_need_them():
     assert needs("tax in conversation") == (False, False)
 
 
+def test_roles_may_be_bytes_or_longs():
+    program = compile_rules([RuleSpec(name="a", condition="(once tax within 2 tokens) in user", match="token")], CES)
+    fired = trace(4, {"tax": [0]})
+    roles = torch.tensor([[2, 3, 2, 6]])  # user, assistant, user, user in the response
+    for dtype in (torch.uint8, torch.long):
+        assert program.run(fired, roles=roles.to(dtype))[0, :, 0].tolist() == [True, False, True, False]
+
+
 def test_compile_errors_are_all_reported_with_hints():
     rules = [
         RuleSpec(name="a", groups={"g": ["tax", "thret"]}, condition="all of g"),

@@ -336,9 +336,7 @@ class _Atoms:
     """Depth-0 columns: CEs fired, scores compared with constants, token scopes."""
 
     fired: Tensor          # long [n_f]: CE index of each fired column
-    compared: Tensor       # long [n_c]: CE index of each comparison
-    table: Tensor          # bool [3, n_c]
-    threshold: Tensor      # float64 [n_c]
+    compared: tuple[kernels.Comparisons, ...]   # one group per comparison operator
     scopes: Tensor         # long [n_s]: scope bits of each scope column
 
 
@@ -400,7 +398,8 @@ class RuleProgram:
             changes = {f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
                        if isinstance(getattr(obj, f.name), Tensor)}
             return dataclasses.replace(obj, **changes)
-        return dataclasses.replace(self, atoms=move(self.atoms), outputs=self.outputs.to(device),
+        atoms = dataclasses.replace(move(self.atoms), compared=tuple(move(c) for c in self.atoms.compared))
+        return dataclasses.replace(self, atoms=atoms, outputs=self.outputs.to(device),
                                    stages=tuple(tuple(move(s) for s in stage) for stage in self.stages))
 
     @property
@@ -462,10 +461,15 @@ class RuleProgram:
         batch, length = fired.shape[:2]
         rows = RowSet(batch, length, sparse=length > 1 and fired.device.type == "cpu")
         atoms = self._atoms(fired, scores, roles)
-        rows.note_changes(atoms if mask is None else torch.cat([atoms, mask.reshape(-1, 1).float()], dim=1))
-        taken = rows.take(atoms)
-        values = torch.zeros(taken.shape[0], self.width, dtype=torch.float32, device=fired.device)
-        values[:, 1:1 + atoms.shape[1]] = taken
+        for part in [p for group in atoms for p in group] + ([] if mask is None else [mask.unsqueeze(-1)]):
+            rows.note_changes(part)
+        flat = batch * length
+        taken = [torch.cat([rows.take(p.reshape(flat, -1)) for p in group], dim=1) for group in atoms]
+        taken[0] = taken[0].index_select(1, self.atoms.fired)   # the CEs the rules read, of all of `fired`
+        for i, group in enumerate(self.atoms.compared, start=1):
+            taken[i] = taken[i].index_select(1, group.columns)
+        values = _Values(self.width, taken[0].shape[0], fired.device)
+        values.set(1, torch.cat(taken, dim=1))
         views = _Views(mask, roles, batch, length, fired.device)
         tensors = list(state.tensors)
         for stage in self.stages:
@@ -474,40 +478,36 @@ class RuleProgram:
                 if isinstance(part, _Counts) and part.latch and rows.sparse:
                     self._latches(part, values, rows, views, tensors)
                 elif isinstance(part, _Counts) and part.windowed and rows.sparse:
-                    values = self._sparse_windows(part, values, rows, views, tensors)
+                    self._sparse_windows(part, values, rows, views, tensors)
                 elif isinstance(part, _Counts):
                     updates.append((part.start, self._counts(part, values, rows, views, tensors)))
                 elif isinstance(part, _Scores):
                     updates.append((part.start, self._scores(part, scores, views, tensors)))
             if updates:
                 flat = [out.reshape(batch * length, -1) for _, out in updates]
-                values = rows.grow(values, flat)
+                values.repeat_rows(rows.grow(flat))
                 for (start, _), out in zip(updates, flat):
-                    values[:, start:start + out.shape[1]] = rows.take(out)
+                    values.set(start, rows.take(out))
             for part in stage:
                 if isinstance(part, _Gates):
-                    total = (values[:, part.inputs] * part.weights).sum(-1)
-                    values[:, part.start:part.start + part.threshold.shape[0]] = total >= part.threshold
-        holds = rows.full(values.index_select(1, self.outputs) > 0.5).view(batch, length, -1)
+                    values.gates(part)
+        holds = rows.repeat(values.columns(self.outputs)).view(batch, length, -1)
         if mask is not None:
             holds &= mask.unsqueeze(-1)
         return holds, RuleState(tuple(tensors))
 
-    def _atoms(self, fired: Tensor, scores: Tensor | None, roles: Tensor | None) -> Tensor:
-        """float [rows, n_atoms]: the CEs fired, the score comparisons, the token scopes."""
+    def _atoms(self, fired: Tensor, scores: Tensor | None, roles: Tensor | None) -> list[list[Tensor]]:
+        """Groups of bool [B, T, n] parts: every CE fired (the program reads `atoms.fired` of them), each
+        comparison operator's layers, the token scopes."""
         a = self.atoms
-        rows = fired.shape[0] * fired.shape[1]
-        parts = [fired.reshape(rows, -1).index_select(1, a.fired).float()]
-        if a.compared.shape[0]:
-            x = scores.reshape(rows, -1).index_select(1, a.compared).double()
-            parts.append(kernels.compare(x, a.table, a.threshold).float())
+        groups = [[fired], *(group(scores) for group in a.compared)]
         if a.scopes.shape[0]:
-            parts.append(((a.scopes.unsqueeze(0) >> roles.reshape(rows, 1).long()) & 1).float())
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            groups.append([((a.scopes >> roles.long().unsqueeze(-1)) & 1).bool()])
+        return groups
 
-    def _counts(self, part: _Counts, values: Tensor, rows: RowSet, views: _Views, tensors: list[Tensor]) -> Tensor:
+    def _counts(self, part: _Counts, values: _Values, rows: RowSet, views: _Views, tensors: list[Tensor]) -> Tensor:
         shape = (*views.shape, -1)
-        x = rows.full(values[:, part.x] > 0.5).view(shape)
+        x = rows.full(values.columns(part.x)).view(shape)
         view = views.mask(part.view)
         if part.windowed:
             out, tensors[part.slot] = kernels.windowed_count(x, tensors[part.slot], part.window, part.exclude,
@@ -518,10 +518,10 @@ class RuleProgram:
                                                             part.table, part.threshold)
         return out
 
-    def _latches(self, part: _Counts, values: Tensor, rows: RowSet, views: _Views, tensors: list[Tensor]) -> None:
+    def _latches(self, part: _Counts, values: _Values, rows: RowSet, views: _Views, tensors: list[Tensor]) -> None:
         """Unbounded `once` on the evaluated rows only: a latch of an input that only changes at evaluated rows
         (its view included) only changes there too."""
-        x = values[:, part.x] > 0.5
+        x = values.columns(part.x)
         view = rows.take(views.mask(part.view).reshape(-1, 1))
         hit = (x & view).to(torch.int32)
         sums = hit.cumsum(0, dtype=torch.int32)
@@ -529,23 +529,22 @@ class RuleProgram:
         base = sums.index_select(0, firsts) - hit.index_select(0, firsts)
         owner = rows.index // rows.length
         counts = tensors[part.slot].index_select(0, owner) + sums - base.index_select(0, owner)
-        values[:, part.start:part.start + x.shape[1]] = (counts > 0) & view
+        values.set(part.start, (counts > 0) & view)
         tensors[part.slot] = counts.index_select(0, lasts).to(tensors[part.slot].dtype)
 
-    def _sparse_windows(self, part: _Counts, values: Tensor, rows: RowSet, views: _Views,
-                        tensors: list[Tensor]) -> Tensor:
+    def _sparse_windows(self, part: _Counts, values: _Values, rows: RowSet, views: _Views,
+                        tensors: list[Tensor]) -> None:
         """Windowed counts evaluated only where their inputs change and the window after (CPU)."""
         view = views.mask(part.view).reshape(-1)
         segments, inside = rows.segments(view)
-        x = (values[:, part.x] > 0.5)[inside]
-        steps, tensors[part.slot], sequence, position = kernels.sparse_windowed_count(
+        x = values.columns(part.x)[inside]
+        changes, tensors[part.slot] = kernels.sparse_windowed_count(
             x, segments, tensors[part.slot], part.window, part.exclude, part.table, part.threshold)
-        values = rows.add(values, segments.row_at(sequence, position))
-        segments, inside = rows.segments(view)
-        out = torch.zeros(values.shape[0], x.shape[1], dtype=torch.bool, device=values.device)
-        out[inside] = steps.lookup(segments.sequence, segments.start, x.shape[1])
-        values[:, part.start:part.start + x.shape[1]] = out
-        return values
+        flat_rows = segments.row_at(changes.sequence, changes.position)
+        values.repeat_rows(rows.add(flat_rows))
+        out = changes.fill(rows.position.index_select(0, flat_rows), values.rows, x.shape[1])
+        view_rows = rows.take(view.reshape(-1, 1))
+        values.set(part.start, out & view_rows)
 
     def _scores(self, part: _Scores, scores: Tensor, views: _Views, tensors: list[Tensor]) -> Tensor:
         x = scores.index_select(-1, part.ces)
@@ -574,10 +573,10 @@ class RowSet:
         self.position: Tensor | None = None  # long [rows]: the evaluated row each row repeats
 
     def note_changes(self, columns: Tensor) -> None:
-        """Add the rows where any of `columns` (float [rows, k]) differs from the token before."""
+        """Add the rows where any of `columns` ([rows, k] or [B, T, k]) differs from the token before."""
         if not self.sparse:
             return
-        grid = columns.view(self.batch, self.length, -1)
+        grid = _words(columns.reshape(self.batch, self.length, -1))
         changed = torch.ones(self.batch, self.length, dtype=torch.bool, device=columns.device)
         changed[:, 1:] = (grid[:, 1:] != grid[:, :-1]).any(-1)
         self.changed = changed.view(-1) if self.changed is None else self.changed | changed.view(-1)
@@ -608,31 +607,90 @@ class RowSet:
                                 through.index_select(0, lasts) - base)
         return runs, inside
 
-    def add(self, values: Tensor, new_rows: Tensor) -> Tensor:
-        """Evaluate `new_rows` too (each takes the values of the evaluated row before it)."""
-        expanded_position = self.position
+    def add(self, new_rows: Tensor) -> Tensor:
+        """Evaluate `new_rows` too; returns, for each evaluated row, the previously evaluated row whose values
+        it starts from."""
+        before = self.position
         self.changed = self.changed.clone()
         self.changed[new_rows] = True
-        index = self.changed.nonzero().squeeze(1)
-        values = values.index_select(0, expanded_position.index_select(0, index))
-        self.index, self.position = index, self.changed.long().cumsum(0) - 1
-        return values
+        self.index = self.changed.nonzero().squeeze(1)
+        self.position = self.changed.long().cumsum(0) - 1
+        return before.index_select(0, self.index)
 
     def take(self, full: Tensor) -> Tensor:
         """The evaluated rows of a full [rows, k] tensor."""
         return full if not self.sparse else full.index_select(0, self.index)
 
+    def repeat(self, taken: Tensor) -> Tensor:
+        """Like `full`, by run lengths (faster when every evaluated row is wanted)."""
+        if not self.sparse:
+            return taken
+        following = torch.empty_like(self.index)
+        following[:-1] = self.index[1:]
+        following[-1:] = self.batch * self.length
+        return taken.repeat_interleave(following - self.index, dim=0)
+
     def full(self, taken: Tensor) -> Tensor:
         """A full [rows, k] tensor from its evaluated rows (each row repeats the last evaluated one)."""
         return taken if not self.sparse else taken.index_select(0, self.position)
 
-    def grow(self, values: Tensor, new_columns: list[Tensor]) -> Tensor:
-        """Re-select the evaluated rows after new window outputs may have changed at more tokens."""
+    def grow(self, new_columns: list[Tensor]) -> Tensor | None:
+        """Also evaluate the rows where `new_columns` (full [rows, k]) change; returns what `add` does (None
+        when every row is evaluated anyway)."""
         if not self.sparse:
-            return values
-        expanded = values.index_select(0, self.position)
-        self.note_changes(torch.cat(new_columns, dim=1).float())
-        return expanded.index_select(0, self.index)
+            return None
+        before = self.position
+        self.note_changes(torch.cat(new_columns, dim=1))
+        return before.index_select(0, self.index)
+
+
+class _Values:
+    """The value columns of a chunk at its evaluated rows, stored column-major ([width, rows]: gathering a
+    gate's inputs copies whole columns), as 0/1 floats; columns past `filled` are not computed yet."""
+
+    def __init__(self, width: int, rows: int, device: torch.device) -> None:
+        self.data = torch.empty(width, rows, dtype=torch.float32, device=device)
+        self.data[0] = 0   # the zero column that pads gates' inputs
+        self.filled = 1
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[1]
+
+    def columns(self, index: Tensor) -> Tensor:
+        """bool [rows, k]."""
+        return (self.data.index_select(0, index) > 0.5).T.contiguous()
+
+    def set(self, start: int, block: Tensor) -> None:
+        """Columns start.. from a [rows, k] block."""
+        self.data[start:start + block.shape[1]] = block.T
+        self.filled = max(self.filled, start + block.shape[1])
+
+    def gates(self, part: _Gates) -> None:
+        n, arity = part.inputs.shape
+        gathered = self.data.index_select(0, part.inputs.view(-1)).view(n, arity, self.rows)
+        total = (gathered * part.weights.unsqueeze(-1)).sum(1)
+        self.data[part.start:part.start + n] = total >= part.threshold.unsqueeze(-1)
+        self.filled = max(self.filled, part.start + n)
+
+    def repeat_rows(self, source: Tensor | None) -> None:
+        """New evaluated rows, each a copy of row `source[i]` (None: unchanged)."""
+        if source is None:
+            return
+        data = torch.empty(self.data.shape[0], source.shape[0], dtype=self.data.dtype, device=self.data.device)
+        data[:self.filled] = self.data[:self.filled].index_select(1, source)
+        self.data = data
+
+
+def _words(x: Tensor) -> Tensor:
+    """A bool/0-1 [..., k] tensor's last dim as few wide integers (cheap to compare for any difference)."""
+    if x.dtype != torch.bool:
+        x = x != 0
+    x = x.contiguous().view(torch.uint8)
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if x.shape[-1] % size == 0:
+            return x.view(dtype)
+    return x
 
 
 class _Views:
@@ -705,6 +763,7 @@ def _assemble(low: _Lowering, rule_names: tuple[str, ...], roots: list[int], ce_
             stack.append(node.key[2])
     order = sorted(live, key=lambda r: (low.nodes[r].depth, r))
     by_kind = {k: [r for r in order if low.nodes[r].kind == k] for k in ("fired", "compare", "scope")}
+    by_kind["compare"].sort(key=lambda r: kernels.COMPARISONS.index(low.nodes[r].key[1]))
     column: dict[int, int] = {}
     width = 1
     for kind in ("fired", "compare", "scope"):
@@ -712,11 +771,14 @@ def _assemble(low: _Lowering, rule_names: tuple[str, ...], roots: list[int], ce_
             column[r] = width
             width += 1
     fired = [low.nodes[r].key[0] for r in by_kind["fired"]]
-    compared = [low.nodes[r].key for r in by_kind["compare"]]
-    atoms = _Atoms(fired=torch.tensor(fired, dtype=torch.long),
-                   compared=torch.tensor([c for c, _, _ in compared], dtype=torch.long),
-                   table=kernels.comparison_table([op for _, op, _ in compared]),
-                   threshold=torch.tensor([v for _, _, v in compared], dtype=torch.float64),
+    compared = [low.nodes[r].key for r in by_kind["compare"]]   # (ce, op, value), grouped by op
+    groups = []
+    for op in kernels.COMPARISONS:
+        keys = [k for k in compared if k[1] == op]
+        if keys:
+            groups.append(kernels.Comparisons.build(op, [c for c, _, _ in keys], [v for _, _, v in keys],
+                                                    len(ce_names)))
+    atoms = _Atoms(fired=torch.tensor(fired, dtype=torch.long), compared=tuple(groups),
                    scopes=torch.tensor([low.nodes[r].key[0] for r in by_kind["scope"]], dtype=torch.long))
     shapes: list[tuple[str, tuple[int, ...], torch.dtype, float]] = []
     stages = []

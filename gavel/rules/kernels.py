@@ -29,6 +29,52 @@ def compare(x: Tensor, table: Tensor, threshold: Tensor) -> Tensor:
     return ((x > threshold) & table[0]) | ((x == threshold) & table[1]) | ((x < threshold) & table[2])
 
 
+_OPS = {">": torch.gt, ">=": torch.ge, "<": torch.lt, "<=": torch.le, "==": torch.eq, "!=": torch.ne}
+
+
+def float32_bounds(op: str, thresholds: Tensor) -> Tensor:
+    """float32 thresholds t' with `x op t' == x op t` for every float32 x (t float64): the float32 just below t
+    for `>` and `<=`, just above for `>=` and `<`; NaN for `==` / `!=` with a t no float32 equals."""
+    near = thresholds.float()
+    if op in ("==", "!="):
+        return torch.where(near.double() == thresholds, near, torch.nan)
+    below = torch.where(near.double() > thresholds, torch.nextafter(near, torch.tensor(-torch.inf)), near)
+    above = torch.where(near.double() < thresholds, torch.nextafter(near, torch.tensor(torch.inf)), near)
+    if op in (">", "<="):
+        return below
+    return above
+
+
+@dataclass(frozen=True, slots=True)
+class Comparisons:
+    """Scores compared with constants by one operator, every CE at once: layer l holds each CE's l-th threshold
+    (a never-holding pad where it has fewer), so no column gather over the whole chunk is needed."""
+
+    op: str
+    threshold: Tensor    # float64 [L, C]
+    threshold32: Tensor  # float32 [L, C], exact for float32 scores (see float32_bounds)
+    columns: Tensor      # long [n]: the (layer * C + ce) of each comparison atom, in atom order
+
+    @staticmethod
+    def build(op: str, ces: list[int], values: list[float], n_ces: int) -> Comparisons:
+        pad = {">": torch.inf, ">=": torch.inf, "<": -torch.inf, "<=": -torch.inf}.get(op, torch.nan)
+        layer_of: dict[int, int] = {}
+        columns = []
+        for ce in ces:
+            layer_of[ce] = layer_of.get(ce, -1) + 1
+            columns.append(layer_of[ce] * n_ces + ce)
+        threshold = torch.full((max(layer_of.values()) + 1, n_ces), pad, dtype=torch.float64)
+        threshold.view(-1)[torch.tensor(columns)] = torch.tensor(values, dtype=torch.float64)
+        return Comparisons(op, threshold, float32_bounds(op, threshold.view(-1)).view_as(threshold),
+                           torch.tensor(columns, dtype=torch.long))
+
+    def __call__(self, scores: Tensor) -> list[Tensor]:
+        """Each layer's comparison, bool [..., C] (concatenated, `columns` selects the atoms)."""
+        exact = scores.dtype == torch.float64
+        x, threshold = (scores, self.threshold) if exact else (scores.float(), self.threshold32)
+        return [_OPS[self.op](x, layer) for layer in threshold]
+
+
 @dataclass(frozen=True, slots=True)
 class Packing:
     """Where the view's tokens go when packed to the left of a chunk, and how to unpack."""
@@ -168,32 +214,33 @@ class Segments:
 
 
 @dataclass(frozen=True, slots=True)
-class WindowSteps:
-    """Where each column's windowed count was evaluated, sorted by (column, sequence, position), and the value
-    there; a column keeps its value until its next step."""
+class WindowChanges:
+    """Where windowed counts take a value: (sequence, view position, column) -> value; a column keeps its value
+    until its next change."""
 
-    key: Tensor
+    sequence: Tensor
+    position: Tensor
+    column: Tensor
     value: Tensor
-    span: int
-    batch: int
-    offset: int   # added to positions in keys (history positions are negative)
 
-    def lookup(self, sequence: Tensor, position: Tensor, columns: int) -> Tensor:
-        """bool [n, K]: each column's value at (sequence, view position) pairs."""
-        k = torch.arange(columns, device=self.key.device)
-        query = (k.unsqueeze(0) * self.batch + sequence.unsqueeze(1)) * self.span + position.unsqueeze(1) + self.offset
-        index = torch.searchsorted(self.key, query.reshape(-1), right=True) - 1
-        return self.value.index_select(0, index.clamp(min=0)).view(-1, columns)
+    def fill(self, at: Tensor, rows: int, columns: int) -> Tensor:
+        """bool [rows, columns] over evaluated rows, given each change's evaluated row `at` (rows in order, the
+        first of each sequence holding a change of every column)."""
+        value = torch.zeros(rows, columns, dtype=torch.bool, device=at.device)
+        setter = torch.full((rows, columns), -1, dtype=torch.long, device=at.device)
+        value[at, self.column] = self.value
+        setter[at, self.column] = at
+        return value.gather(0, setter.cummax(0).values.clamp(min=0))
 
 
 def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window: Tensor, exclude: Tensor,
-                          table: Tensor, threshold: Tensor) -> tuple[WindowSteps, Tensor, Tensor, Tensor]:
+                          table: Tensor, threshold: Tensor) -> tuple[WindowChanges, Tensor]:
     """`windowed_count` over runs: work grows with the number of times inputs change, not with tokens.
 
     x: bool [n_runs, K] (each run's input). A count can only change when a change of its input enters or
     leaves the window, so each column is evaluated at its input's changes and the `window + exclude` tokens
-    after each. Returns (the steps, new history, and the (sequence, view position) of every step where a
-    column's value changed, for the caller to evaluate what reads it).
+    after each. Returns (where each column's value is set: at each sequence's first view token and wherever
+    it changes; the new history).
     """
     batch, longest, k = history.shape
     device = x.device
@@ -232,14 +279,16 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
         return torch.where(u >= -longest, c, 0)
 
     # evaluation steps: each sequence's first position, and after each event until its effect settles
-    reach = (window + exclude.long())
-    spread = int(reach.max()) + 1 if k else 1
-    offsets = torch.arange(spread, device=device)
-    spawn_pos = (ev_pos.unsqueeze(1) + offsets).reshape(-1)
-    spawn_keep = (offsets.unsqueeze(0) <= reach[ev_k].unsqueeze(1)).reshape(-1)
-    spawn_b = ev_b.repeat_interleave(spread)
-    spawn_k = ev_k.repeat_interleave(spread)
-    live = spawn_keep & (spawn_pos >= 0) & (spawn_pos < segments.count[spawn_b])
+    reach = window + exclude.long()
+    keep = ev_pos + reach[ev_k] >= 0                       # events whose effect reaches this chunk
+    spread = (reach[ev_k] + 1)[keep]
+    total = int(spread.sum())
+    first = spread.cumsum(0) - spread
+    offsets = torch.arange(total, device=device) - first.repeat_interleave(spread, output_size=total)
+    spawn_pos = ev_pos[keep].repeat_interleave(spread, output_size=total) + offsets
+    spawn_b = ev_b[keep].repeat_interleave(spread, output_size=total)
+    spawn_k = ev_k[keep].repeat_interleave(spread, output_size=total)
+    live = (spawn_pos >= 0) & (spawn_pos < segments.count[spawn_b])
     init_b = torch.arange(batch, device=device).repeat(k)
     init_k = torch.arange(k, device=device).repeat_interleave(batch)
     step_b = torch.cat([init_b, spawn_b[live]])
@@ -252,19 +301,23 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
     counts = cumulative(step_group, hi) - cumulative(step_group, hi - window[step_k])
     inside = step_pos < segments.count[step_b]
     value = _compare_per_row(counts, table, threshold, step_k) & inside
-    # steps where a column's value changed (a group's first step is each sequence's first view token, whose
-    # row is evaluated anyway)
-    changed = torch.zeros_like(value)
-    changed[1:] = (value[1:] != value[:-1]) & (step_group[1:] == step_group[:-1])
+    # the steps that set a value: each group's first, then wherever the value changes
+    changed = torch.ones_like(value)
+    changed[1:] = (value[1:] != value[:-1]) | (step_group[1:] != step_group[:-1])
     changed &= inside
-    changed_at = (step_b[changed], step_pos[changed])
-    # new history: the input at the last `longest` view positions of each sequence
+    # new history: the input at the last `longest` view positions of each sequence (older ones: the old history)
     tail = segments.count.unsqueeze(1) - longest + torch.arange(longest, device=device)   # [B, Nmax]
-    g = (torch.arange(k, device=device).view(1, 1, k) * batch + torch.arange(batch, device=device).view(-1, 1, 1))
-    pos = tail.unsqueeze(-1).expand(-1, -1, k)
-    gi = (torch.searchsorted(key, (g * span + pos + longest).reshape(-1), right=True) - 1).clamp(min=0)
-    new_history = ev_val[gi].view(batch, longest, k)
-    return WindowSteps(step_key, value, span, batch, longest), new_history, changed_at[0], changed_at[1]
+    older = history.gather(1, (tail + longest).clamp(0, longest - 1).unsqueeze(-1).expand(-1, -1, k))
+    if x.shape[0]:
+        run_span = span
+        run = torch.searchsorted(segments.sequence * run_span + segments.start,
+                                 (torch.arange(batch, device=device).unsqueeze(1) * run_span
+                                  + tail.clamp(min=0)).reshape(-1), right=True) - 1
+        newer = x.index_select(0, run.clamp(min=0)).view(batch, longest, k)
+        new_history = torch.where((tail >= 0).unsqueeze(-1), newer, older)
+    else:
+        new_history = older
+    return (WindowChanges(step_b[changed], step_pos[changed], step_k[changed], value[changed]), new_history)
 
 
 def _compare_per_row(x: Tensor, table: Tensor, threshold: Tensor, column: Tensor) -> Tensor:
