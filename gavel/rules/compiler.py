@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gavel.errors import RuleError, did_you_mean
@@ -69,6 +70,7 @@ class _Lowering:
         self.rule_values: dict[tuple[str, int], int | None] = {}
         self.stack: list[str] = []  # rules and macros being expanded, for cycle errors
         self._reported: set[tuple[str, str]] = set()
+        self.namespaces: dict[str, tuple] = {}
 
     def node(self, kind: str, key: tuple, inputs: Sequence[int] = ()) -> int:
         full = (kind, *key)
@@ -230,13 +232,16 @@ class _Lowering:
     # -- names
     def _kind(self, rule: RuleSpec, name: str) -> str:
         """What a name stands for in `rule`'s namespace (gavel.rules.names.resolve; never the rule itself)."""
-        return resolve(name, groups=rule.groups, lists=rule.lists, macros=rule.macros,
-                       rules=self.rules.keys() - {rule.name})
+        if rule.name not in self.namespaces:   # the pack's lists and macros, read once per rule
+            self.namespaces[rule.name] = (rule.lists, rule.macros)
+        lists, macros = self.namespaces[rule.name]
+        kind = resolve(name, groups=rule.groups, lists=lists, macros=macros, rules=self.rules)
+        return resolve(name) if kind == "rule" and name == rule.name else kind
 
     def _name(self, owner, rule: RuleSpec, expr: Name, view: int, latch: bool) -> int | None:
         kind = self._kind(rule, expr.name)
         if kind == "macro":
-            return self._macro(rule, rule.macros[expr.name], view, latch)
+            return self._macro(rule, self.namespaces[rule.name][1][expr.name], view, latch)
         if kind == "rule":
             ref = self.rule_value(self.rules[expr.name], view)
             return None if ref is None else self.once(ref, view) if latch else ref
@@ -338,6 +343,8 @@ class _Atoms:
     fired: Tensor          # long [n_f]: CE index of each fired column
     compared: tuple[kernels.Comparisons, ...]   # one group per comparison operator
     scopes: Tensor         # long [n_s]: scope bits of each scope column
+    lowest: Tensor         # float64 [C]: each CE's lowest compared constant (+inf: none); below it, no
+    lowest32: Tensor       # float32 [C]  comparison of that CE changes (see _chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,29 +452,45 @@ class RuleProgram:
         batch, length = fired.shape[:2]
         if length == 0:
             return torch.zeros(batch, 0, len(self.rule_names), dtype=torch.bool, device=fired.device), state
-        per_row = self.width if fired.device.type != "cpu" else 256  # the CPU path keeps only changed rows
-        step = max(1, _CHUNK // max(1, batch * per_row))
-        pieces = []
-        for start in range(0, length, step):
-            part = slice(start, start + step)
-            holds, state = self._chunk(fired[:, part], state, None if mask is None else mask[:, part].bool(),
-                                       None if scores is None else scores[:, part],
-                                       None if roles is None else roles[:, part])
-            pieces.append(holds)
-        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], state
+        # chunks of at most `limit` tokens (the CPU path keeps only changed rows, so its chunks can be larger):
+        # whole sequences when they fit, so each chunk's result is one contiguous block of the output
+        limit = _CHUNK // (self.width if fired.device.type != "cpu" else 64)
+        out = torch.empty(batch, length, len(self.rule_names), dtype=torch.bool, device=fired.device)
+        rows_per = max(1, limit // length)
+        step = length if rows_per > 1 or length <= limit else limit
+        states = []
+        for b0 in range(0, batch, rows_per):
+            group = slice(b0, b0 + rows_per)
+            sub = RuleState(tuple(t[group] for t in state.tensors))
+            for t0 in range(0, length, step):
+                part = (group, slice(t0, t0 + step))
+                sub = self._chunk(fired[part], sub, None if mask is None else mask[part].bool(),
+                                  None if scores is None else scores[part], None if roles is None else roles[part],
+                                  out[part])
+            states.append(sub.tensors)
+        state = RuleState(tuple(torch.cat(ts, dim=0) for ts in zip(*states))) if len(states) > 1 else \
+            RuleState(states[0])
+        return out, state
 
     def _chunk(self, fired: Tensor, state: RuleState, mask: Tensor | None, scores: Tensor | None,
-               roles: Tensor | None) -> tuple[Tensor, RuleState]:
+               roles: Tensor | None, into: Tensor) -> RuleState:
+        """Evaluate one chunk of tokens into `into` (bool [B, T, n_rules]); returns the state after it."""
         batch, length = fired.shape[:2]
         rows = RowSet(batch, length, sparse=length > 1 and fired.device.type == "cpu")
-        atoms = self._atoms(fired, scores, roles)
-        for part in [p for group in atoms for p in group] + ([] if mask is None else [mask.unsqueeze(-1)]):
+        parts = [fired] + self._scopes(roles)
+        if self.atoms.compared and rows.sparse:
+            # comparisons are evaluated at the evaluated rows only; a CE's comparisons can only change where its
+            # score is at or above its lowest compared constant, at that token or the one before
+            near = _any_last(kernels.at_least(scores, self.atoms.lowest, self.atoms.lowest32))
+            rows.note(near | F.pad(near, (1, 0))[:, :-1])
+        for part in parts + ([] if mask is None else [mask.unsqueeze(-1)]):
             rows.note_changes(part)
-        flat = batch * length
-        taken = [torch.cat([rows.take(p.reshape(flat, -1)) for p in group], dim=1) for group in atoms]
-        taken[0] = taken[0].index_select(1, self.atoms.fired)   # the CEs the rules read, of all of `fired`
-        for i, group in enumerate(self.atoms.compared, start=1):
-            taken[i] = taken[i].index_select(1, group.columns)
+        taken = [rows.take_grid(parts[0]).index_select(1, self.atoms.fired)]
+        if self.atoms.compared:
+            at_rows = rows.take_grid(scores)
+            taken += [torch.cat(group(at_rows), dim=1).index_select(1, group.columns)
+                      for group in self.atoms.compared]
+        taken += [rows.take_grid(p) for p in parts[1:]]
         values = _Values(self.width, taken[0].shape[0], fired.device)
         values.set(1, torch.cat(taken, dim=1))
         views = _Views(mask, roles, batch, length, fired.device)
@@ -491,19 +514,17 @@ class RuleProgram:
             for part in stage:
                 if isinstance(part, _Gates):
                     values.gates(part)
-        holds = rows.repeat(values.columns(self.outputs)).view(batch, length, -1)
-        if mask is not None:
-            holds &= mask.unsqueeze(-1)
-        return holds, RuleState(tuple(tensors))
+        holds = values.columns(self.outputs)
+        if mask is not None:   # the mask is constant between evaluated rows
+            holds &= rows.take_grid(mask.unsqueeze(-1))
+        rows.expand_into(holds, into)
+        return RuleState(tuple(tensors))
 
-    def _atoms(self, fired: Tensor, scores: Tensor | None, roles: Tensor | None) -> list[list[Tensor]]:
-        """Groups of bool [B, T, n] parts: every CE fired (the program reads `atoms.fired` of them), each
-        comparison operator's layers, the token scopes."""
-        a = self.atoms
-        groups = [[fired], *(group(scores) for group in a.compared)]
-        if a.scopes.shape[0]:
-            groups.append([((a.scopes >> roles.long().unsqueeze(-1)) & 1).bool()])
-        return groups
+    def _scopes(self, roles: Tensor | None) -> list[Tensor]:
+        """The token-scope atoms, bool [B, T, n_s] (none when the rules use no scope)."""
+        if not self.atoms.scopes.shape[0]:
+            return []
+        return [((self.atoms.scopes >> roles.long().unsqueeze(-1)) & 1).bool()]
 
     def _counts(self, part: _Counts, values: _Values, rows: RowSet, views: _Views, tensors: list[Tensor]) -> Tensor:
         shape = (*views.shape, -1)
@@ -569,8 +590,8 @@ class RowSet:
     def __init__(self, batch: int, length: int, sparse: bool) -> None:
         self.batch, self.length, self.sparse = batch, length, sparse
         self.changed: Tensor | None = None
-        self.index: Tensor | None = None     # long [n]: the evaluated rows
-        self.position: Tensor | None = None  # long [rows]: the evaluated row each row repeats
+        self._index: Tensor | None = None
+        self._position: Tensor | None = None
 
     def note_changes(self, columns: Tensor) -> None:
         """Add the rows where any of `columns` ([rows, k] or [B, T, k]) differs from the token before."""
@@ -579,9 +600,28 @@ class RowSet:
         grid = _words(columns.reshape(self.batch, self.length, -1))
         changed = torch.ones(self.batch, self.length, dtype=torch.bool, device=columns.device)
         changed[:, 1:] = (grid[:, 1:] != grid[:, :-1]).any(-1)
-        self.changed = changed.view(-1) if self.changed is None else self.changed | changed.view(-1)
-        self.index = self.changed.nonzero().squeeze(1)
-        self.position = self.changed.long().cumsum(0) - 1
+        self.note(changed)
+
+    def note(self, rows: Tensor) -> None:
+        """Add the rows where bool `rows` [B, T] holds."""
+        if not self.sparse:
+            return
+        self.changed = rows.reshape(-1) if self.changed is None else self.changed | rows.reshape(-1)
+        self._index = self._position = None
+
+    @property
+    def index(self) -> Tensor:
+        """long [n]: the evaluated rows."""
+        if self._index is None:
+            self._index = self.changed.nonzero().squeeze(1)
+        return self._index
+
+    @property
+    def position(self) -> Tensor:
+        """long [rows]: the evaluated row each row repeats."""
+        if self._position is None:
+            self._position = self.changed.long().cumsum(0) - 1
+        return self._position
 
     def bounds(self) -> tuple[Tensor, Tensor]:
         """Evaluated-row positions of each sequence's first and last token."""
@@ -613,22 +653,28 @@ class RowSet:
         before = self.position
         self.changed = self.changed.clone()
         self.changed[new_rows] = True
-        self.index = self.changed.nonzero().squeeze(1)
-        self.position = self.changed.long().cumsum(0) - 1
+        self._index = self._position = None
         return before.index_select(0, self.index)
+
+    def take_grid(self, grid: Tensor) -> Tensor:
+        """The evaluated rows of a [B, T, k] tensor, as [n, k] (no copy of the whole grid)."""
+        if not self.sparse:
+            return grid.reshape(self.batch * self.length, -1)
+        return grid[self.index // self.length, self.index % self.length]
 
     def take(self, full: Tensor) -> Tensor:
         """The evaluated rows of a full [rows, k] tensor."""
         return full if not self.sparse else full.index_select(0, self.index)
 
-    def repeat(self, taken: Tensor) -> Tensor:
-        """Like `full`, by run lengths (faster when every evaluated row is wanted)."""
+    def expand_into(self, taken: Tensor, out: Tensor) -> None:
+        """Write `full(taken)` into `out` ([B, T, k]; contiguous or not)."""
+        flat = out.view(self.batch * self.length, -1) if out.is_contiguous() else None
         if not self.sparse:
-            return taken
-        following = torch.empty_like(self.index)
-        following[:-1] = self.index[1:]
-        following[-1:] = self.batch * self.length
-        return taken.repeat_interleave(following - self.index, dim=0)
+            out.copy_(taken.view(out.shape))
+        elif flat is not None:
+            torch.index_select(taken, 0, self.position, out=flat)
+        else:
+            out.copy_(taken.index_select(0, self.position).view(out.shape))
 
     def full(self, taken: Tensor) -> Tensor:
         """A full [rows, k] tensor from its evaluated rows (each row repeats the last evaluated one)."""
@@ -680,6 +726,12 @@ class _Values:
         data = torch.empty(self.data.shape[0], source.shape[0], dtype=self.data.dtype, device=self.data.device)
         data[:self.filled] = self.data[:self.filled].index_select(1, source)
         self.data = data
+
+
+def _any_last(x: Tensor) -> Tensor:
+    """`x.any(-1)` for bool x, a word at a time."""
+    words = _words(x)
+    return words.any(-1) if words.dtype == torch.bool else (words != 0).any(-1)
 
 
 def _words(x: Tensor) -> Tensor:
@@ -778,13 +830,20 @@ def _assemble(low: _Lowering, rule_names: tuple[str, ...], roots: list[int], ce_
         if keys:
             groups.append(kernels.Comparisons.build(op, [c for c, _, _ in keys], [v for _, _, v in keys],
                                                     len(ce_names)))
+    lowest = torch.full((len(ce_names),), torch.inf, dtype=torch.float64)
+    for c, _, v in compared:
+        lowest[c] = min(float(lowest[c]), v)
     atoms = _Atoms(fired=torch.tensor(fired, dtype=torch.long), compared=tuple(groups),
-                   scopes=torch.tensor([low.nodes[r].key[0] for r in by_kind["scope"]], dtype=torch.long))
+                   scopes=torch.tensor([low.nodes[r].key[0] for r in by_kind["scope"]], dtype=torch.long),
+                   lowest=lowest, lowest32=kernels.float32_bounds(">=", lowest))
     shapes: list[tuple[str, tuple[int, ...], torch.dtype, float]] = []
     stages = []
-    depths = sorted({low.nodes[r].depth for r in order if low.nodes[r].kind in ("gate", "count", "score")})
-    for depth in depths:
-        at_depth = [r for r in order if low.nodes[r].depth == depth]
+    by_depth: dict[int, list[int]] = {}
+    for r in order:
+        if low.nodes[r].kind in ("gate", "count", "score"):
+            by_depth.setdefault(low.nodes[r].depth, []).append(r)
+    for depth in sorted(by_depth):
+        at_depth = by_depth[depth]
         parts: list[object] = []
         groups: dict[tuple, list[int]] = {}
         for r in at_depth:
@@ -805,11 +864,11 @@ def _assemble(low: _Lowering, rule_names: tuple[str, ...], roots: list[int], ce_
         gates = [r for r in at_depth if low.nodes[r].kind == "gate"]
         if gates:
             arity = max(len(low.nodes[r].key[0]) for r in gates)
-            inputs = torch.zeros(len(gates), arity, dtype=torch.long)
-            weights = torch.zeros(len(gates), arity)
-            for j, r in enumerate(gates):
-                for i, (ref, w) in enumerate(low.nodes[r].key[0]):
-                    inputs[j, i], weights[j, i] = column[ref], float(w)
+            terms = [low.nodes[r].key[0] for r in gates]
+            inputs = torch.tensor([[column[ref] for ref, _ in t] + [0] * (arity - len(t)) for t in terms],
+                                  dtype=torch.long).view(len(gates), arity)
+            weights = torch.tensor([[float(w) for _, w in t] + [0.0] * (arity - len(t)) for t in terms]
+                                   ).view(len(gates), arity)
             parts.append(_Gates(width, inputs, weights,
                                 torch.tensor([float(low.nodes[r].key[1]) for r in gates])))
             for r in gates:

@@ -45,6 +45,11 @@ def float32_bounds(op: str, thresholds: Tensor) -> Tensor:
     return above
 
 
+def at_least(scores: Tensor, bound: Tensor, bound32: Tensor) -> Tensor:
+    """scores >= bound (per CE, the last dim), exact for float32 scores through `bound32`."""
+    return scores >= bound if scores.dtype == torch.float64 else scores.float() >= bound32
+
+
 @dataclass(frozen=True, slots=True)
 class Comparisons:
     """Scores compared with constants by one operator, every CE at once: layer l holds each CE's l-th threshold
@@ -245,14 +250,19 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
     batch, longest, k = history.shape
     device = x.device
     span = longest + int(segments.count.max()) + 2 if segments.count.numel() else longest + 2
-    # change events per (column, sequence): every history change (the oldest slot always), every run change
+    # change events per (column, sequence): every history change (the oldest slot always), every run change;
+    # a (sequence, column) whose input is the same value throughout history and chunk is "still": its count is
+    # constant and needs no events
     h_change = torch.ones_like(history)
     h_change[:, 1:] = history[:, 1:] != history[:, :-1]
-    hb, hj, hk = h_change.nonzero(as_tuple=True)
     first_run = torch.ones_like(segments.sequence, dtype=torch.bool)
     first_run[1:] = segments.sequence[1:] != segments.sequence[:-1]
     before = torch.where(first_run.unsqueeze(1), history[segments.sequence, -1], x.roll(1, 0))
     ri, rk = (x != before).nonzero(as_tuple=True)
+    moving = h_change[:, 1:].any(1)
+    moving[segments.sequence[ri], rk] = True
+    h_change &= moving.unsqueeze(1)
+    hb, hj, hk = h_change.nonzero(as_tuple=True)
     ev_b = torch.cat([hb, segments.sequence[ri]])
     ev_k = torch.cat([hk, rk])
     ev_pos = torch.cat([hj - longest, segments.start[ri]])
@@ -289,8 +299,7 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
     spawn_b = ev_b[keep].repeat_interleave(spread, output_size=total)
     spawn_k = ev_k[keep].repeat_interleave(spread, output_size=total)
     live = (spawn_pos >= 0) & (spawn_pos < segments.count[spawn_b])
-    init_b = torch.arange(batch, device=device).repeat(k)
-    init_k = torch.arange(k, device=device).repeat_interleave(batch)
+    init_b, init_k = moving.T.nonzero(as_tuple=True)[::-1]     # (sequence, column), column-major
     step_b = torch.cat([init_b, spawn_b[live]])
     step_k = torch.cat([init_k, spawn_k[live]])
     step_pos = torch.cat([torch.zeros_like(init_b), spawn_pos[live]])
@@ -301,10 +310,15 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
     counts = cumulative(step_group, hi) - cumulative(step_group, hi - window[step_k])
     inside = step_pos < segments.count[step_b]
     value = _compare_per_row(counts, table, threshold, step_k) & inside
-    # the steps that set a value: each group's first, then wherever the value changes
+    # the steps that set a value: each group's first, then wherever the value changes; still groups hold the
+    # count of a constant input over a full window from the first view token on
     changed = torch.ones_like(value)
     changed[1:] = (value[1:] != value[:-1]) | (step_group[1:] != step_group[:-1])
     changed &= inside
+    still_k, still_b = (~moving).T.nonzero(as_tuple=True)
+    still_count = history[still_b, 0, still_k].long() * window[still_k]
+    still_value = _compare_per_row(still_count, table, threshold, still_k)
+    still_inside = segments.count[still_b] > 0
     # new history: the input at the last `longest` view positions of each sequence (older ones: the old history)
     tail = segments.count.unsqueeze(1) - longest + torch.arange(longest, device=device)   # [B, Nmax]
     older = history.gather(1, (tail + longest).clamp(0, longest - 1).unsqueeze(-1).expand(-1, -1, k))
@@ -317,7 +331,10 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
         new_history = torch.where((tail >= 0).unsqueeze(-1), newer, older)
     else:
         new_history = older
-    return (WindowChanges(step_b[changed], step_pos[changed], step_k[changed], value[changed]), new_history)
+    return (WindowChanges(torch.cat([step_b[changed], still_b[still_inside]]),
+                          torch.cat([step_pos[changed], torch.zeros_like(still_b[still_inside])]),
+                          torch.cat([step_k[changed], still_k[still_inside]]),
+                          torch.cat([value[changed], still_value[still_inside]])), new_history)
 
 
 def _compare_per_row(x: Tensor, table: Tensor, threshold: Tensor, column: Tensor) -> Tensor:

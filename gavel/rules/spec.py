@@ -91,21 +91,44 @@ def _char_indices(text: str, node: yaml.Node | None, value: object) -> tuple[int
     return tuple(out)
 
 
-def _yaml_scalars(text: str, node: yaml.Node | None, path: PathKey = ()) -> dict[PathKey, tuple[int, ...]]:
-    """Per string value of the document (by path): the index of each of its characters, where they align."""
-    out: dict[PathKey, tuple[int, ...]] = {}
-    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
-        chars = _char_indices(text, node, node.value)
-        if chars is not None:
-            out[path] = chars
-    elif isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode):
-                out.update(_yaml_scalars(text, value, (*path, key.value)))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out.update(_yaml_scalars(text, item, (*path, i)))
-    return out
+class _YamlScalars(Mapping):
+    """Per string value of a YAML document (by path): the index of each of its characters, where they align;
+    computed on first use, since only errors and `fmt` need them."""
+
+    def __init__(self, text: str, node: yaml.Node | None) -> None:
+        self.text = text
+        self.nodes: dict[PathKey, yaml.ScalarNode] = {}
+        self._found: dict[PathKey, tuple[int, ...] | None] = {}
+        self._collect(node, ())
+
+    def _collect(self, node: yaml.Node | None, path: PathKey) -> None:
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+            self.nodes[path] = node
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    self._collect(value, (*path, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._collect(item, (*path, i))
+
+    def _chars(self, path: PathKey) -> tuple[int, ...] | None:
+        if path not in self._found:
+            node = self.nodes.get(path)
+            self._found[path] = None if node is None else _char_indices(self.text, node, node.value)
+        return self._found[path]
+
+    def __getitem__(self, path: PathKey) -> tuple[int, ...]:
+        chars = self._chars(path)
+        if chars is None:
+            raise KeyError(path)
+        return chars
+
+    def __iter__(self):
+        return (path for path in self.nodes if self._chars(path) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _read(path: Path, errors: list[RuleError]) -> _Document | None:
@@ -124,7 +147,7 @@ def _read(path: Path, errors: list[RuleError]) -> _Document | None:
         errors.append(e)
         return None
     values, keys, duplicates = index_document(node)
-    return _Document(text, data, values, keys, _yaml_scalars(text, node), tuple(duplicates))
+    return _Document(text, data, values, keys, _YamlScalars(text, node), tuple(duplicates))
 
 
 # --- validation errors, located ---------------------------------------------------------------------------------
