@@ -358,7 +358,8 @@ class _Gates:
 @dataclass(frozen=True, slots=True)
 class _Counts:
     start: int
-    view: int
+    view: int              # windowed: the view of every column (-1 for running counts, which use `views`)
+    views: Tensor          # long [K]: each column's view
     windowed: bool
     latch: bool            # every column is an unbounded `once`
     slot: int              # index of its state tensor
@@ -529,21 +530,20 @@ class RuleProgram:
     def _counts(self, part: _Counts, values: _Values, rows: RowSet, views: _Views, tensors: list[Tensor]) -> Tensor:
         shape = (*views.shape, -1)
         x = rows.full(values.columns(part.x)).view(shape)
-        view = views.mask(part.view)
         if part.windowed:
             out, tensors[part.slot] = kernels.windowed_count(x, tensors[part.slot], part.window, part.exclude,
-                                                             part.table, part.threshold, view,
+                                                             part.table, part.threshold, views.mask(part.view),
                                                              views.packing(part.view))
         else:
-            out, tensors[part.slot] = kernels.running_count(x, view, tensors[part.slot], part.exclude,
-                                                            part.table, part.threshold)
+            out, tensors[part.slot] = kernels.running_count(x, views.per_column(part.views), tensors[part.slot],
+                                                            part.exclude, part.table, part.threshold, part.latch)
         return out
 
     def _latches(self, part: _Counts, values: _Values, rows: RowSet, views: _Views, tensors: list[Tensor]) -> None:
         """Unbounded `once` on the evaluated rows only: a latch of an input that only changes at evaluated rows
         (its view included) only changes there too."""
         x = values.columns(part.x)
-        view = rows.take(views.mask(part.view).reshape(-1, 1))
+        view = views.per_column(part.views, rows)
         hit = (x & view).to(torch.int32)
         sums = hit.cumsum(0, dtype=torch.int32)
         firsts, lasts = rows.bounds()
@@ -715,7 +715,7 @@ class _Values:
     def gates(self, part: _Gates) -> None:
         n, arity = part.inputs.shape
         gathered = self.data.index_select(0, part.inputs.view(-1)).view(n, arity, self.rows)
-        total = (gathered * part.weights.unsqueeze(-1)).sum(1)
+        total = torch.bmm(part.weights.unsqueeze(1), gathered).squeeze(1)
         self.data[part.start:part.start + n] = total >= part.threshold.unsqueeze(-1)
         self.filled = max(self.filled, part.start + n)
 
@@ -753,6 +753,7 @@ class _Views:
         self.valid, self.roles, self.shape, self.device = mask, roles, (batch, length), device
         self._masks: dict[int, Tensor] = {}
         self._packings: dict[int, kernels.Packing | None] = {}
+        self._at: tuple | None = None
 
     def dense(self, bits: int) -> bool:
         return self.valid is None and bits == EVERY
@@ -765,6 +766,21 @@ class _Views:
                 valid = valid & ((bits >> self.roles.long()) & 1).bool()
             self._masks[bits] = valid
         return self._masks[bits]
+
+    def per_column(self, bits: Tensor, rows: RowSet | None = None) -> Tensor:
+        """The view of each column (its scope bits): bool [B, T, K], or [n, K] at the evaluated `rows`."""
+        key = None if rows is None else rows.index
+        if self._at is None or self._at[0] is not key:   # the valid flags and roles of these rows, once
+            at = (lambda grid: grid) if rows is None else rows.take_grid
+            shape = self.shape if rows is None else (rows.index.shape[0],)
+            valid = (at(self.valid.unsqueeze(-1)) if self.valid is not None else
+                     torch.ones(*shape, 1, dtype=torch.bool, device=self.device))
+            roles = None if self.roles is None else at(self.roles.long().unsqueeze(-1))
+            self._at = (key, valid, roles)
+        _, valid, roles = self._at
+        if roles is None:   # no scopes in the rules: every view is every valid token
+            return valid.expand(*valid.shape[:-1], bits.shape[0])
+        return valid & ((bits >> roles) & 1).bool()
 
     def packing(self, bits: int) -> kernels.Packing | None:
         if bits not in self._packings:
@@ -849,7 +865,8 @@ def _assemble(low: _Lowering, rule_names: tuple[str, ...], roots: list[int], ce_
         for r in at_depth:
             node = low.nodes[r]
             if node.kind == "count":
-                groups.setdefault(("count", node.key[0], node.key[1] is not None), []).append(r)
+                windowed = node.key[1] is not None   # windows pack their view's tokens; running counts mix views
+                groups.setdefault(("count", node.key[0] if windowed else -1, windowed), []).append(r)
             elif node.kind == "score":
                 groups.setdefault(("score", *node.key[:3]), []).append(r)
         for group_key, refs in groups.items():
@@ -893,7 +910,8 @@ def _counts(low: _Lowering, refs: list[int], column: dict[int, int], start: int,
     shapes.append(("history", (longest, len(refs)), torch.bool, False) if windowed else
                   ("count", (len(refs),), torch.long, 0))
     latch = not windowed and all(not k[3] and k[4:] == (">=", 1) for k in keys)
-    return _Counts(start=start, view=view, windowed=windowed, latch=latch, slot=slot,
+    return _Counts(start=start, view=view, views=torch.tensor([k[0] for k in keys], dtype=torch.long),
+                   windowed=windowed, latch=latch, slot=slot,
                    x=torch.tensor([column[k[2]] for k in keys], dtype=torch.long),
                    window=torch.tensor([k[1] or 0 for k in keys], dtype=torch.long),
                    exclude=torch.tensor([k[3] for k in keys], dtype=torch.bool),

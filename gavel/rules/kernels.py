@@ -130,12 +130,20 @@ def windowed_count(x: Tensor, history: Tensor, window: Tensor, exclude: Tensor, 
 
 
 def running_count(x: Tensor, view: Tensor, total: Tensor, exclude: Tensor, table: Tensor,
-                  threshold: Tensor) -> tuple[Tensor, Tensor]:
-    """`windowed_count` without a window: over every view token so far. total: long [B, K], the count so far."""
-    seen = x & view.unsqueeze(-1)
-    through = total.unsqueeze(1) + seen.to(torch.int32).cumsum(1, dtype=torch.int32)
-    counts = torch.where(exclude, through - seen.to(torch.int32), through)
-    out = compare(counts, table, threshold) & view.unsqueeze(-1)
+                  threshold: Tensor, latch: bool = False) -> tuple[Tensor, Tensor]:
+    """`windowed_count` without a window: over every view token so far. view: bool [B, T] or per column
+    [B, T, K]; total: long [B, K], the count so far; `latch`: every column is `count >= 1` (once)."""
+    inside = view if view.dim() == 3 else view.unsqueeze(-1)
+    seen = (x & inside).to(torch.int32)
+    if x.shape[1] == 1:   # a decoding step
+        through = total.unsqueeze(1).to(torch.int32) + seen
+    else:
+        through = total.unsqueeze(1) + seen.cumsum(1, dtype=torch.int32)
+    if latch:
+        out = (through > 0) & inside
+    else:
+        counts = torch.where(exclude, through - seen, through)
+        out = compare(counts, table, threshold) & inside
     return out, through[:, -1].to(total.dtype) if x.shape[1] else total
 
 
@@ -232,10 +240,10 @@ class WindowChanges:
         """bool [rows, columns] over evaluated rows, given each change's evaluated row `at` (rows in order, the
         first of each sequence holding a change of every column)."""
         value = torch.zeros(rows, columns, dtype=torch.bool, device=at.device)
-        setter = torch.full((rows, columns), -1, dtype=torch.long, device=at.device)
+        setter = torch.full((rows, columns), -1, dtype=torch.int32, device=at.device)
         value[at, self.column] = self.value
-        setter[at, self.column] = at
-        return value.gather(0, setter.cummax(0).values.clamp(min=0))
+        setter[at, self.column] = at.to(torch.int32)
+        return value.gather(0, setter.cummax(0).values.clamp(min=0).long())
 
 
 def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window: Tensor, exclude: Tensor,
