@@ -283,8 +283,9 @@ class Session:
                 event = Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
                               severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
                               sequence=first_sequence + i, token_index=t, token=tokens[t], ces=ces)
-                text = self.m.calls[r].text
-                if text is not None and self.m.action_names[r] != "block":
+                text = self.m.calls[r].text if self.m.action_names[r] != "block" else None
+                text = text if text is not None else rule.message   # a note kept with any action's events
+                if text is not None:
                     scores_now = {n: round(float(row_scores[t, j]), 4) for j, n in enumerate(names)}
                     event = dataclasses.replace(event, message=render_message(text, event, scores_now))
                 events.append(event)

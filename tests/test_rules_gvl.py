@@ -46,14 +46,14 @@ def at(text: str, needle: str, nth: int = 0) -> int:
 
 def test_the_example_pack_reads_as_its_yaml_twin():
     doc = read_gvl(EXAMPLES / "safety.gvl")
-    assert doc.data == yaml.safe_load((EXAMPLES / "safety.yaml").read_text())
+    assert doc.data == yaml.safe_load((EXAMPLES / "yaml" / "safety.yaml").read_text())
     assert doc.data["rules"][1]["exceptions"] == [
         {"name": "refused", "condition": "refusal in response", "reason": "the model already refused"}]
     assert doc.data["params"] == {"harm_threshold": 0.8, "burst": 3} and isinstance(doc.data["params"]["burst"], int)
 
 
 def test_the_example_packs_load_to_equal_rules():
-    from_gvl, from_yaml = load_rules(EXAMPLES / "safety.gvl"), load_rules(EXAMPLES / "safety.yaml")
+    from_gvl, from_yaml = load_rules(EXAMPLES / "safety.gvl"), load_rules(EXAMPLES / "yaml" / "safety.yaml")
     assert [r.name for r in from_gvl] == ["stop_harmful_answer", "roleplay_jailbreak", "pressure", "alarming_burst"]
     assert [r.model_dump() for r in from_gvl] == [r.model_dump() for r in from_yaml]
     assert from_gvl[0].pack.spec == from_yaml[0].pack.spec
