@@ -2,9 +2,11 @@
 
 Lowering turns every rule into a shared graph of four node kinds: token atoms (a CE fired, a score compared, a
 token's scope), threshold gates `sum(w * inputs) >= t` (and, or, not, k of), windowed counts (once, then, for,
-count) and score aggregates (max, min, mean). Conversation-mode rules wrap their leaves in `once` (see
-docs/rules.md). The program evaluates the graph stage by stage, every stage batched over all its nodes, on the
-device of the inputs, and never syncs the host.
+count; `max`/`min` against a bound become counts of comparisons) and score aggregates (mean, and max/min
+compared for equality). Conversation-mode rules wrap their leaves in `once` (see docs/rules.md). The program
+evaluates the graph stage by stage, every stage batched over all its nodes, on the device of the inputs. On an
+accelerator every token is evaluated and the host is never synced; on the CPU only the tokens where some input
+changes are (`RowSet`), with window kernels that work on the changes (kernels.sparse_windowed_count).
 """
 from __future__ import annotations
 
