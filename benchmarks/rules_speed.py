@@ -1,11 +1,11 @@
-"""How fast rules load, compile and run on this CPU, on one torch thread.
+"""How fast rules load, compile and run on this CPU (one torch thread unless --threads).
 
 Targets: load (YAML + validation + condition parsing) and compile 1,000 generated rules in <= 2 s;
 `RuleProgram.run` evaluates 100 rules at >= 1M token-steps/s (batch 64, 15,625 tokens each, 64 CEs).
 Two rule families: GAVEL conditions (groups, selectors, and/or; conversation mode) and the temporal language
 (comparisons, not, once/then/for/count/max windows, scopes, both modes). Also timed: token-by-token `step`
 (batch 64), the monitor's decoding path.
-Usage: python benchmarks/rules_speed.py [--rules 1000] [--eval-rules 100] [--steps 1000000] [--batch 64]
+Usage: python benchmarks/rules_speed.py [--rules 1000] [--eval-rules 100] [--steps 1000000] [--batch 64] [--threads 1]
 Each measurement is the median of --repeats runs (the condition parse cache is cleared before each load).
 Writes benchmarks/results/rules_speed.json.
 """
@@ -112,9 +112,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--fire-rate", type=float, default=2e-4, help="chance a CE fires at a token")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (this machine has 2 cores)")
     parser.add_argument("--out", default="benchmarks/results/rules_speed.json")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     ces = [f"ce_{j:03d}" for j in range(args.ces)]
     parse_condition("warm and up")  # builds the Lark parser once, as any process does on first use
 
@@ -131,10 +132,10 @@ def main() -> None:
         load_s, rules = _median_seconds(load, args.repeats)
     compile_s, _ = _median_seconds(lambda: compile_rules(rules, ces), args.repeats)
     build_s = load_s + compile_s
-    result = {"threads": 1, "build": {"rules": len(rules), "load_seconds": round(load_s, 3),
+    result = {"threads": args.threads, "build": {"rules": len(rules), "load_seconds": round(load_s, 3),
                                       "compile_seconds": round(compile_s, 3), "seconds": round(build_s, 3),
                                       "time_ratio_to_2s_target": round(build_s / 2.0, 3)}}
-    print(f"torch threads: 1 (torch {torch.__version__})")
+    print(f"torch threads: {args.threads} (torch {torch.__version__})")
     print(f"load {len(rules)} rules (half GAVEL, half temporal): {load_s:.3f} s (YAML + validation + parsing), "
           f"compile: {compile_s:.3f} s; total {build_s:.3f} s = {build_s / 2.0:.2f} of the 2 s target")
 
