@@ -258,6 +258,7 @@ class Session:
         valid = torch.cat(self.valid, 1).cpu()
         scores = torch.sigmoid(torch.cat(self.scores, 1)).cpu()
         ids = torch.cat(self.ids, 1).cpu()
+        special = self.m.special_ids.cpu()
         holds = torch.cat(self.holds, 1).cpu()
         blocked, failed = self.blocked.cpu(), self.failed.cpu()
         tok = self.m.handle.tokenizer
@@ -269,6 +270,7 @@ class Session:
             h = holds[i][v]                                     # [T_i, R]
             row_scores = scores[i][v]
             row_ids = ids[i][v]
+            seen = row_scores * ~torch.isin(row_ids, special).unsqueeze(-1)   # as the rules saw them
             tokens = tok.convert_ids_to_tokens(row_ids.tolist())
             roles = torch.full((len(tokens),), 3, dtype=torch.uint8)
             roles[: prompt_lengths[i]] = prompt_roles[i][: len(tokens)]
@@ -278,15 +280,15 @@ class Session:
                 if len(hits) == 0:
                     continue
                 t = int(hits[0])
-                ces = {n: round(float(row_scores[t, j]), 4) for n in rule.ce_names if n in names
-                       and row_scores[t, j := names.index(n)] > thresholds[j]}
+                ces = {n: round(float(seen[t, j]), 4) for n in rule.ce_names if n in names
+                       and seen[t, j := names.index(n)] > thresholds[j]}
                 event = Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
                               severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
                               sequence=first_sequence + i, token_index=t, token=tokens[t], ces=ces)
                 text = self.m.calls[r].text if self.m.action_names[r] != "block" else None
                 text = text if text is not None else rule.message   # a note kept with any action's events
                 if text is not None:
-                    scores_now = {n: round(float(row_scores[t, j]), 4) for j, n in enumerate(names)}
+                    scores_now = {n: round(float(seen[t, j]), 4) for j, n in enumerate(names)}
                     event = dataclasses.replace(event, message=render_message(text, event, scores_now))
                 events.append(event)
             events.sort(key=lambda e: (e.token_index, -PRECEDENCE.get(e.action, 0)))

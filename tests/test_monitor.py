@@ -1,5 +1,6 @@
 """The monitor inside generate(): offline-equal scores, batch independence, blocking, hook hygiene."""
 import pytest
+import rules_reference
 import torch
 
 from gavel.errors import GavelError
@@ -134,3 +135,50 @@ def test_a_scoring_exception_follows_the_policy(organism, organism_bank):
         assert result.shape[1] >= 4
         assert session.errors and session.errors[0].startswith(f"head on {head.sites[0]}")
         assert bool(session.failed[0]) and bool(session.blocked[0]) is blocked
+
+
+TEMPORAL_RULES = [
+    rule("harm_from_user", {"harm": ["threat", "weapons", "fraud", "self_harm", "hate"]}, "1 of harm in user",
+         match="token"),
+    rule("refusing", {}, "refusal in response", match="token"),
+    rule("harm_then_refusal", {}, "harmful_request then refusal within 40 tokens", match="token"),
+    rule("repeated_harm", {}, "count(harmful_request) >= 2 within 12 tokens"),
+    rule("confident_refusal", {}, "max(refusal) over 3 tokens > 0.9 in response"),
+    rule("not_yet_refused", {}, "once harmful_request and not once refusal", match="token"),
+    rule("quiet_prompt", {"harm": ["threat", "weapons"]}, "not any of harm in prompt", match="token"),
+]
+
+
+@pytest.mark.parametrize("mode", ["generate", "scan"])
+def test_temporal_and_scoped_rules_fire_where_the_reference_says(organism, organism_bank, mode):
+    """The monitor passes fired flags, scores and token classes (roles, response) as the rules define them: its
+    events are the first firings the reference evaluator finds on the same per-token scores."""
+    monitor = Monitor(organism, organism_bank, TEMPORAL_RULES)
+    if mode == "generate":
+        results = monitor.generate(PROMPTS, max_new_tokens=24, do_sample=False)
+    else:
+        replies = generate_replies(organism, PROMPTS, max_new_tokens=24)
+        results = monitor.scan([[*p, {"role": "assistant", "content": r}] for p, r in zip(PROMPTS, replies)])
+    special = torch.tensor(organism.tokenizer.all_special_ids)
+    names, thresholds = organism_bank.names, organism_bank.thresholds
+    fired_any = set()
+    for r in results:
+        content = ~torch.isin(r.token_ids, special)
+        scores = (r.scores * content.unsqueeze(-1)).double()
+        classes = r.roles.long().clone()
+        if mode == "generate":
+            classes[r.prompt_length:] = 3 + 4
+        else:
+            last_other = max(i for i, c in enumerate(classes.tolist()) if c in (1, 2))
+            classes[last_other + 1:] += 4 * (classes[last_other + 1:] == 3)
+        fired = (scores > thresholds.double()) & content.unsqueeze(-1)
+        holds = rules_reference.run(TEMPORAL_RULES, list(names), [fired.tolist()], None,
+                                    scores=[scores.tolist()], roles=[classes.tolist()])[0]
+        expected = {rule.name: next((t for t, row in enumerate(holds) if row[i]), None)
+                    for i, rule in enumerate(TEMPORAL_RULES)}
+        got = {e.rule: e.token_index for e in r.events}
+        assert got == {n: t for n, t in expected.items() if t is not None}
+        fired_any |= set(got)
+        for e in r.events:   # event CE values are what the rules saw (never a template token's raw score)
+            assert all(v > float(thresholds[names.index(n)]) for n, v in e.ces.items())
+    assert len(fired_any) >= 4   # the prompts exercise most of the rules
