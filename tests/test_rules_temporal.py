@@ -14,7 +14,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gavel.rules import RuleSpec, compile_rules, load_rules
+from gavel.rules import RuleSpec, compile_rules, compiler, load_rules
 from gavel.rules.ast import SCOPES, Aggregate, And, Compare, Name, Not, Once, Or, Scoped, Select, Span, Sustained, Then
 
 CES = ["a", "b", "c", "harm_x", "harm_y"]
@@ -568,3 +568,24 @@ def test_run_step_and_advance_match_the_reference(rules, ce_names, seed):
             raise AssertionError(f"{err}\nrules:\n{described}\nmacro m: {rules[0].macros['m'].condition}\n"
                                  f"groups: {rules[0].groups} list: {dict(rules[0].lists)}\nce_names: {ce_names}\n"
                                  f"fired={fired}\nscores={scores}\nroles={roles}\nmask={mask}") from None
+
+
+@settings(max_examples=60, deadline=None)
+@given(rule_sets(), st.permutations([*P_CES, "noise"]), st.integers(0, 2**32 - 1), st.sampled_from([1, 3, 7]))
+def test_chunked_evaluation_matches_the_reference(rules, ce_names, seed, tokens_per_chunk):
+    """Long inputs are evaluated in chunks of sequences and of tokens (state carried between them): shrink the chunk
+    budget so that the property traces cross chunk boundaries both ways."""
+    budget = compiler._CHUNK
+    compiler._CHUNK = tokens_per_chunk * 64   # the CPU path budgets 64 value columns per token
+    try:
+        program = compile_rules(rules, ce_names)
+        rng = random.Random(seed)
+        for _ in range(TRACES_PER_EXAMPLE):
+            fired, scores, roles, mask = random_trace(rng, ce_names)
+            expected = rules_reference.run(rules, ce_names, fired, mask, scores=scores, roles=roles)
+            fired_t, scores_t, roles_t, mask_t = tensors(fired, scores, roles, mask, len(ce_names))
+            inputs = {"scores": scores_t if program.needs_scores else None,
+                      "roles": roles_t if program.needs_roles else None}
+            assert program.run(fired_t, mask_t, **inputs).tolist() == expected
+    finally:
+        compiler._CHUNK = budget
