@@ -23,6 +23,9 @@ _EXPORTS = {
     "RuleSpec": "gavel.rules",
     "compile_rules": "gavel.rules",
     "Monitor": "gavel.monitor",
+    "Guard": "gavel.guard",
+    "GuardResult": "gavel.guard",
+    "AuditLog": "gavel.audit_log",
     "Event": "gavel.monitor",
     "GavelError": "gavel.errors",
 }

@@ -135,7 +135,7 @@ class Monitor:
         width = batch.input_ids.shape[1]
         for i, r in enumerate(results):
             r.generated = self.handle.tokenizer.decode(out[i, width:], skip_special_tokens=True).strip()
-            r.reply = self._reply(r)
+            r.reply = self.reply_for(r)
         return results
 
     @torch.no_grad()
@@ -153,7 +153,7 @@ class Monitor:
                                        first_sequence=start)
         return results
 
-    def _reply(self, result: Result) -> str:
+    def reply_for(self, result: Result) -> str:
         """The generated text, or for a blocked sequence the blocking rule's reply."""
         if not result.blocked:
             return result.generated

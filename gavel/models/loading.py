@@ -46,13 +46,18 @@ def load_model(spec: str | Path = "builtin:organism", *, backend: Backend = "hf"
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model {str(spec)!r}: {e}",
                              hint=None if local else "hub ids need network access; pass a local directory") from None
-    family = family_of(config)
-    auto = AutoModel if family == "bert" else AutoModelForCausalLM
+    auto = AutoModel if family_of(config) == "bert" else AutoModelForCausalLM
     kwargs = {"local_files_only": local}
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
     hf_model = auto.from_pretrained(source, **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    return wrap_model(hf_model, tokenizer, name=str(spec), backend=backend)
+
+
+def wrap_model(hf_model, tokenizer, *, name: str | None = None, backend: Backend = "hf") -> ModelHandle:
+    """A handle on a Hugging Face model and tokenizer you already have (what `load_model` returns)."""
+    family = family_of(hf_model.config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = hf_model
@@ -62,8 +67,9 @@ def load_model(spec: str | Path = "builtin:organism", *, backend: Backend = "hf"
         model = boot_bridge(hf_model, tokenizer)
     elif backend != "hf":
         raise ModelLoadError(f"unknown backend {backend!r}; expected 'hf' or 'lens'")
-    return ModelHandle(model=model, hf_model=hf_model, tokenizer=tokenizer, name=str(spec),
+    return ModelHandle(model=model, hf_model=hf_model, tokenizer=tokenizer,
+                       name=name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__,
                        family=family, backend=backend)
 
 
-__all__ = ["load_model", "resolve_spec", "FAMILIES", "BUILTIN_PREFIX"]
+__all__ = ["load_model", "wrap_model", "resolve_spec", "FAMILIES", "BUILTIN_PREFIX"]
