@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli_plugins import plugins_app
 from gavel.cli_rules import rules_app
 from gavel.errors import GavelError
 
@@ -20,6 +21,7 @@ app.add_typer(organism_app, name="organism")
 ce_app = typer.Typer(help="Fit, evaluate and inspect cognitive-element (CE) banks.", no_args_is_help=True)
 app.add_typer(ce_app, name="ce")
 app.add_typer(rules_app, name="rules")
+app.add_typer(plugins_app, name="plugins")
 
 
 @app.command()

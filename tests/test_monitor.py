@@ -182,3 +182,35 @@ def test_temporal_and_scoped_rules_fire_where_the_reference_says(organism, organ
         for e in r.events:   # event CE values are what the rules saw (never a template token's raw score)
             assert all(v > float(thresholds[names.index(n)]) for n, v in e.ces.items())
     assert len(fired_any) >= 4   # the prompts exercise most of the rules
+
+
+def test_every_decoding_step_runs_every_site_hook(organism, organism_bank, monkeypatch):
+    """The monitor is never silently blind: each forward of generate() (the prefill, then one per new token
+    fed back) runs the model hooks and every site hook exactly once."""
+    from gavel.monitor import Session
+
+    calls: dict[str, int] = {}
+    original = Session.site_hook
+
+    def counting(self, site):
+        hook = original(self, site)
+
+        def wrapped(act):
+            calls[site] = calls.get(site, 0) + 1
+            return hook(act)
+        return wrapped
+
+    monkeypatch.setattr(Session, "site_hook", counting)
+    monitor = Monitor(organism, organism_bank, RULES)
+    new = 12
+    with monitor.watch(1) as session:
+        from gavel.models.generation import prompt_batch
+
+        batch = prompt_batch(organism, PROMPTS[:1])
+        out = organism.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                         pad_token_id=organism.tokenizer.pad_token_id)
+    assert out.shape[1] - batch.input_ids.shape[1] == new
+    assert session.forwards == new          # the prefill, then each generated token but the last
+    assert set(calls) == set(monitor.sites) and all(n == new for n in calls.values())
+    assert sum(h.shape[1] for h in session.holds) == batch.input_ids.shape[1] + new - 1

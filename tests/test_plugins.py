@@ -105,3 +105,25 @@ def test_third_party_broken_and_duplicate_plugins(monkeypatch):
 def test_unknown_plugin_suggests_a_name():
     with pytest.raises(GavelError, match="did you mean 'block'"):
         registry_module.load_registry().get("actions", "blok")
+
+
+def test_plugins_list_shows_origins_and_problems(monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gavel.cli import app
+
+    clean = CliRunner().invoke(app, ["plugins", "list", "--json"])
+    assert clean.exit_code == 0
+    rows = {(p["group"], p["name"]): p for p in json.loads(clean.stdout)["plugins"]}
+    assert rows[("actions", "block")]["origin"] == "gavel (built-in)"
+    assert rows[("actions", "rotate")]["implemented"] is False
+    here = __name__
+    monkeypatch.setattr("importlib.metadata.entry_points", fake_entry_points(**{"gavel.actions": [
+        ("webhook", f"{here}:WebhookAction"), ("missing", "no_such_module_xyz:Action")]}))
+    with pytest.warns(UserWarning):
+        broken = CliRunner().invoke(app, ["plugins", "list"])
+    assert broken.exit_code == 1
+    assert "webhook" in broken.stdout and f"{here}:WebhookAction" in broken.stdout
+    assert "no_such_module_xyz" in broken.stdout

@@ -20,6 +20,7 @@ class Registry:
 
     plugins: dict[str, dict[str, object]] = field(default_factory=lambda: {g: {} for g in GROUPS})
     problems: list[str] = field(default_factory=list)
+    origins: dict[tuple[str, str], str] = field(default_factory=dict)   # (group, name) -> where it came from
 
     def add(self, group: str, name: str, obj: object, origin: str) -> None:
         problem = _problem(group, obj)
@@ -30,6 +31,7 @@ class Registry:
             warnings.warn(f"duplicate {group} plugin {name!r} from {origin}; keeping the first", stacklevel=2)
             return
         self.plugins[group][name] = obj
+        self.origins[(group, name)] = origin
 
     def get(self, group: str, name: str) -> object:
         found = self.plugins[group].get(name)
