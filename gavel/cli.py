@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from gavel.cli_audit import audit
 from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
 from gavel.cli_plugins import plugins_app
 from gavel.cli_rules import rules_app
@@ -22,6 +23,7 @@ ce_app = typer.Typer(help="Fit, evaluate and inspect cognitive-element (CE) bank
 app.add_typer(ce_app, name="ce")
 app.add_typer(rules_app, name="rules")
 app.add_typer(plugins_app, name="plugins")
+app.command()(audit)
 
 
 @app.command()

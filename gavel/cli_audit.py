@@ -1,0 +1,61 @@
+"""`gavel audit`: guard a model over a dataset of prompts or conversations and report what the rules flag."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+
+
+def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jsonl) or conversations (.json).")],
+          bank: Annotated[Path, typer.Option("--bank", "-b", help="A CE bank folder (gavel ce fit).")],
+          rules: Annotated[list[Path], typer.Option("--rules", "-r", help="Rule files or folders.")],
+          model: ModelOpt = "builtin:organism",
+          generate: Annotated[bool, typer.Option("--generate/--no-generate",
+                                                 help="Generate replies, or only read the conversations.")] = True,
+          max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
+          batch_size: Annotated[int, typer.Option(help="Conversations per forward batch.")] = 16,
+          sarif_out: Annotated[Optional[Path], typer.Option("--sarif", help="Also write SARIF 2.1.0 here.")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Audit a model: run every prompt or conversation through the guard; exit 1 when any rule fires."""
+    from gavel.audit import read_audit_data, run_audit, sarif
+    from gavel.guard import Guard
+    from gavel.models.loading import load_model
+
+    with user_errors():
+        items = read_audit_data(data)
+        handle = load_model(model)
+        guard = Guard(handle, bank, [str(r) for r in rules])
+        with progress_bar("auditing", len(items), enabled=not as_json) as advance:
+            report = run_audit(guard, items, generate=generate, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, progress=advance)
+    if sarif_out is not None:
+        sarif_out.write_text(json.dumps(sarif(report, guard.monitor.rules), indent=2) + "\n")
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        _print(report)
+    if report.violations:
+        raise typer.Exit(code=1)
+
+
+def _print(report) -> None:
+    table = Table(title=f"{len(report.items)} conversations, {report.violations} flagged ({report.model})")
+    for column in ("rule", "severity", "fires", "precision", "recall", "FPR", "AUC", "length-only AUC"):
+        table.add_column(column)
+
+    def fmt(x):
+        return "" if x is None else f"{x:.2f}"
+    for r in report.rules:
+        table.add_row(escape(r.rule), r.severity, str(r.fires), fmt(r.precision), fmt(r.recall), fmt(r.fpr),
+                      fmt(r.auc), fmt(r.length_auc))
+    console.print(table)
+    for item in report.items:
+        if item.verdict != "clean":
+            fired = ", ".join(f"{e['rule']}@{e['token_index']}" for e in item.events)
+            console.print(f"{escape(item.source)}:{item.line} {item.verdict}: {escape(fired)}", soft_wrap=True)
