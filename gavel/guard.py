@@ -7,12 +7,13 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from gavel.audit_log import AuditLog
+from gavel.errors import GavelError
 from gavel.models.batching import pad_sequences
 from gavel.models.chat import Conversation
 from gavel.models.generation import PromptBatch, prompt_batch
@@ -21,8 +22,6 @@ from gavel.monitor import Event, Monitor, Policy, Result, Session
 from gavel.plugins.actions import PRECEDENCE
 from gavel.plugins.registry import registry
 from gavel.probes.bank import CEBank
-
-VERDICTS = ("clean", *sorted(PRECEDENCE, key=PRECEDENCE.get))
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +123,7 @@ class Guard:
                 step = StreamStep(handle.tokenizer.decode(token[0]), int(token[0, 0]), index, tuple(fired))
                 index += 1
                 if bool(session.blocked[0]):
-                    yield _with(step, blocked=True)
+                    yield replace(step, blocked=True)
                     break
                 yield step
         result = self._finish(self._results(session, batch))[0]
@@ -205,8 +204,6 @@ def _as_batch(conversations) -> tuple[bool, list[Conversation]]:
 
 def _needs(tokenizer):
     if tokenizer is None:
-        from gavel.errors import GavelError
-
         raise GavelError("a Hugging Face model needs its tokenizer: Guard(model, bank, rules, tokenizer=...)")
     return tokenizer
 
@@ -216,9 +213,3 @@ def _cache_of(output) -> dict:
     if "cache" in output:
         return {"cache": output["cache"]}
     return {"past_key_values": output["past_key_values"]}
-
-
-def _with(step: StreamStep, **changes) -> StreamStep:
-    from dataclasses import replace
-
-    return replace(step, **changes)
