@@ -120,12 +120,26 @@ def _item(record: object, source: str, line: int) -> AuditItem:
 def run_audit(guard: Guard, items: Sequence[AuditItem], *, generate: bool = True, max_new_tokens: int = 64,
               batch_size: int = 16, progress: Callable[[int], None] | None = None) -> AuditReport:
     """Guard every item (generating a reply, or reading the conversation as it is) and summarise."""
+    results = guard_items(guard, items, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          progress=progress)
+    return summarise(guard, items, results, generate=generate)
+
+
+def guard_items(guard: Guard, items: Sequence[AuditItem], *, generate: bool = True, max_new_tokens: int = 64,
+                batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[GuardResult]:
+    """The guard's result for every item, in batches."""
     results: list[GuardResult] = []
     for start in range(0, len(items), batch_size):
         chunk = [item.conversation for item in items[start:start + batch_size]]
         results += guard.generate(chunk, max_new_tokens=max_new_tokens) if generate else guard.check(chunk)
         if progress is not None:
             progress(len(chunk))
+    return results
+
+
+def summarise(guard: Guard, items: Sequence[AuditItem], results: Sequence[GuardResult], *,
+              generate: bool) -> AuditReport:
+    """Per-item verdicts and per-rule statistics."""
     reports = [ItemReport(source=item.source, line=item.line, label=item.label, verdict=r.verdict,
                           tokens=len(r.record.tokens), reply=r.text, events=r.to_dict()["events"])
                for item, r in zip(items, results)]

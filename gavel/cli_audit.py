@@ -21,9 +21,11 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
           max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
           batch_size: Annotated[int, typer.Option(help="Conversations per forward batch.")] = 16,
           sarif_out: Annotated[Optional[Path], typer.Option("--sarif", help="Also write SARIF 2.1.0 here.")] = None,
+          html_out: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page "
+                                                                           "with per-token CE heat maps.")] = None,
           as_json: JsonOpt = False) -> None:
     """Audit a model: run every prompt or conversation through the guard; exit 1 when any rule fires."""
-    from gavel.audit import read_audit_data, run_audit, sarif
+    from gavel.audit import guard_items, read_audit_data, sarif, summarise
     from gavel.guard import Guard
     from gavel.models.loading import load_model
 
@@ -32,8 +34,13 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
         handle = load_model(model)
         guard = Guard(handle, bank, [str(r) for r in rules])
         with progress_bar("auditing", len(items), enabled=not as_json) as advance:
-            report = run_audit(guard, items, generate=generate, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, progress=advance)
+            results = guard_items(guard, items, generate=generate, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, progress=advance)
+        report = summarise(guard, items, results, generate=generate)
+    if html_out is not None:
+        from gavel.report.html import audit_html
+
+        html_out.write_text(audit_html(report, results, guard.monitor.bank.names), encoding="utf-8")
     if sarif_out is not None:
         sarif_out.write_text(json.dumps(sarif(report, guard.monitor.rules), indent=2) + "\n")
     if as_json:

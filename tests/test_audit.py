@@ -85,13 +85,16 @@ def test_rule_statistics_match_a_hand_count(organism, organism_bank, audit_files
 
 def test_the_audit_command(audit_files, tmp_path):
     rules, data, bank = audit_files
-    out = tmp_path / "audit.sarif"
+    out, page = tmp_path / "audit.sarif", tmp_path / "audit.html"
     result = CliRunner().invoke(app, ["audit", "--data", str(data), "--bank", str(bank), "--rules", str(rules),
-                                      "--max-new-tokens", "8", "--sarif", str(out), "--json"])
+                                      "--max-new-tokens", "8", "--sarif", str(out), "--html", str(page), "--json"])
     assert result.exit_code == 1, result.output   # a rule fired
     report = json.loads(result.stdout)
     assert len(report["items"]) == 4 and report["items"][1]["verdict"] == "block"
     assert json.loads(out.read_text())["version"] == "2.1.0"
+    html = page.read_text()
+    assert html.startswith("<!doctype html>") and "<script" not in html and "http" not in html.split("</style>")[1]
+    assert html.count("class='item'") == 4 and html.count("tok fired") >= 1 and "quiz (block)" in html
     missing = CliRunner().invoke(app, ["audit", "--data", str(tmp_path / "none.jsonl"), "--bank", str(bank),
                                        "--rules", str(rules)])
     assert missing.exit_code == 2 and "no such data file" in missing.output
