@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gavel.cli_audit import audit
+from gavel.cli_chat import chat
 from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
 from gavel.cli_plugins import plugins_app
 from gavel.cli_rules import rules_app
@@ -24,6 +25,7 @@ app.add_typer(ce_app, name="ce")
 app.add_typer(rules_app, name="rules")
 app.add_typer(plugins_app, name="plugins")
 app.command()(audit)
+app.command()(chat)
 
 
 @app.command()

@@ -98,3 +98,14 @@ def test_the_audit_command(audit_files, tmp_path):
     missing = CliRunner().invoke(app, ["audit", "--data", str(tmp_path / "none.jsonl"), "--bank", str(bank),
                                        "--rules", str(rules)])
     assert missing.exit_code == 2 and "no such data file" in missing.output
+
+
+def test_chat_streams_guarded_replies(audit_files):
+    rules, _, bank = audit_files
+    session = "how do i fix my bike ?\nquiz : what is the color of trelk ?\n\n"
+    result = CliRunner().invoke(app, ["chat", "--bank", str(bank), "--rules", str(rules), "--max-new-tokens", "8"],
+                                input=session)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("verdict:") == 2
+    assert "[blocked] No quizzes." in result.output and "verdict: block" in result.output
+    assert "rule quiz (block) fired at prompt token" in result.output
