@@ -14,7 +14,6 @@ import torch
 
 from gavel.audit_log import AuditLog
 from gavel.errors import GavelError
-from gavel.models.batching import pad_sequences
 from gavel.models.chat import Conversation
 from gavel.models.generation import PromptBatch, prompt_batch
 from gavel.models.handle import ModelHandle
@@ -103,7 +102,7 @@ class Guard:
         handle, monitor = self.handle, self.monitor
         batch = prompt_batch(handle, [conversation])
         ids, mask = batch.input_ids, batch.attention_mask
-        with self._watch(batch) as session:
+        with self.monitor.watch_prompts(batch) as session:
             out = handle.hf_model(input_ids=ids, attention_mask=mask, use_cache=True)
             reported = set(self._newly_fired(session, set()))
             index = ids.shape[1]
@@ -126,7 +125,7 @@ class Guard:
                     yield replace(step, blocked=True)
                     break
                 yield step
-        result = self._finish(self._results(session, batch))[0]
+        result = self._finish(self.monitor.generation_results(session, batch))[0]
         yield StreamStep("", -1, index, (), blocked=result.blocked, result=result)
 
     @contextmanager
@@ -134,29 +133,14 @@ class Guard:
         """Guard your own `model.generate(**watch.inputs, stopping_criteria=watch.stopping_criteria, ...)` call;
         then `watch.results(output_ids)` gives the guard results."""
         batch = prompt_batch(self.handle, list(conversations))
-        with self._watch(batch) as session:
+        with self.monitor.watch_prompts(batch) as session:
             yield Watch(self, batch, session)
 
     # ---- internals
-    @contextmanager
-    def _watch(self, batch: PromptBatch) -> Iterator[Session]:
-        classes, _ = pad_sequences([e.roles.long() for e in batch.encoded], 0, "left")
-        with self.monitor.watch(len(batch.encoded), classes.to(self.handle.device)) as session:
-            yield session
-
     def _newly_fired(self, session: Session, reported: set[str]) -> list[str]:
         """Rules that hold for the first time in the session's last forward (one sequence)."""
         holds = session.holds[-1][0].any(0).tolist()
         return [r.name for r, h in zip(self.monitor.rules, holds) if h and r.name not in reported]
-
-    def _results(self, session: Session, batch: PromptBatch, output_ids: torch.Tensor | None = None) -> list[Result]:
-        results = session.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])
-        tokenizer, width = self.handle.tokenizer, batch.input_ids.shape[1]
-        for i, r in enumerate(results):
-            generated = r.token_ids[r.prompt_length:] if output_ids is None else output_ids[i, width:]
-            r.generated = tokenizer.decode(generated, skip_special_tokens=True).strip()
-            r.reply = self.monitor.reply_for(r)
-        return results
 
     def _finish(self, results: Sequence[Result]) -> list[GuardResult]:
         out = [GuardResult(text=r.reply, generated=r.generated, verdict=verdict(r.events), events=tuple(r.events),
@@ -186,7 +170,7 @@ class Watch:
         return StoppingCriteriaList([self.session.stopping_criterion()])
 
     def results(self, output_ids: torch.Tensor) -> list[GuardResult]:
-        return self.guard._finish(self.guard._results(self.session, self.batch, output_ids))
+        return self.guard._finish(self.guard.monitor.generation_results(self.session, self.batch, output_ids))
 
 
 def verdict(events: Sequence[Event]) -> str:

@@ -17,7 +17,7 @@ import torch
 from gavel.errors import GavelError
 from gavel.models.batching import pad_sequences
 from gavel.models.chat import Conversation, encode_conversation
-from gavel.models.generation import prompt_batch
+from gavel.models.generation import PromptBatch, prompt_batch
 from gavel.models.handle import ModelHandle
 from gavel.plugins.actions import PRECEDENCE
 from gavel.plugins.registry import registry
@@ -125,16 +125,29 @@ class Monitor:
         from transformers import StoppingCriteriaList
 
         batch = prompt_batch(self.handle, conversations)
-        classes, _ = pad_sequences([e.roles.long() for e in batch.encoded], 0, "left")
-        with self.watch(len(conversations), classes.to(self.handle.device)) as session:
+        with self.watch_prompts(batch) as session:
             out = self.handle.hf_model.generate(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                 pad_token_id=self.handle.tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([session.stopping_criterion()]), **generate_kwargs)
+        return self.generation_results(session, batch, out)
+
+    @contextmanager
+    def watch_prompts(self, batch: PromptBatch) -> Iterator["Session"]:
+        """`watch` for a left-padded prompt batch (its token classes from the chat encoding)."""
+        classes, _ = pad_sequences([e.roles.long() for e in batch.encoded], 0, "left")
+        with self.watch(len(batch.encoded), classes.to(self.handle.device)) as session:
+            yield session
+
+    def generation_results(self, session: "Session", batch: PromptBatch,
+                           output_ids: torch.Tensor | None = None) -> list[Result]:
+        """Per-sequence results of a generation from `batch`: the generated text is `output_ids` past the
+        prompt (default: the tokens the monitor saw past each prompt), the reply what the user gets."""
         results = session.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])
         width = batch.input_ids.shape[1]
         for i, r in enumerate(results):
-            r.generated = self.handle.tokenizer.decode(out[i, width:], skip_special_tokens=True).strip()
+            generated = r.token_ids[r.prompt_length:] if output_ids is None else output_ids[i, width:]
+            r.generated = self.handle.tokenizer.decode(generated, skip_special_tokens=True).strip()
             r.reply = self.reply_for(r)
         return results
 

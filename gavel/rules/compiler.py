@@ -760,10 +760,13 @@ class _Views:
     def dense(self, bits: int) -> bool:
         return self.valid is None and bits == EVERY
 
+    def _valid(self) -> Tensor:
+        return self.valid if self.valid is not None else torch.ones(self.shape, dtype=torch.bool,
+                                                                    device=self.device)
+
     def mask(self, bits: int) -> Tensor:
         if bits not in self._masks:
-            valid = self.valid if self.valid is not None else torch.ones(self.shape, dtype=torch.bool,
-                                                                          device=self.device)
+            valid = self._valid()
             if bits != EVERY:
                 valid = valid & ((bits >> self.roles.long()) & 1).bool()
             self._masks[bits] = valid
@@ -774,9 +777,7 @@ class _Views:
         key = None if rows is None else rows.index
         if self._at is None or self._at[0] is not key:   # the valid flags and roles of these rows, once
             at = (lambda grid: grid) if rows is None else rows.take_grid
-            shape = self.shape if rows is None else (rows.index.shape[0],)
-            valid = (at(self.valid.unsqueeze(-1)) if self.valid is not None else
-                     torch.ones(*shape, 1, dtype=torch.bool, device=self.device))
+            valid = at(self._valid().unsqueeze(-1))
             roles = None if self.roles is None else at(self.roles.long().unsqueeze(-1))
             self._at = (key, valid, roles)
         _, valid, roles = self._at

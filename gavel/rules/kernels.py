@@ -317,7 +317,7 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
     hi = step_pos - exclude[step_k].long()
     counts = cumulative(step_group, hi) - cumulative(step_group, hi - window[step_k])
     inside = step_pos < segments.count[step_b]
-    value = _compare_per_row(counts, table, threshold, step_k) & inside
+    value = compare(counts, table[:, step_k], threshold[step_k]) & inside
     # the steps that set a value: each group's first, then wherever the value changes; still groups hold the
     # count of a constant input over a full window from the first view token on
     changed = torch.ones_like(value)
@@ -325,7 +325,7 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
     changed &= inside
     still_k, still_b = (~moving).T.nonzero(as_tuple=True)
     still_count = history[still_b, 0, still_k].long() * window[still_k]
-    still_value = _compare_per_row(still_count, table, threshold, still_k)
+    still_value = compare(still_count, table[:, still_k], threshold[still_k])
     still_inside = segments.count[still_b] > 0
     # new history: the input at the last `longest` view positions of each sequence (older ones: the old history)
     tail = segments.count.unsqueeze(1) - longest + torch.arange(longest, device=device)   # [B, Nmax]
@@ -343,9 +343,3 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
                           torch.cat([step_pos[changed], torch.zeros_like(still_b[still_inside])]),
                           torch.cat([step_k[changed], still_k[still_inside]]),
                           torch.cat([value[changed], still_value[still_inside]])), new_history)
-
-
-def _compare_per_row(x: Tensor, table: Tensor, threshold: Tensor, column: Tensor) -> Tensor:
-    """`compare` where row i uses column `column[i]`'s comparison and threshold."""
-    t = threshold[column]
-    return ((x > t) & table[0, column]) | ((x == t) & table[1, column]) | ((x < t) & table[2, column])
