@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class Monitor:
         if policy not in ("fail_open", "fail_closed"):
             raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {policy!r}")
         self.handle, self.bank, self.policy = handle, bank, policy
+        # torch.compile does not by default guard graphs on module hooks, so a decode step traced without hooks
+        # would run without them later: from now on every trace guards on them (a retrace when they change)
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         rules = list(rules)
         self.program = compile_rules(rules, bank.names).to(handle.device)
         problems = check_actions(rules, registry(), runnable=True)
@@ -102,16 +106,21 @@ class Monitor:
         self.special_ids = torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long, device=device)
 
     @contextmanager
-    def watch(self, batch_size: int, classes: torch.Tensor | None = None) -> Iterator["Session"]:
+    def watch(self, batch_size: int, classes: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> Iterator["Session"]:
         """Hooks for one batch of sequences; each sequence keeps its own rule state. `classes` [B, T] are the
-        token class codes (role + 4 for response tokens) of the first forward's tokens; later tokens are
-        generated ones (assistant response)."""
-        session = Session(self, batch_size, classes)
+        token class codes (role + 4 for response tokens) of the first forward's tokens and `mask` [B, T] its
+        real (unpadded) tokens; later tokens are generated ones (assistant response)."""
+        session = Session(self, batch_size, classes, mask)
         model = self.handle.model
         handles = []
         try:
-            handles.append(model.register_forward_pre_hook(session.before_forward, with_kwargs=True))
-            handles.append(model.register_forward_hook(session.after_forward, with_kwargs=True))
+            # the model-level hooks keep Python state per forward, so torch.compile must not trace them (it
+            # would recompile on every step); the site hooks only hand tensors over and run inside the graph
+            handles.append(model.register_forward_pre_hook(torch.compiler.disable(session.before_forward),
+                                                           with_kwargs=True))
+            handles.append(model.register_forward_hook(torch.compiler.disable(session.after_forward),
+                                                       with_kwargs=True))
             with self.handle.hooks([(s, session.site_hook(s)) for s in self.sites]):
                 yield session
         finally:
@@ -125,18 +134,27 @@ class Monitor:
         from transformers import StoppingCriteriaList
 
         batch = prompt_batch(self.handle, conversations)
-        with self.watch_prompts(batch) as session:
-            out = self.handle.hf_model.generate(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                pad_token_id=self.handle.tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([session.stopping_criterion()]), **generate_kwargs)
+        for attempt in range(2):
+            with self.watch_prompts(batch) as session:
+                out = self.handle.hf_model.generate(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                    pad_token_id=self.handle.tokenizer.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([session.stopping_criterion()]), **generate_kwargs)
+            if not session.blind or attempt:
+                break
+            # the model's compiled decode step was traced before any monitor existed, without guards on
+            # hooks, so it does not notice the hooks added since: retrace with them
+            warnings.warn(f"{self.handle.name}: the model's compiled forward was traced without gavel's hooks; "
+                          "clearing torch.compile's caches (torch._dynamo.reset()) to retrace it with them",
+                          stacklevel=2)
+            torch._dynamo.reset()
         return self.generation_results(session, batch, out)
 
     @contextmanager
     def watch_prompts(self, batch: PromptBatch) -> Iterator["Session"]:
         """`watch` for a left-padded prompt batch (its token classes from the chat encoding)."""
         classes, _ = pad_sequences([e.roles.long() for e in batch.encoded], 0, "left")
-        with self.watch(len(batch.encoded), classes.to(self.handle.device)) as session:
+        with self.watch(len(batch.encoded), classes.to(self.handle.device), batch.attention_mask) as session:
             yield session
 
     def generation_results(self, session: "Session", batch: PromptBatch,
@@ -160,7 +178,7 @@ class Monitor:
             encoded = [encode_conversation(self.handle.tokenizer, c) for c in conversations[start:start + batch_size]]
             ids, mask = pad_sequences([e.input_ids for e in encoded], pad, "right")
             classes, _ = pad_sequences([token_classes(e.roles) for e in encoded], 0, "right")
-            with self.watch(len(encoded), classes.to(self.handle.device)) as session:
+            with self.watch(len(encoded), classes.to(self.handle.device), mask.to(self.handle.device)) as session:
                 self.handle.forward(ids.to(self.handle.device), mask.long().to(self.handle.device))
             results += session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded],
                                        first_sequence=start)
@@ -180,15 +198,18 @@ class Monitor:
 class Session:
     """Per-batch monitor state, all tensors on the model's device until `results()`."""
 
-    def __init__(self, monitor: Monitor, batch_size: int, classes: torch.Tensor | None = None) -> None:
+    def __init__(self, monitor: Monitor, batch_size: int, classes: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> None:
         self.m = monitor
         device = monitor.handle.device
         self.classes = classes   # [B, T_prompt] token class codes of the first forward, padded like its ids
+        self.mask = mask         # [B, T_prompt] its real tokens (a static cache gives forwards 4-d masks)
         self.state = monitor.program.init_state(batch_size, device)
         self.alive = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.blocked = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.failed = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.forwards = 0
+        self.blind = 0           # forwards in which site hooks did not run (see `after_forward`)
         self.errors: list[str] = []
         self.scores: list[torch.Tensor] = []
         self.valid: list[torch.Tensor] = []
@@ -202,14 +223,20 @@ class Session:
             raise GavelError("the monitor needs input_ids (inputs_embeds-only forwards are not supported yet)")
         b, t = ids.shape
         mask = kwargs.get("attention_mask")
-        valid = mask[:, -t:].bool() if mask is not None else torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        first = self.forwards == 0 and self.classes is not None and self.classes.shape[1] == t
+        if first and self.mask is not None:
+            valid = self.mask.bool()
+        elif mask is not None and mask.ndim == 2:
+            valid = mask[:, -t:].bool()
+        else:   # no mask, or a 4-d one built for a static cache: only generated tokens come after the prompt
+            valid = torch.ones(b, t, dtype=torch.bool, device=ids.device)
         if self.forwards > 0 and len(self.m.eos_ids):
             # a generated end-of-turn token ends the sequence; it is not scored (a sequence generated
             # alone never feeds it back), so batched and single runs see the same tokens
             self.alive &= ~torch.isin(ids[:, -1], self.m.eos_ids)
         self.cur_valid = valid & self.alive[:, None]
         self.cur_ids = ids
-        if self.forwards == 0 and self.classes is not None and self.classes.shape[1] == t:
+        if first:
             self.cur_classes = self.classes
         else:   # generated tokens: the assistant's response
             self.cur_classes = torch.full((b, t), 3 + RESPONSE, dtype=torch.long, device=ids.device)
@@ -223,7 +250,11 @@ class Session:
         return hook
 
     def after_forward(self, module, args, kwargs, output):
-        for head, columns, scale, shift in self.m.plan:
+        missing = [s for s in self.m.sites if s not in self.stash]
+        if missing:   # a compiled graph traced before these hooks existed runs without them: never silently
+            self.blind += 1
+            self.errors.append(f"forward {self.forwards}: the hooks on {', '.join(missing)} did not run")
+        for head, columns, scale, shift in self.m.plan if not missing else ():
             try:
                 logits = head.score(self.stash).float() * scale + shift
                 self.cur[..., columns] = logits
@@ -233,7 +264,7 @@ class Session:
                 self.cur_bad |= True
         self.stash.clear()
         valid = self.cur_valid
-        bad = (self.cur_bad & valid).any(1)
+        bad = (self.cur_bad & valid).any(1) | bool(missing)
         self.failed |= bad
         if self.m.policy == "fail_closed":
             self.blocked |= bad
@@ -261,6 +292,8 @@ class Session:
 
         class _Blocked(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
+                if session.blind:   # nothing more to learn from this generation: stop every sequence
+                    return torch.ones_like(session.blocked)
                 return session.blocked.clone()
         return _Blocked()
 
@@ -268,6 +301,11 @@ class Session:
     def results(self, prompt_lengths: Sequence[int], prompt_roles: Sequence[torch.Tensor],
                 first_sequence: int = 0) -> list[Result]:
         """Per-sequence results; the last token of a generation is absent (generate() never runs it)."""
+        if self.blind:
+            warnings.warn(f"the monitor's site hooks did not run in {self.blind} of {self.forwards} forwards, so "
+                          "every sequence is marked failed: a compiled graph traced before the hooks were attached "
+                          "runs without them; attach the guard before the first compiled generate(), or call "
+                          "torch._dynamo.reset() first", stacklevel=3)
         valid = torch.cat(self.valid, 1).cpu()
         scores = torch.sigmoid(torch.cat(self.scores, 1)).cpu()
         ids = torch.cat(self.ids, 1).cpu()

@@ -184,33 +184,118 @@ def test_temporal_and_scoped_rules_fire_where_the_reference_says(organism, organ
     assert len(fired_any) >= 4   # the prompts exercise most of the rules
 
 
-def test_every_decoding_step_runs_every_site_hook(organism, organism_bank, monkeypatch):
+def compiled_decoding():
+    """generate() kwargs that make transformers compile the decode step (static cache), on CPU too; the eager
+    backend keeps the test fast and still goes through torch.compile's tracing, where hooks can be lost."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+@pytest.fixture
+def fresh_compile_caches():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_every_decoding_step_runs_every_site_hook(organism, organism_bank, monkeypatch, mode, fresh_compile_caches):
     """The monitor is never silently blind: each forward of generate() (the prefill, then one per new token
-    fed back) runs the model hooks and every site hook exactly once."""
+    fed back) runs the model hooks and every site hook exactly once, also when the decode step is compiled.
+    The counters are tensors, so counting adds no Python state that would make torch.compile retrace."""
+    from gavel.models.generation import prompt_batch
     from gavel.monitor import Session
 
-    calls: dict[str, int] = {}
+    calls = {site: torch.zeros((), dtype=torch.long) for site in organism_bank.sites}
     original = Session.site_hook
 
     def counting(self, site):
         hook = original(self, site)
 
         def wrapped(act):
-            calls[site] = calls.get(site, 0) + 1
+            calls[site].add_(1)
             return hook(act)
         return wrapped
 
     monkeypatch.setattr(Session, "site_hook", counting)
     monitor = Monitor(organism, organism_bank, RULES)
     new = 12
-    with monitor.watch(1) as session:
-        from gavel.models.generation import prompt_batch
-
-        batch = prompt_batch(organism, PROMPTS[:1])
+    kwargs = compiled_decoding() if mode == "compiled" else {}
+    batch = prompt_batch(organism, PROMPTS)
+    with monitor.watch_prompts(batch) as session:
         out = organism.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                          max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                         pad_token_id=organism.tokenizer.pad_token_id)
+                                         pad_token_id=organism.tokenizer.pad_token_id,
+                                         stopping_criteria=[session.stopping_criterion()], **kwargs)
     assert out.shape[1] - batch.input_ids.shape[1] == new
-    assert session.forwards == new          # the prefill, then each generated token but the last
-    assert set(calls) == set(monitor.sites) and all(n == new for n in calls.values())
+    assert session.forwards == new and not session.blind   # the prefill, then each generated token but the last
+    assert {s: int(n) for s, n in calls.items() if n} == {s: new for s in monitor.sites}
     assert sum(h.shape[1] for h in session.holds) == batch.input_ids.shape[1] + new - 1
+    if mode == "compiled":   # and it saw what eager decoding sees
+        plain = monitor.generate(PROMPTS, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        for got, want in zip(monitor.generation_results(session, batch, out), plain):
+            assert got.tokens == want.tokens and got.fired == want.fired and not got.failed
+            torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-4)
+
+
+def test_a_decode_step_compiled_before_the_monitor_is_retraced_with_its_hooks(organism, organism_bank,
+                                                                               fresh_compile_caches):
+    """By default torch.compile ignores hooks added to modules that had none when it traced them, so a decode step
+    compiled before any monitor existed (a Monitor turns hook guards on) runs blind: Monitor.generate notices,
+    clears the compile caches with a warning and generates again; the results equal eager generation."""
+    from gavel.models.generation import prompt_batch
+
+    monitor = Monitor(organism, organism_bank, RULES)
+    plain = monitor.generate(PROMPTS, max_new_tokens=10, do_sample=False)
+    batch = prompt_batch(organism, PROMPTS)
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):   # as traced before any monitor existed
+        organism.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   max_new_tokens=10, do_sample=False, pad_token_id=organism.tokenizer.pad_token_id,
+                                   **compiled_decoding())
+    with pytest.warns(UserWarning, match="traced without gavel's hooks"):
+        results = monitor.generate(PROMPTS, max_new_tokens=10, do_sample=False, **compiled_decoding())
+    for got, want in zip(results, plain):
+        assert got.tokens == want.tokens and got.fired == want.fired and not got.failed
+
+
+def test_guarded_and_unguarded_compiled_generation_alternate_without_blindness(organism, organism_bank,
+                                                                               fresh_compile_caches):
+    """Once a monitor exists, graphs are guarded on hooks: an unguarded compiled generate and a guarded one can
+    alternate on one model, each getting its own graph (the guarded one with the hooks in it)."""
+    from gavel.models.generation import prompt_batch
+
+    monitor = Monitor(organism, organism_bank, RULES)
+    batch = prompt_batch(organism, PROMPTS)
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "max_new_tokens": 6,
+              "min_new_tokens": 6, "do_sample": False, "pad_token_id": organism.tokenizer.pad_token_id,
+              **compiled_decoding()}
+    for _ in range(2):
+        raw = organism.hf_model.generate(**kwargs)
+        with monitor.watch_prompts(batch) as session:
+            guarded = organism.hf_model.generate(**kwargs, stopping_criteria=[session.stopping_criterion()])
+        assert torch.equal(raw, guarded) and session.forwards == 6 and not session.blind
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_your_own_generate_on_a_stale_compiled_graph_is_reported_not_silent(organism, organism_bank, policy,
+                                                                            fresh_compile_caches):
+    """In the user's own generate() call the monitor cannot retrace: every sequence is marked failed (and blocked
+    under fail_closed), with a warning that says what to do."""
+    from gavel.models.generation import prompt_batch
+
+    monitor = Monitor(organism, organism_bank, RULES, policy=policy)
+    batch = prompt_batch(organism, PROMPTS)
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "max_new_tokens": 8,
+              "do_sample": False, "pad_token_id": organism.tokenizer.pad_token_id, **compiled_decoding()}
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):   # as traced before any monitor existed
+        organism.hf_model.generate(**kwargs)
+    with monitor.watch_prompts(batch) as session:
+        out = organism.hf_model.generate(**kwargs, stopping_criteria=[session.stopping_criterion()])
+    assert out.shape[1] == batch.input_ids.shape[1] + 2    # the prefill's token, then the first blind step's
+    with pytest.warns(UserWarning, match="did not run in 1 of 2 forwards"):
+        results = monitor.generation_results(session, batch, out)
+    assert all(r.failed for r in results)
+    assert all(r.blocked for r in results) == (policy == "fail_closed")
