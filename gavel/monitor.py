@@ -97,6 +97,10 @@ class Monitor:
                       self.scoring.shift[bank.columns[h]]) for h in self.heads]
         thr = self.thresholds
         self.logit_thresholds = torch.where(thr <= 0, -torch.inf, torch.where(thr >= 1, torch.inf, torch.logit(thr)))
+        # action plugins with a `handle(events, arguments)` get each batch's events of their rules on the host
+        instances: dict[type, object] = {}
+        self.handlers = {r: (instances.setdefault(a, a()), a.params.model_validate(dict(c.args)) if a.params else None)
+                         for r, (a, c) in enumerate(zip(actions, self.calls)) if callable(getattr(a, "handle", None))}
         self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
         self.can_block = any(a.stops_generation for a in actions)
         self.action_names = [a.name for a in actions]
@@ -167,11 +171,13 @@ class Monitor:
             generated = r.token_ids[r.prompt_length:] if output_ids is None else output_ids[i, width:]
             r.generated = self.handle.tokenizer.decode(generated, skip_special_tokens=True).strip()
             r.reply = self.reply_for(r)
+        self.dispatch(results)
         return results
 
     @torch.no_grad()
     def scan(self, conversations: Sequence[Conversation], batch_size: int = 16) -> list[Result]:
-        """Detection only on existing conversations: one forward pass per batch, no generation."""
+        """Detection only on existing conversations: one forward pass per batch, no generation. A final assistant
+        message is the response: it is each result's `generated`, and its `reply` unless a rule blocked it."""
         results: list[Result] = []
         pad = self.handle.tokenizer.pad_token_id or 0
         for start in range(0, len(conversations), batch_size):
@@ -180,9 +186,29 @@ class Monitor:
             classes, _ = pad_sequences([token_classes(e.roles) for e in encoded], 0, "right")
             with self.watch(len(encoded), classes.to(self.handle.device), mask.to(self.handle.device)) as session:
                 self.handle.forward(ids.to(self.handle.device), mask.long().to(self.handle.device))
-            results += session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded],
-                                       first_sequence=start)
+            batch_results = session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded],
+                                            first_sequence=start)
+            for conversation, r in zip(conversations[start:start + batch_size], batch_results):
+                last = conversation[-1] if conversation else {}
+                r.generated = last.get("content", "") if last.get("role") == "assistant" else ""   # the response
+                r.reply = self.reply_for(r)
+            self.dispatch(batch_results)
+            results += batch_results
         return results
+
+    def dispatch(self, results: Sequence[Result]) -> None:
+        """Hand a batch's events to the action plugins that handle them; a plugin that raises is reported
+        (a warning) and never stops the monitor: the events stay in the results either way."""
+        for r, (handler, arguments) in self.handlers.items():
+            events = [e for result in results for e in result.events if e.rule == self.rules[r].name]
+            if not events:
+                continue
+            try:
+                handler.handle(events, arguments)
+            except Exception as e:   # noqa: BLE001 - a third-party plugin's failure is reported, not raised
+                origin = registry().origins.get(("actions", self.action_names[r]), "?")
+                warnings.warn(f"action plugin {self.action_names[r]!r} ({origin}) failed on {len(events)} event(s) "
+                              f"of rule {self.rules[r].name!r}: {type(e).__name__}: {e}", stacklevel=3)
 
     def reply_for(self, result: Result) -> str:
         """The generated text, or for a blocked sequence the blocking rule's reply."""

@@ -62,10 +62,12 @@ def test_stream_yields_the_same_tokens_and_firings_as_generate(organism, organis
 def test_check_reads_existing_conversations(organism, organism_bank):
     guard = Guard(organism, organism_bank, RULES)
     chat = [*PROMPTS[2], {"role": "assistant", "content": "i can not help with that ."}]
-    result = guard.check(chat)
-    assert result.generated == "" or isinstance(result.generated, str)
-    assert {e.rule for e in result.events} >= {"harm"}
-    assert result.verdict == verdict(result.events)
+    quiz = [*PROMPTS[1], {"role": "assistant", "content": "the answer is brown ."}]
+    result, blocked = guard.check([chat, quiz])
+    assert result.generated == result.text == "i can not help with that ." and not result.blocked
+    assert {e.rule for e in result.events} >= {"harm", "refusing"}
+    assert result.verdict == verdict(result.events) == "alert"
+    assert blocked.generated == "the answer is brown ." and blocked.text == "No quizzes." and blocked.blocked
 
 
 def test_watch_guards_your_own_generate_call(organism, organism_bank):

@@ -18,7 +18,9 @@ PRECEDENCE = {"log": 0, "alert": 1, "steer": 2, "block": 3}
 
 @runtime_checkable
 class Action(Protocol):
-    """What a rule does when it fires. `stops_generation` actions end the sequence that fired."""
+    """What a rule does when it fires. `stops_generation` actions end the sequence that fired. An action class may
+    also define `handle(self, events, arguments)`: the monitor makes one instance and calls it on the host once
+    per batch with the batch's events of each rule naming the action and that rule's validated `params`."""
 
     name: ClassVar[str]
     kind: ClassVar[str]            # one of PRECEDENCE's keys
