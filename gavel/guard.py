@@ -116,7 +116,11 @@ class Guard:
                 if len(monitor.eos_ids) and bool(torch.isin(token[0, 0], monitor.eos_ids)):
                     break
                 mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-                out = handle.hf_model(input_ids=token, attention_mask=mask, use_cache=True, **_cache_of(out))
+                ids = torch.cat([ids, token], dim=1)
+                if handle.backend == "lens":   # the bridge loses the KV cache (see Monitor.generate): whole prefix
+                    out = handle.hf_model(input_ids=ids, attention_mask=mask, use_cache=False)
+                else:
+                    out = handle.hf_model(input_ids=token, attention_mask=mask, use_cache=True, **_cache_of(out))
                 fired = self._newly_fired(session, reported)
                 reported |= set(fired)
                 step = StreamStep(handle.tokenizer.decode(token[0]), int(token[0, 0]), index, tuple(fired))

@@ -116,7 +116,7 @@ class Monitor:
         token class codes (role + 4 for response tokens) of the first forward's tokens and `mask` [B, T] its
         real (unpadded) tokens; later tokens are generated ones (assistant response)."""
         session = Session(self, batch_size, classes, mask)
-        model = self.handle.model
+        model = self.handle.hf_model   # what every forward goes through: a TransformerBridge runs its HF model
         handles = []
         try:
             # the model-level hooks keep Python state per forward, so torch.compile must not trace them (it
@@ -135,6 +135,15 @@ class Monitor:
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 64,
                  **generate_kwargs) -> list[Result]:
         """Guarded generation: rules run on the prompt and every new token; `block` stops a sequence."""
+        if self.handle.backend == "lens":
+            # TransformerLens 3.9's bridge under transformers 5 loses the KV cache and the positions of left-padded
+            # rows (its replies diverge after the first token): one sequence at a time, the whole prefix each step
+            return [r for i, c in enumerate(conversations)
+                    for r in self._generate([c], max_new_tokens, i, {**generate_kwargs, "use_cache": False})]
+        return self._generate(conversations, max_new_tokens, 0, generate_kwargs)
+
+    def _generate(self, conversations: Sequence[Conversation], max_new_tokens: int, first_sequence: int,
+                  generate_kwargs: dict) -> list[Result]:
         from transformers import StoppingCriteriaList
 
         batch = prompt_batch(self.handle, conversations)
@@ -152,7 +161,7 @@ class Monitor:
                           "clearing torch.compile's caches (torch._dynamo.reset()) to retrace it with them",
                           stacklevel=2)
             torch._dynamo.reset()
-        return self.generation_results(session, batch, out)
+        return self.generation_results(session, batch, out, first_sequence)
 
     @contextmanager
     def watch_prompts(self, batch: PromptBatch) -> Iterator["Session"]:
@@ -161,11 +170,12 @@ class Monitor:
         with self.watch(len(batch.encoded), classes.to(self.handle.device), batch.attention_mask) as session:
             yield session
 
-    def generation_results(self, session: "Session", batch: PromptBatch,
-                           output_ids: torch.Tensor | None = None) -> list[Result]:
+    def generation_results(self, session: "Session", batch: PromptBatch, output_ids: torch.Tensor | None = None,
+                           first_sequence: int = 0) -> list[Result]:
         """Per-sequence results of a generation from `batch`: the generated text is `output_ids` past the
         prompt (default: the tokens the monitor saw past each prompt), the reply what the user gets."""
-        results = session.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])
+        results = session.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded],
+                                  first_sequence)
         width = batch.input_ids.shape[1]
         for i, r in enumerate(results):
             generated = r.token_ids[r.prompt_length:] if output_ids is None else output_ids[i, width:]
@@ -235,6 +245,8 @@ class Session:
         self.blocked = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.failed = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.forwards = 0
+        self.width = 0           # token positions seen so far (a forward with a KV cache feeds only new ones)
+        self.offset = 0          # of this forward's positions, how many were seen before
         self.blind = 0           # forwards in which site hooks did not run (see `after_forward`)
         self.errors: list[str] = []
         self.scores: list[torch.Tensor] = []
@@ -247,7 +259,11 @@ class Session:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise GavelError("the monitor needs input_ids (inputs_embeds-only forwards are not supported yet)")
+        # a forward without a KV cache feeds every token again: only the ones past those already seen are new
+        self.offset = self.width if self.forwards and ids.shape[1] > self.width else 0
+        ids = ids[:, self.offset:]
         b, t = ids.shape
+        self.width += t
         mask = kwargs.get("attention_mask")
         first = self.forwards == 0 and self.classes is not None and self.classes.shape[1] == t
         if first and self.mask is not None:
@@ -280,9 +296,10 @@ class Session:
         if missing:   # a compiled graph traced before these hooks existed runs without them: never silently
             self.blind += 1
             self.errors.append(f"forward {self.forwards}: the hooks on {', '.join(missing)} did not run")
+        acts = {site: act[:, self.offset:] for site, act in self.stash.items()} if self.offset else self.stash
         for head, columns, scale, shift in self.m.plan if not missing else ():
             try:
-                logits = head.score(self.stash).float() * scale + shift
+                logits = head.score(acts).float() * scale + shift
                 self.cur[..., columns] = logits
                 self.cur_bad |= ~torch.isfinite(logits).all(-1)  # NaN/inf activations make the scores non-finite
             except Exception as e:  # the policy decides: every sequence of the batch is marked failed

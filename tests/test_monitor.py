@@ -299,3 +299,35 @@ def test_your_own_generate_on_a_stale_compiled_graph_is_reported_not_silent(orga
         results = monitor.generation_results(session, batch, out)
     assert all(r.failed for r in results)
     assert all(r.blocked for r in results) == (policy == "fail_closed")
+
+
+def test_a_transformer_bridge_is_monitored_like_the_hf_model(organism, organism_bank):
+    """On a TransformerLens bridge the sites resolve to its HookPoints and the model-level hooks sit on the HF model
+    it runs: scan scores, generated tokens, events and the streamed reply equal the HF backend's."""
+    pytest.importorskip("transformer_lens")
+    from gavel.guard import Guard
+    from gavel.models.loading import load_model
+
+    lens = load_model("builtin:organism", backend="lens")
+    hf_monitor, lens_monitor = Monitor(organism, organism_bank, RULES), Monitor(lens, organism_bank, RULES)
+    convs = [p + [{"role": "assistant", "content": "i cannot help with that ."}] for p in PROMPTS]
+    for got, want in zip(lens_monitor.scan(convs), hf_monitor.scan(convs)):
+        assert got.fired == want.fired
+        torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-4)
+    generated = lens_monitor.generate(PROMPTS, max_new_tokens=12, do_sample=False)
+    for got, want in zip(generated, hf_monitor.generate(PROMPTS, max_new_tokens=12, do_sample=False)):
+        assert got.tokens == want.tokens and got.reply == want.reply
+        assert [(e.rule, e.sequence, e.token_index) for e in got.events] == \
+               [(e.rule, e.sequence, e.token_index) for e in want.events]
+    *steps, last = Guard(lens, organism_bank, RULES).stream(PROMPTS[2], max_new_tokens=12)
+    assert last.result.text == generated[2].reply and "".join(s.token for s in steps).strip()
+
+
+def test_generation_without_a_kv_cache_scores_each_token_once(organism, organism_bank):
+    """Without a cache every forward feeds the whole prefix again; only the positions past those already seen
+    are new, so the results equal cached generation."""
+    monitor = Monitor(organism, organism_bank, RULES)
+    cached = monitor.generate(PROMPTS, max_new_tokens=10, do_sample=False)
+    for got, want in zip(monitor.generate(PROMPTS, max_new_tokens=10, do_sample=False, use_cache=False), cached):
+        assert got.tokens == want.tokens and got.fired == want.fired
+        torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-4)
