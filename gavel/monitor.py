@@ -93,8 +93,8 @@ class Monitor:
         self.thresholds = self.scoring.thresholds
         # per step the monitor keeps calibrated logits and compares them with logit thresholds: the same
         # decision as sigmoid(logit) > threshold, without a sigmoid per token (probabilities come in results())
-        self.plan = [(self.scoring.heads[h], _as_index(bank.columns[h]), self.scoring.scale[bank.columns[h]],
-                      self.scoring.shift[bank.columns[h]]) for h in self.heads]
+        read = set(range(len(bank.names)) if score == "all" else self.program.ce_indices)
+        self.plan = [self._scoring_step(h, [c for c in bank.columns[h] if c in read]) for h in self.heads]
         thr = self.thresholds
         self.logit_thresholds = torch.where(thr <= 0, -torch.inf, torch.where(thr >= 1, torch.inf, torch.logit(thr)))
         # action plugins with a `handle(events, arguments)` get each batch's events of their rules on the host
@@ -108,6 +108,14 @@ class Monitor:
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
         self.special_ids = torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long, device=device)
+
+    def _scoring_step(self, h: int, columns: list[int]) -> tuple:
+        """(head, bank columns, calibration) scoring only `columns` of head h: a head with CEs the rules never read
+        is narrowed to the rest (a linear head to their weight columns, an SAE head to the latents they use)."""
+        head = self.scoring.heads[h]
+        if len(columns) < len(self.bank.columns[h]):
+            head = head.select([self.bank.columns[h].index(c) for c in columns])
+        return head, _as_index(columns), self.scoring.scale[columns], self.scoring.shift[columns]
 
     @contextmanager
     def watch(self, batch_size: int, classes: torch.Tensor | None = None,

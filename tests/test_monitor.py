@@ -331,3 +331,28 @@ def test_generation_without_a_kv_cache_scores_each_token_once(organism, organism
     for got, want in zip(monitor.generate(PROMPTS, max_new_tokens=10, do_sample=False, use_cache=False), cached):
         assert got.tokens == want.tokens and got.fired == want.fired
         torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-4)
+
+
+def test_sampled_generation_is_monitored_token_for_token(organism, organism_bank):
+    """With sampling, the monitor scores exactly the tokens generate() sampled (its results' ids are the output's),
+    and the scores equal offline scores of those tokens."""
+    from gavel.models.generation import prompt_batch
+
+    monitor = Monitor(organism, organism_bank, RULES, score="all")
+    greedy = monitor.generate(PROMPTS, max_new_tokens=16, do_sample=False)
+    batch = prompt_batch(organism, PROMPTS)
+    torch.manual_seed(3)
+    with monitor.watch_prompts(batch) as session:
+        out = organism.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         max_new_tokens=16, do_sample=True, temperature=1.5, top_k=0,
+                                         pad_token_id=organism.tokenizer.pad_token_id,
+                                         stopping_criteria=[session.stopping_criterion()])
+    sampled = monitor.generation_results(session, batch, out)
+    assert any(s.tokens != g.tokens for s, g in zip(sampled, greedy))        # it did sample
+    width = batch.input_ids.shape[1]
+    for i, r in enumerate(sampled):
+        row = out[i, width:]
+        seen = r.token_ids[r.prompt_length:]
+        assert torch.equal(seen, row[:len(seen)])                           # every token it scored was generated
+        torch.testing.assert_close(r.scores, offline_scores(organism, organism_bank, r.token_ids), atol=1e-5,
+                                   rtol=1e-4)

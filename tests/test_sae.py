@@ -276,12 +276,29 @@ def test_sae_ces_through_fit_bank_the_cli_and_the_monitor(organism, tmp_path):
     torch.testing.assert_close(loaded.score({site: acts.sites[site]}), bank.score({site: acts.sites[site]}))
 
     rule = RuleSpec(name="sums", groups={"math": ["arithmetic"]}, condition="math")
-    results = Monitor(organism, loaded, [rule]).generate(
+    monitor = Monitor(organism, loaded, [rule])
+    results = monitor.generate(
         [[{"role": "user", "content": "what is 12 plus 34 ?"}], [{"role": "user", "content": "how do i fix my bike ?"}]],
         max_new_tokens=8)
     assert results[0].fired == ["sums"] and results[1].fired == []
+    # the monitor computes only the latents of the CE the rule reads, and those scores equal the whole head's
+    a = loaded.index("arithmetic")
+    (head, columns, _, _), = monitor.plan
+    used = int((loaded.heads[0].combination[:, loaded.columns[0].index(a)] > 0).sum())
+    assert head.n_ces == 1 and head.encoder.shape[1] == used < loaded.heads[0].encoder.shape[1]
+    for r in results:
+        offline = loaded.score(collect_activations(organism, [_encoded(r.token_ids)], [site]).sites)
+        torch.testing.assert_close(r.scores[:, a], offline[:, a], atol=1e-5, rtol=1e-4)
+        assert not r.scores[:, loaded.index("benchmark")].any()     # a CE no rule reads is not computed
 
     result = CliRunner().invoke(app, ["ce", "fit", "--data", "builtin:organism:300", "--site", site, "--extractor",
                                       "sae", "--sae", str(sae_dir), "--out", str(tmp_path / "cli_bank"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["ces"]["arithmetic"]["auroc"] > 0.8
+
+
+def _encoded(token_ids):
+    from gavel.models.chat import Encoded
+
+    n = len(token_ids)
+    return Encoded("", token_ids, torch.zeros(n, dtype=torch.uint8), torch.zeros(n, 2), ())
