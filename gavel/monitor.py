@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from gavel.errors import GavelError
+from gavel.errors import GavelError, RuleError, did_you_mean
 from gavel.models.batching import pad_sequences
 from gavel.models.chat import Conversation, encode_conversation
 from gavel.models.generation import PromptBatch, prompt_batch
@@ -79,7 +79,7 @@ class Monitor:
         torch._dynamo.config.skip_nnmodule_hook_guards = False
         rules = list(rules)
         self.program = compile_rules(rules, bank.names).to(handle.device)
-        problems = check_actions(rules, registry(), runnable=True)
+        problems = check_actions(rules, registry(), runnable=True) + _missing_requirements(rules, bank.names)
         if problems:
             raise RuleErrors(problems)
         self.rules = [r for r in rules if not r.private]   # what the program reports
@@ -426,6 +426,23 @@ def token_classes(roles: torch.Tensor) -> torch.Tensor:
         start = int(others[-1]) + 1 if len(others) else 0
         classes[start:] += RESPONSE * (classes[start:] == 3)
     return classes
+
+
+def _missing_requirements(rules: Sequence, ce_names: Sequence[str]) -> list[RuleError]:
+    """`requires.ces` (a rule's own, or its pack's) the bank lacks, as located errors: those rules were written for
+    CEs this bank cannot score."""
+    known, errors = set(ce_names), {}
+    for rule in rules:
+        owners = [(rule, rule.requires)] + ([(rule.pack, rule.pack.requires)] if rule.pack else [])
+        for owner, requires in owners:
+            for i, ce in enumerate(requires.ces if requires else ()):
+                if ce not in known:
+                    location = owner.field_location("requires", "ces", i)
+                    guess = did_you_mean(ce, list(ce_names))
+                    errors.setdefault((str(location), ce), RuleError(
+                        f"rule '{rule.name}' requires CE '{ce}', which the bank lacks", location=location,
+                        hint=f"did you mean '{guess}'?" if guess else "fit it into the bank, or load a bank that has it"))
+    return list(errors.values())
 
 
 def _as_index(columns: list[int]) -> slice | list[int]:

@@ -356,3 +356,19 @@ def test_sampled_generation_is_monitored_token_for_token(organism, organism_bank
         assert torch.equal(seen, row[:len(seen)])                           # every token it scored was generated
         torch.testing.assert_close(r.scores, offline_scores(organism, organism_bank, r.token_ids), atol=1e-5,
                                    rtol=1e-4)
+
+
+def test_rules_requiring_ces_the_bank_lacks_are_refused_where_they_say_so(organism, organism_bank, tmp_path):
+    from gavel.rules import load_rules
+    from gavel.rules.source import RuleErrors
+
+    pack = tmp_path / "pack.yaml"
+    pack.write_text("requires:\n  ces: [refusal, toxicity]\nrules:\n  - name: a\n    condition: refusal\n"
+                    "  - name: b\n    condition: benchmark\n    requires:\n      ces: [benchmark, benchmrk]\n")
+    with pytest.raises(RuleErrors) as caught:
+        Monitor(organism, organism_bank, load_rules([pack]))
+    found = sorted(str(e) for e in caught.value.errors)
+    assert len(found) == 2                                       # the pack's missing CE once, not once per rule
+    assert any(f"{pack}:2:" in e and "requires CE 'toxicity'" in e for e in found)
+    assert any(f"{pack}:9:" in e and "requires CE 'benchmrk'" in e and "did you mean 'benchmark'" in e
+               for e in found)
