@@ -9,6 +9,9 @@ random property tests stay fast.
 Arithmetic: `mean` is computed exactly with `fractions.Fraction` (a sum of the exact binary values of the scores
 divided by the count, compared with the exact value of the constant), so the reference never depends on the
 order of float additions; `max`/`min` and score comparisons compare the given floats directly.
+
+Plugin score functions are given as plain Python functions of the scores in the window (the view tokens it holds,
+oldest first; fewer than N at the start), `functions={"median": statistics.median_low}`.
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ class Unevaluable(ValueError):
 class _Sequence:
     """One sequence of a batch, with its rules; `holds(rule)` is the rule's value at each token."""
 
-    def __init__(self, rules, ce_names, fired, scores, roles, valid):
+    def __init__(self, rules, ce_names, fired, scores, roles, valid, functions):
         self.rules = {r.name: r for r in rules}
+        self.functions = functions
         self.ce = {name: i for i, name in enumerate(ce_names)}
         self.ce_names = list(ce_names)
         self.fired, self.scores, self.roles = fired, scores, roles
@@ -216,7 +220,7 @@ class _Sequence:
         return out
 
     def aggregate(self, expr: Aggregate, view, rule, tokens: list[int]) -> bool:
-        """count / max / min / mean over `tokens` (a non-empty tail of the history), compared with the constant."""
+        """count / max / min / mean / a plugin function over `tokens` (a non-empty tail of the history), compared."""
         compare = COMPARE[expr.op]
         if expr.function == "count":
             inner = self.token(expr.arg, view, rule)
@@ -229,8 +233,12 @@ class _Sequence:
                 hit = compare(max(values), expr.value)
             elif expr.function == "min":
                 hit = compare(min(values), expr.value)
-            else:
+            elif expr.function == "mean":
                 hit = compare(sum(map(Fraction, values)) / len(values), Fraction(expr.value))
+            elif expr.function in self.functions and expr.window is not None:
+                hit = compare(self.functions[expr.function](values), expr.value)
+            else:
+                raise Unevaluable(f"unknown function {expr.function!r} (or no window)")
             if hit:
                 return True
         return False
@@ -296,18 +304,19 @@ def _quantified(quantifier, count: int, size: int) -> bool:
     return count >= quantifier
 
 
-def run(rules, ce_names, fired, mask=None, *, scores=None, roles=None) -> list[list[list[bool]]]:
+def run(rules, ce_names, fired, mask=None, *, scores=None, roles=None, functions=None) -> list[list[list[bool]]]:
     """holds[b][t][r] for the public rules, in order.
 
     rules: RuleSpec-like objects (.name, .expr, .groups, .match and, when present, .lists, .macros, .exceptions,
-    .private); fired[b][t][c] bools; scores[b][t][c] floats; roles[b][t] token classes; mask[b][t] bools.
+    .private); fired[b][t][c] bools; scores[b][t][c] floats; roles[b][t] token classes; mask[b][t] bools;
+    functions: plugin score functions by name, each a function of the window's scores (a list) to a number.
     """
     public = [r for r in rules if not getattr(r, "private", False)]
     out = []
     for b, sequence in enumerate(fired):
         valid = [True] * len(sequence) if mask is None else [bool(v) for v in mask[b]]
         seq = _Sequence(rules, ce_names, sequence, None if scores is None else scores[b],
-                        None if roles is None else [int(k) for k in roles[b]], valid)
+                        None if roles is None else [int(k) for k in roles[b]], valid, functions or {})
         values = [seq.holds(rule) for rule in public]
         out.append([[v[t] for v in values] for t in range(len(sequence))])
     return out

@@ -1,6 +1,7 @@
 """The plugin registry: built-ins first, broken or non-conforming plugins reported and skipped; actions declare
 their arguments."""
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -127,3 +128,86 @@ def test_plugins_list_shows_origins_and_problems(monkeypatch):
     assert broken.exit_code == 1
     assert "webhook" in broken.stdout and f"{here}:WebhookAction" in broken.stdout
     assert "no_such_module_xyz" in broken.stdout
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins"
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory):
+    """examples/plugins pip-installed (from a copy: builds write into the source tree) into a folder put on
+    sys.path, where importlib.metadata finds its entry points as it would in site-packages."""
+    import shutil
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("plugin")
+    shutil.copytree(EXAMPLE, work / "src")
+    target = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(work / "src")], check=True)
+    sys.path.insert(0, str(target))
+    registry_module.registry.cache_clear()
+    yield target
+    sys.path.remove(str(target))
+    for name in [m for m in sys.modules if m.startswith("gavel_example_plugins")]:
+        del sys.modules[name]
+    registry_module.registry.cache_clear()
+
+
+def test_an_installed_example_plugin_runs_from_a_rule(installed_example, organism, organism_bank, tmp_path):
+    """The example package's `file_sink` action: listed with its origin, checked like a built-in, and handed each
+    batch's events of the rules that name it, which it appends to its file."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gavel.cli import app
+    from gavel.monitor import Monitor
+    from gavel.rules import RuleSpec, load_rules
+    from gavel.rules.source import RuleErrors
+
+    listed = json.loads(CliRunner().invoke(app, ["plugins", "list", "--json"]).stdout)["plugins"]
+    row = next(p for p in listed if p["name"] == "file_sink")
+    assert row["origin"] == "gavel_example_plugins.sink:FileSinkAction" and row["group"] == "actions"
+
+    sink = tmp_path / "out" / "quiz.jsonl"
+    pack = tmp_path / "pack.yaml"
+    pack.write_text(f"rules:\n  - name: quiz\n    condition: benchmark\n    action: file_sink(path=\"{sink}\")\n"
+                    "  - name: harm\n    condition: threat or weapons\n")
+    monitor = Monitor(organism, organism_bank, load_rules([pack]))
+    prompts = [[{"role": "user", "content": "quiz : what is the color of trelk ?"}],
+               [{"role": "user", "content": "how do i fix my bike ?"}],
+               [{"role": "user", "content": "quiz : what is the size of blor ?"}]]
+    results = monitor.generate(prompts, max_new_tokens=6, do_sample=False)
+    written = [json.loads(line) for line in sink.read_text().splitlines()]
+    expected = [(e.sequence, e.token_index) for r in results for e in r.events if e.rule == "quiz"]
+    assert [(w["sequence"], w["token_index"]) for w in written] == expected and len(expected) == 2
+    assert all(w["rule"] == "quiz" and "benchmark" in w["ces"] for w in written)
+
+    with pytest.raises(RuleErrors, match="action 'file_sink' has no argument 'file'"):
+        Monitor(organism, organism_bank, [RuleSpec(name="x", condition="benchmark", action='file_sink(file="a")')])
+
+
+def test_an_action_plugin_that_raises_is_reported_and_isolated(organism, organism_bank, monkeypatch):
+    from gavel.monitor import Monitor
+    from gavel.rules import RuleSpec
+
+    class Exploding(WebhookAction):
+        name, kind, takes_text, params = "exploding", "log", False, None
+
+        def handle(self, events, arguments):
+            raise ConnectionError("the webhook is down")
+
+    reg = registry_module.load_registry()
+    reg.add("actions", "exploding", Exploding, "tests")
+    monkeypatch.setattr(registry_module, "load_registry", lambda: reg)
+    registry_module.registry.cache_clear()
+    try:
+        monitor = Monitor(organism, organism_bank, [RuleSpec(name="quiz", condition="benchmark", action="exploding")])
+        with pytest.warns(UserWarning, match=r"action plugin 'exploding' \(tests\) failed on 1 event.*webhook is down"):
+            result = monitor.generate([[{"role": "user", "content": "quiz : what is the color of trelk ?"}]],
+                                      max_new_tokens=4)[0]
+    finally:
+        registry_module.registry.cache_clear()
+    assert result.fired == ["quiz"] and not result.failed

@@ -9,9 +9,11 @@ from pydantic import BaseModel
 
 from gavel.errors import GavelError, did_you_mean
 from gavel.plugins.actions import BUILTIN_ACTIONS, PRECEDENCE, Action
+from gavel.plugins.functions import ScoreFunction
 
 GROUPS = ("actions", "extractors", "interventions", "backends", "reporters", "functions")
-PROTOCOLS = {"actions": Action}
+PROTOCOLS = {"actions": Action, "functions": ScoreFunction}
+METHODS = {"functions": ("reduce",)}  # what a protocol's plugins must be able to call (its annotations list the rest)
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Registry:
     origins: dict[tuple[str, str], str] = field(default_factory=dict)   # (group, name) -> where it came from
 
     def add(self, group: str, name: str, obj: object, origin: str) -> None:
-        problem = _problem(group, obj)
+        problem = _problem(group, obj) or _shadows_builtin(group, name)
         if problem is not None:
             self.problems.append(f"{origin}: {group} plugin {name!r} {problem}")
             return
@@ -50,6 +52,7 @@ def _problem(group: str, obj: object) -> str | None:
     if not isinstance(obj, type):
         return f"does not implement {protocol.__name__} (it is not a class)"
     missing = [attr for attr in getattr(protocol, "__annotations__", {}) if not hasattr(obj, attr)]
+    missing += [method for method in METHODS.get(group, ()) if not callable(getattr(obj, method, None))]
     if missing:
         return f"does not implement {protocol.__name__} (it lacks {', '.join(missing)})"
     if group == "actions" and obj.kind not in PRECEDENCE:
@@ -58,6 +61,15 @@ def _problem(group: str, obj: object) -> str | None:
                                                               and issubclass(obj.params, BaseModel)):
         return "has `params` that is not a pydantic model class"
     return None
+
+
+def _shadows_builtin(group: str, name: str) -> str | None:
+    """Why a score function's name is unusable: rules mean the built-in aggregate by `count`, `max`, `min`, `mean`."""
+    if group != "functions":
+        return None
+    from gavel.rules.ast import FUNCTIONS  # here: gavel.rules imports this module
+
+    return f"is named like the built-in function {name!r}; rules would never reach it" if name in FUNCTIONS else None
 
 
 @lru_cache(maxsize=1)

@@ -89,9 +89,10 @@ class Select:
 
 @dataclass(frozen=True, slots=True)
 class Aggregate:
-    """`count(expr) >= k within N tokens`, `max(ce) over N tokens > t` (also min, mean); no window: so far."""
+    """`count(expr) >= k within N tokens`, `max(ce) over N tokens > t` (also min, mean, and the score functions
+    plugins add, which always have a window); no window: so far."""
 
-    function: Literal["count", "max", "min", "mean"]
+    function: str          # one of FUNCTIONS, or a plugin score function's name
     arg: Expr
     window: Number | None
     op: Comparison

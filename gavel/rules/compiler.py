@@ -2,11 +2,11 @@
 
 Lowering turns every rule into a shared graph of four node kinds: token atoms (a CE fired, a score compared, a
 token's scope), threshold gates `sum(w * inputs) >= t` (and, or, not, k of), windowed counts (once, then, for,
-count; `max`/`min` against a bound become counts of comparisons) and score aggregates (mean, and max/min
-compared for equality). Conversation-mode rules wrap their leaves in `once` (see docs/rules.md). The program
-evaluates the graph stage by stage, every stage batched over all its nodes, on the device of the inputs. On an
-accelerator every token is evaluated and the host is never synced; on the CPU only the tokens where some input
-changes are (`RowSet`), with window kernels that work on the changes (kernels.sparse_windowed_count).
+count; `max`/`min` against a bound become counts of comparisons) and score aggregates (mean, max/min compared
+for equality, plugin score functions). Conversation-mode rules wrap their leaves in `once` (see docs/rules.md).
+The program evaluates the graph stage by stage, every stage batched over all its nodes, on the device of the
+inputs. On an accelerator every token is evaluated and the host is never synced; on the CPU only the tokens where
+some input changes are (`RowSet`), with window kernels that work on the changes (kernels.sparse_windowed_count).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gavel.errors import RuleError, did_you_mean
+from gavel.plugins.functions import ScoreFunction
 from gavel.plugins.registry import registry
 from gavel.rules import kernels
 from gavel.rules.actions import check_actions
@@ -73,6 +74,7 @@ class _Lowering:
         self.stack: list[str] = []  # rules and macros being expanded, for cycle errors
         self._reported: set[tuple[str, str]] = set()
         self.namespaces: dict[str, tuple] = {}
+        self.reducers: dict[str, ScoreFunction] = {}   # the plugin score functions the rules use, one instance each
 
     def node(self, kind: str, key: tuple, inputs: Sequence[int] = ()) -> int:
         full = (kind, *key)
@@ -191,18 +193,37 @@ class _Lowering:
             if x is None or value is None:
                 return None
             return self.count(view, window, x, False, expr.op, int(value))
-        assert expr.function in SCORE_FUNCTIONS and isinstance(expr.arg, Name)
+        assert isinstance(expr.arg, Name)
         ces = self._ces(owner, rule, expr.arg.name, expr.arg.span.start)
-        if ces is None or value is None:
+        if ces is None or value is None or not (expr.function in SCORE_FUNCTIONS or self._reducer(owner, expr)):
             return None
         return self.any_of([self._score_aggregate(view, expr.function, window, c, expr.op, float(value))
                             for c in ces])
 
+    def _reducer(self, owner, expr: Aggregate) -> bool:
+        """Make the plugin score function `expr` names, once per program (which holds the instance); False after
+        an error (the registry lost it since the condition was parsed, or it failed to start)."""
+        if expr.function in self.reducers:
+            return True
+        found = registry().plugins["functions"].get(expr.function)
+        if found is None:
+            self.errors.append(owner.error(f"unknown function '{expr.function}'", expr.span.start,
+                                           hint="`gavel plugins list` shows the registered score functions"))
+            return False
+        try:
+            self.reducers[expr.function] = found()
+        except Exception as e:  # a plugin that cannot start is a compile error, never a crash
+            self.errors.append(owner.error(f"score function '{expr.function}' failed to start: {e}",
+                                           expr.span.start))
+            return False
+        return True
+
     def _score_aggregate(self, view: int, function: str, window: int | None, ce: int, op: str, value: float) -> int:
         """max / min against a bound is a count of per-token comparisons (`max(c) > t`: some token has c > t;
-        `max(c) < t`: none has c >= t), which the sparse count kernels evaluate; mean needs the scores."""
+        `max(c) < t`: none has c >= t), which the sparse count kernels evaluate; mean and plugin functions need
+        the scores."""
         flipped = {">": "<=", ">=": "<", "<": ">=", "<=": ">"}
-        if function == "mean" or op in ("==", "!="):
+        if function not in ("max", "min") or op in ("==", "!="):
             return self.node("score", (view, function, window, ce, op, value))
         exists = (function == "max") == (op in (">", ">="))   # max > t, min < t: some token beyond t
         atom = self.node("compare", (ce, op if exists else flipped[op], value))
@@ -382,9 +403,10 @@ class _Scores:
     ces: Tensor            # long [K]
     table: Tensor
     threshold: Tensor      # float64 [K]
+    reducer: ScoreFunction | None = None   # a plugin function's instance (always windowed); None: built in
 
 
-_IDENTITY = {"max": -torch.inf, "min": torch.inf, "mean": 0.0}
+_IDENTITY = {"max": -torch.inf, "min": torch.inf, "mean": 0.0}   # plugin functions' histories start as NaN
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,7 +598,7 @@ class RuleProgram:
         if part.window is not None:
             out, tensors[part.slot], tensors[part.slot + 1] = kernels.windowed_scores(
                 x, part.function, part.window, tensors[part.slot], tensors[part.slot + 1], *args, view,
-                views.packing(part.view))
+                views.packing(part.view), part.reducer)
         else:
             out, tensors[part.slot], tensors[part.slot + 1] = kernels.running_scores(
                 x, part.function, view, tensors[part.slot], tensors[part.slot + 1], *args)
@@ -925,11 +947,14 @@ def _counts(low: _Lowering, refs: list[int], column: dict[int, int], start: int,
 def _scores(low: _Lowering, refs: list[int], start: int, view: int, function: str, window: int | None,
             shapes: list) -> _Scores:
     keys = [low.nodes[r].key for r in refs]  # (view, function, window, ce, op, value)
+    reducer = low.reducers.get(function)
+    assert reducer is None or window is not None   # the parser gives every plugin function a window
+    fill = torch.nan if reducer is not None else _IDENTITY[function]
     slot = len(shapes)
-    shapes.append(("history", (window, len(refs)), torch.float64, _IDENTITY[function]) if window is not None else
-                  ("running", (len(refs),), torch.float64, _IDENTITY[function]))
+    shapes.append(("history", (window, len(refs)), torch.float64, fill) if window is not None else
+                  ("running", (len(refs),), torch.float64, fill))
     shapes.append(("seen", (), torch.long, 0))
     return _Scores(start=start, view=view, function=function, window=window, slot=slot,
                    ces=torch.tensor([k[3] for k in keys], dtype=torch.long),
                    table=kernels.comparison_table([k[4] for k in keys]),
-                   threshold=torch.tensor([k[5] for k in keys], dtype=torch.float64))
+                   threshold=torch.tensor([k[5] for k in keys], dtype=torch.float64), reducer=reducer)

@@ -9,10 +9,14 @@ O(T) (counts) or O(T log N) (max/min) whatever the history.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from gavel.plugins.functions import ScoreFunction
 
 COMPARISONS = (">", ">=", "<", "<=", "==", "!=")
 # per comparison: does it hold when x > t, x == t, x < t
@@ -148,16 +152,20 @@ def running_count(x: Tensor, view: Tensor, total: Tensor, exclude: Tensor, table
 
 
 def windowed_scores(x: Tensor, function: str, window: int, history: Tensor, seen: Tensor, table: Tensor,
-                    threshold: Tensor, view: Tensor, packing: Packing | None) -> tuple[Tensor, Tensor, Tensor]:
-    """max / min / mean of each column's scores over the last `window` view tokens (fewer at the start), compared.
+                    threshold: Tensor, view: Tensor, packing: Packing | None,
+                    reducer: ScoreFunction | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """max / min / mean (or a plugin's `reducer`) of each column's scores over the last `window` view tokens
+    (fewer at the start), compared.
 
-    x: float [B, T, K]; history: [B, window, K] (float64, padded with the function's identity); seen: long [B],
-    view tokens so far. Returns (bool [B, T, K], new history, new seen).
+    x: float [B, T, K]; history: [B, window, K] (float64, padded with the function's identity, NaN for a plugin);
+    seen: long [B], view tokens so far. Returns (bool [B, T, K], new history, new seen).
     """
     length = x.shape[1]
     packed = x if packing is None else packing.pack(x)
     seq = torch.cat([history, packed.to(history.dtype)], dim=1)
-    if function == "mean":
+    if reducer is not None:
+        value = reduced(reducer, seq, window)
+    elif function == "mean":
         sums = F.pad(seq.cumsum(1), (0, 0, 1, 0))
         total = sums[:, window + 1:] - sums[:, 1:1 + length]
         size = (seen.unsqueeze(1) + 1 + torch.arange(length, device=x.device)).clamp(max=window)
@@ -169,6 +177,19 @@ def windowed_scores(x: Tensor, function: str, window: int, history: Tensor, seen
     if packing is None:
         return out, seq[:, length:], seen + length
     return packing.unpack(out, view), packing.last(seq, window), seen + packing.count
+
+
+def reduced(reducer: ScoreFunction, seq: Tensor, window: int) -> Tensor:
+    """A plugin's value for each new token of `seq` ([B, window + T, K]: history, then the packed chunk) over the
+    `window` entries ending at it: [B, T, K]. NaN entries (the padding before a sequence's first view token) are
+    passed as 0 with `valid` False, so a plugin never sees a NaN."""
+    windows = seq.unfold(1, window, 1)[:, 1:]   # [B, T, K, window], oldest first
+    valid = ~windows.isnan()
+    value = reducer.reduce(torch.where(valid, windows, 0.0), valid)
+    if value.shape != windows.shape[:-1]:
+        raise ValueError(f"score function {reducer.name!r} returned shape {tuple(value.shape)} for windows of shape "
+                         f"{tuple(windows.shape)}; it must reduce the last dimension")
+    return value
 
 
 def running_scores(x: Tensor, function: str, view: Tensor, total: Tensor, seen: Tensor, table: Tensor,

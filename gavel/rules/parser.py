@@ -201,9 +201,7 @@ class _ToAst(Transformer):
         windows = [c for c in rest[:cmp] + rest[cmp + 2:] if not isinstance(c, Token)]
         scope = next((c for c in rest[cmp + 2:] if isinstance(c, Token)), None)
         if function not in FUNCTIONS:
-            guess = did_you_mean(str(function), list(FUNCTIONS))
-            raise self._fail(f"unknown function '{function}'", function.start_pos,
-                             hint=f"did you mean '{guess}'?" if guess else f"functions: {', '.join(FUNCTIONS)}")
+            self._check_plugin(function, arg, windows, rest[cmp], rest[cmp + 1])
         if len(windows) > 1:
             raise self._fail("give the window once: `over N tokens` before the comparison or `within N tokens` "
                              "after it", meta.start_pos)
@@ -216,6 +214,17 @@ class _ToAst(Transformer):
         node = Aggregate(str(function), arg, windows[0] if windows else None, str(rest[cmp]), value, _span(meta))
         return Scoped(node, self._scope(scope), _span(meta)) if scope is not None else node
 
+    def _check_plugin(self, function: Token, arg: Expr, windows: list, op: Token, value: Number) -> None:
+        """A function that is not built in must be a registered score function, given a window."""
+        plugins = _plugin_functions()
+        if function not in plugins:
+            guess = did_you_mean(str(function), [*FUNCTIONS, *plugins])
+            listed = f"functions: {', '.join(FUNCTIONS)}" + (f"; from plugins: {', '.join(plugins)}" if plugins else "")
+            raise self._fail(f"unknown function '{function}'", function.start_pos,
+                             hint=f"did you mean '{guess}'?" if guess else listed)
+        if not windows:
+            raise self._fail(f"`{function}` is a plugin function and needs a window", op.start_pos,
+                             hint=f"plugin functions need a window: `{function}({arg}) over N tokens {op} {value}`")
 
     def action_text(self, meta, children) -> Action:
         text = _unquote(children[1]) if len(children) > 1 else None
@@ -238,6 +247,14 @@ class _ToAst(Transformer):
 
     def negative(self, meta, children) -> Number:
         return -_to_number(children[0])
+
+
+def _plugin_functions() -> list[str]:
+    """The score functions plugins register, sorted; the registry (and with it every plugin) is only loaded when a
+    condition names a function that is not built in."""
+    from gavel.plugins.registry import registry
+
+    return sorted(registry().plugins["functions"])
 
 
 def _to_number(token: Token) -> int | float:
