@@ -201,6 +201,16 @@ def fresh_compile_caches():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def fresh_organism():
+    """An organism no other test has touched: transformers installs permanent output-capturing hooks on a model's
+    layers the first time hidden states are asked for, and torch.compile guards on hook dicts that are not empty,
+    so the shared fixture could not show a graph traced without hooks."""
+    from gavel.models.loading import load_model
+
+    return load_model("builtin:organism")
+
+
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_every_decoding_step_runs_every_site_hook(organism, organism_bank, monkeypatch, mode, fresh_compile_caches):
     """The monitor is never silently blind: each forward of generate() (the prefill, then one per new token
@@ -241,20 +251,20 @@ def test_every_decoding_step_runs_every_site_hook(organism, organism_bank, monke
             torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-4)
 
 
-def test_a_decode_step_compiled_before_the_monitor_is_retraced_with_its_hooks(organism, organism_bank,
+def test_a_decode_step_compiled_before_the_monitor_is_retraced_with_its_hooks(fresh_organism, organism_bank,
                                                                                fresh_compile_caches):
     """By default torch.compile ignores hooks added to modules that had none when it traced them, so a decode step
     compiled before any monitor existed (a Monitor turns hook guards on) runs blind: Monitor.generate notices,
     clears the compile caches with a warning and generates again; the results equal eager generation."""
     from gavel.models.generation import prompt_batch
 
-    monitor = Monitor(organism, organism_bank, RULES)
+    monitor = Monitor(fresh_organism, organism_bank, RULES)
     plain = monitor.generate(PROMPTS, max_new_tokens=10, do_sample=False)
-    batch = prompt_batch(organism, PROMPTS)
+    batch = prompt_batch(fresh_organism, PROMPTS)
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):   # as traced before any monitor existed
-        organism.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   max_new_tokens=10, do_sample=False, pad_token_id=organism.tokenizer.pad_token_id,
-                                   **compiled_decoding())
+        fresh_organism.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         max_new_tokens=10, do_sample=False,
+                                         pad_token_id=fresh_organism.tokenizer.pad_token_id, **compiled_decoding())
     with pytest.warns(UserWarning, match="traced without gavel's hooks"):
         results = monitor.generate(PROMPTS, max_new_tokens=10, do_sample=False, **compiled_decoding())
     for got, want in zip(results, plain):
@@ -280,20 +290,20 @@ def test_guarded_and_unguarded_compiled_generation_alternate_without_blindness(o
 
 
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
-def test_your_own_generate_on_a_stale_compiled_graph_is_reported_not_silent(organism, organism_bank, policy,
+def test_your_own_generate_on_a_stale_compiled_graph_is_reported_not_silent(fresh_organism, organism_bank, policy,
                                                                             fresh_compile_caches):
     """In the user's own generate() call the monitor cannot retrace: every sequence is marked failed (and blocked
     under fail_closed), with a warning that says what to do."""
     from gavel.models.generation import prompt_batch
 
-    monitor = Monitor(organism, organism_bank, RULES, policy=policy)
-    batch = prompt_batch(organism, PROMPTS)
+    monitor = Monitor(fresh_organism, organism_bank, RULES, policy=policy)
+    batch = prompt_batch(fresh_organism, PROMPTS)
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "max_new_tokens": 8,
-              "do_sample": False, "pad_token_id": organism.tokenizer.pad_token_id, **compiled_decoding()}
+              "do_sample": False, "pad_token_id": fresh_organism.tokenizer.pad_token_id, **compiled_decoding()}
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):   # as traced before any monitor existed
-        organism.hf_model.generate(**kwargs)
+        fresh_organism.hf_model.generate(**kwargs)
     with monitor.watch_prompts(batch) as session:
-        out = organism.hf_model.generate(**kwargs, stopping_criteria=[session.stopping_criterion()])
+        out = fresh_organism.hf_model.generate(**kwargs, stopping_criteria=[session.stopping_criterion()])
     assert out.shape[1] == batch.input_ids.shape[1] + 2    # the prefill's token, then the first blind step's
     with pytest.warns(UserWarning, match="did not run in 1 of 2 forwards"):
         results = monitor.generation_results(session, batch, out)
