@@ -32,7 +32,7 @@ Usage: python benchmarks/monitor_overhead.py [--device cpu|cuda] [--models ...] 
        [--repeats 7] [--threads 1] [--new-tokens 64] [--batches 1 8] [--profile]
        [--out benchmarks/results/monitor_overhead.json]
 --profile adds per-decode-step timings of the monitor's own methods (stopwatches wrapped around
-Session / CEBank / LinearHead / RuleProgram methods at class level) for every eager row, and a cProfile
+Session / LinearHead / RuleProgram methods at class level) for every eager row, and a cProfile
 listing of one guarded batch run of the d512 model.
 """
 from __future__ import annotations
@@ -275,10 +275,10 @@ def _stopwatches(acc: dict[tuple[str, str], float], forwards: list[int]):
 
     patched = [(mod.Session, "before_forward", before),
                (mod.Session, "after_forward", None),
-               (mod.Session, "site_hook", lambda self, site: wrap("site hooks (stash + isfinite)",
+               (mod.Session, "site_hook", lambda self, site: wrap("site hooks (stash)",
                                                                  original["site_hook"](self, site))),
-               (CEBank, "score_head", None), (LinearHead, "score", None),
-               (RuleProgram, "advance", None), (RuleProgram, "evaluate", None)]
+               (LinearHead, "score", None),
+               (RuleProgram, "advance", None), (RuleProgram, "_chunk", None)]
     original = {name: getattr(cls, name) for cls, name, _ in patched}
     timed_before = wrap("before_forward", original["before_forward"])
     try:
@@ -309,17 +309,15 @@ def breakdown(handle: ModelHandle, monitor: Monitor, batch: int, new_tokens: int
         ms = {part: 1e3 * s / n for (p, part), s in acc.items() if p == phase}
         out[phase] = {k: round(v, 4) for k, v in {
             "before_forward (eos isin, allocations)": ms["before_forward"],
-            "site hooks (stash + isfinite, 4 sites)": ms["site hooks (stash + isfinite)"],
+            "site hooks (stash, 4 sites)": ms["site hooks (stash)"],
             "after_forward": ms["after_forward"],
-            "  score_head x4": ms["score_head"],
-            "    LinearHead.score (matmul)": ms["score"],
-            "    calibration + column indexing": ms["score_head"] - ms["score"],
+            "  LinearHead.score x4 (matmul)": ms["score"],
             "  RuleProgram.advance": ms["advance"],
-            "    evaluate": ms["evaluate"],
-            "    gather, mask, cumsum": ms["advance"] - ms["evaluate"],
-            "  rest (cur[...]=, isin, compare, flags, appends)": (ms["after_forward"] - ms["score_head"]
-                                                                  - ms["advance"]),
-            "total": ms["before_forward"] + ms["site hooks (stash + isfinite)"] + ms["after_forward"],
+            "    _chunk (one chunk of tokens)": ms["_chunk"],
+            "    chunking, state copies": ms["advance"] - ms["_chunk"],
+            "  rest (calibration, cur[...]=, isfinite, isin, compare, flags, appends)": (
+                ms["after_forward"] - ms["score"] - ms["advance"]),
+            "total": ms["before_forward"] + ms["site hooks (stash)"] + ms["after_forward"],
         }.items()}
     return out
 
@@ -444,10 +442,10 @@ def main() -> None:
               f"{fires}")
     if args.profile:
         print("\nmonitor code per decode step, ms (stopwatches around the monitor's methods):")
-        print(f"{'':50s}" + "".join(f"{label.split()[0] + ' b' + str(r['batch']):>14s}" for label, r in rows))
+        print(f"{'':72s}" + "".join(f"{label.split()[0] + ' b' + str(r['batch']):>14s}" for label, r in rows))
         for part in rows[0][1]["monitor_ms_per_forward"]["decode"]:
-            print(f"{part:50s}" + "".join(f"{r['monitor_ms_per_forward']['decode'][part]:14.3f}" for _, r in rows))
-        print(f"{'raw generate() time per new token, for scale':50s}"
+            print(f"{part:72s}" + "".join(f"{r['monitor_ms_per_forward']['decode'][part]:14.3f}" for _, r in rows))
+        print(f"{'raw generate() time per new token, for scale':72s}"
               + "".join(f"{1e3 * r['seconds_median']['raw'] / r['new_tokens']:14.3f}" for _, r in rows))
     targets = [("llama d512", "eager", 8, 0.90), *(("llama-8b", mode, b, 0.97 if b == 32 else 0.95)
                                                     for mode in ("eager", "compiled") for b in (1, 32))]
