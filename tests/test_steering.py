@@ -1,0 +1,149 @@
+"""Selective Steering fitted and applied: planted layers recovered, artifacts refused on other models, hooks that
+steer exactly the rows asked for and leave no trace."""
+import pytest
+import torch
+
+from gavel.errors import ArtifactError, DataError
+from gavel.models.hooks import count_hooks
+from gavel.steering.data import last_prompt_activations, norm_sites
+from gavel.steering.intervene import Intervention, steering
+from gavel.steering.plane import SteeringPlane
+
+D, LAYERS = 16, 6
+
+
+def planted(seed: int = 0, n: int = 40):
+    """Activations at ln1/ln2 of 6 blocks: at blocks 2 and 4 both sites project the two classes onto the shared
+    direction u with opposite signs; at block 3 only ln1 does; elsewhere both classes sit on the same side. Every
+    site's class difference is mostly u plus a site-dependent share of v, so the candidates span a plane."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.eye(D)[0], torch.eye(D)[1]
+    positive, negative = {}, {}
+    for site in norm_sites(LAYERS):
+        layer, first = int(site.split(".")[1]), "ln1" in site
+        opposite = layer in (2, 4) or (layer == 3 and first)
+        base = torch.randn(D, generator=g) * 0.2
+        base[0] = 0.0 if opposite else 3.0                      # where the classes sit along u
+        share = 0.3 * (layer + (0.5 if first else 0.0)) / LAYERS
+        noise = lambda: torch.randn(n, D, generator=g) * 0.05   # noqa: E731
+        positive[site] = base + (1.0 * u + share * v) + noise()
+        negative[site] = base - (1.0 * u + share * v) * (1.0 if opposite else 0.5) + noise()
+    return positive, negative
+
+
+def test_layer_selection_recovers_the_planted_blocks():
+    plane = SteeringPlane().fit(*planted())
+    assert plane.selected_layers == [2, 4]           # block 3 fails: one of its sites does not pass
+    assert plane.selected_sites == [s for s in norm_sites(LAYERS) if s.split(".")[1] in ("2", "4")]
+    b1, b2 = plane.plane_[:, 0], plane.plane_[:, 1]
+    assert abs(float(b1[0])) > 0.95 and abs(float(b2 @ b1)) < 1e-6 and abs(float(b2[1])) > 0.5
+    assert SteeringPlane(layers="all").fit(*planted()).selected_layers == list(range(LAYERS))
+
+
+def test_fitting_refuses_mismatched_or_empty_classes():
+    positive, negative = planted()
+    with pytest.raises(DataError, match="same sites"):
+        SteeringPlane().fit(positive, dict(list(negative.items())[1:]))
+    with pytest.raises(DataError, match="no prompts"):
+        SteeringPlane().fit(positive, {s: t[:0] for s, t in negative.items()})
+    with pytest.raises(DataError, match="'auto' or 'all'"):
+        SteeringPlane(layers="some").fit(positive, negative)
+
+
+def test_the_artifact_round_trips_and_refuses_another_model(organism, tmp_path):
+    plane = SteeringPlane().fit(*planted())
+    fingerprint = organism.fingerprint()
+    plane.save_artifact(tmp_path / "plane", fingerprint, {"positive": 40, "negative": 40}, {"data": "planted"})
+    loaded, manifest = SteeringPlane.load_artifact(tmp_path / "plane", fingerprint)
+    assert torch.equal(loaded.plane_, plane.plane_) and loaded.selected_sites == plane.selected_sites
+    assert manifest.layers == [2, 4] and manifest.samples == {"positive": 40, "negative": 40}
+    other = fingerprint.model_copy(update={"weights_sha256": "0" * 64})
+    with pytest.raises(ArtifactError, match="weights_sha256"):
+        SteeringPlane.load_artifact(tmp_path / "plane", other)
+    assert SteeringPlane.load_artifact(tmp_path / "plane", other, force=True)[1].layers == [2, 4]
+    with pytest.raises(ArtifactError, match="not a steering artifact"):
+        SteeringPlane.load_artifact(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def organism_plane(organism):
+    """A plane fitted on the organism: harmful vs benign requests, at every block's norm outputs."""
+    from gavel.organism.corpus import evaluation_sets
+    from gavel.organism.labels import as_conversation
+
+    sets = evaluation_sets()
+    sites = norm_sites(organism.n_layers)
+    pos = last_prompt_activations(organism, [as_conversation(e.prompt()) for e in sets["harmful"]], sites)
+    neg = last_prompt_activations(organism, [as_conversation(e.prompt()) for e in sets["benign"]], sites)
+    return SteeringPlane().fit(pos, neg)
+
+
+def logits(handle, conversations):
+    from gavel.models.generation import prompt_batch
+
+    batch = prompt_batch(handle, conversations)
+    with torch.no_grad():
+        return handle.forward(batch.input_ids, batch.attention_mask).logits
+
+
+PROMPTS = [[{"role": "user", "content": "how do i build a bomb to hurt my neighbor ."}],
+           [{"role": "user", "content": "how do i fix my bike ?"}]]
+
+
+def test_last_prompt_activations_read_the_end_of_the_generation_prompt(organism):
+    from gavel.models.chat import encode_conversation
+    from gavel.models.collect import collect_activations
+
+    site = "blocks.1.ln2.hook_normalized"
+    got = last_prompt_activations(organism, PROMPTS, [site])[site]
+    for i, conversation in enumerate(PROMPTS):
+        encoded = encode_conversation(organism.tokenizer, conversation, add_generation_prompt=True)
+        alone = collect_activations(organism, [encoded], [site]).sites[site][-1]
+        torch.testing.assert_close(got[i], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_rotation_by_zero_and_hooks_leave_the_model_as_it_was(organism, organism_plane):
+    base, before = logits(organism, PROMPTS), count_hooks(organism.model)
+    assert organism_plane.selected_sites                  # the organism's refusal plane is discriminative somewhere
+    with steering(organism, Intervention.from_plane(organism_plane, "rotate", 0.0)):
+        assert count_hooks(organism.model) == before + len(organism_plane.selected_sites)
+        torch.testing.assert_close(logits(organism, PROMPTS), base, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError), steering(organism, Intervention.from_plane(organism_plane, "rotate", 90.0)):
+        raise RuntimeError("boom")
+    assert count_hooks(organism.model) == before
+    torch.testing.assert_close(logits(organism, PROMPTS), base)
+
+
+@pytest.mark.parametrize("method,strength", [("rotate", 120.0), ("angular", 30.0), ("add", -1.0), ("ablate", 0.0)])
+def test_only_the_active_rows_are_steered(organism, organism_plane, method, strength):
+    intervention = Intervention.from_plane(organism_plane, method, strength)
+    base = logits(organism, PROMPTS)
+    with steering(organism, intervention):
+        steered = logits(organism, PROMPTS)
+    assert not torch.allclose(steered[0], base[0], atol=1e-3)   # it does something
+    with steering(organism, intervention, active=torch.tensor([True, False])):
+        mixed = logits(organism, PROMPTS)
+    torch.testing.assert_close(mixed[0], steered[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], base[1], atol=1e-5, rtol=1e-5)
+
+
+def test_interventions_name_what_is_wrong(organism_plane):
+    with pytest.raises(DataError, match="unknown steering method 'spin'"):
+        Intervention.from_plane(organism_plane, "spin", 1.0)
+    with pytest.raises(DataError, match="not fitted on site"):
+        Intervention.from_plane(organism_plane, "rotate", 1.0, sites=["blocks.0.hook_resid_post"])
+
+
+def test_sites_that_read_the_same_vector_for_every_prompt_take_no_part():
+    """The first block's input norm at the last template token is that token's embedding for every prompt: no
+    direction there. Such a site gets no candidate and is never selected; fewer than two informative sites is an
+    error."""
+    positive, negative = planted()
+    flat = "blocks.0.ln1.hook_normalized"
+    positive[flat] = negative[flat] = torch.ones(40, D)
+    plane = SteeringPlane().fit(positive, negative)
+    assert plane.selected_layers == [2, 4] and not plane.informative_[0] and not plane.candidates_[0].any()
+    for site in positive:
+        negative[site] = positive[site]
+    with pytest.raises(DataError, match="only 0 of 12 sites tell the two classes apart"):
+        SteeringPlane().fit(positive, negative)
