@@ -21,6 +21,7 @@ from gavel.monitor import Event, Monitor, Policy, Result, Session
 from gavel.plugins.actions import PRECEDENCE
 from gavel.plugins.registry import registry
 from gavel.probes.bank import CEBank
+from gavel.steering.rule_actions import Artifacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,9 @@ class Guard:
     """Wrap a model (a `ModelHandle`, or a Hugging Face model with its tokenizer) with a CE bank and rules."""
 
     def __init__(self, model, bank: CEBank | str | os.PathLike[str], rules, *, tokenizer=None,
-                 policy: Policy = "fail_open", audit: AuditLog | str | os.PathLike[str] | None = None) -> None:
+                 policy: Policy = "fail_open", audit: AuditLog | str | os.PathLike[str] | None = None,
+                 artifacts: Artifacts | None = None) -> None:
+        """`artifacts`: the steering artifacts the rules' steering actions name (see `Monitor`)."""
         from gavel.models.loading import wrap_model
         from gavel.rules import load_rules
 
@@ -72,7 +75,7 @@ class Guard:
         if isinstance(rules, (str, os.PathLike)) or (isinstance(rules, Sequence) and rules
                                                       and isinstance(rules[0], (str, os.PathLike))):
             rules = load_rules(rules)
-        self.monitor = Monitor(handle, bank, rules, policy=policy)
+        self.monitor = Monitor(handle, bank, rules, policy=policy, artifacts=artifacts)
         self.audit = AuditLog(audit) if isinstance(audit, (str, os.PathLike, Path)) else audit
 
     @property

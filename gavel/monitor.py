@@ -27,6 +27,7 @@ from gavel.rules import compile_rules
 from gavel.rules.actions import check_actions
 from gavel.rules.compiler import RESPONSE
 from gavel.rules.source import RuleErrors
+from gavel.steering.rule_actions import Artifacts, Steerer, steering_rules
 
 Policy = Literal["fail_open", "fail_closed"]
 
@@ -70,7 +71,9 @@ class Monitor:
     """CE bank + rules over a model. `watch()` attaches hooks; `generate()` and `scan()` use it."""
 
     def __init__(self, handle: ModelHandle, bank: CEBank, rules: Sequence, *, policy: Policy = "fail_open",
-                 score: Literal["rules", "all"] = "rules") -> None:
+                 score: Literal["rules", "all"] = "rules", artifacts: Artifacts | None = None) -> None:
+        """`artifacts` names the steering artifacts rules may steer with (fitted planes or directories); a name
+        not given is read as a directory relative to the rule's file."""
         if policy not in ("fail_open", "fail_closed"):
             raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {policy!r}")
         self.handle, self.bank, self.policy = handle, bank, policy
@@ -104,6 +107,7 @@ class Monitor:
         self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
         self.can_block = any(a.stops_generation for a in actions)
         self.action_names = [a.name for a in actions]
+        self.steering = steering_rules(self.rules, actions, handle, artifacts)
         eos = handle.hf_model.generation_config.eos_token_id if handle.is_causal else None
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
@@ -133,7 +137,8 @@ class Monitor:
                                                            with_kwargs=True))
             handles.append(model.register_forward_hook(torch.compiler.disable(session.after_forward),
                                                        with_kwargs=True))
-            with self.handle.hooks([(s, session.site_hook(s)) for s in self.sites]):
+            # steering first: a CE read where a rule steers sees the steered activation
+            with self.handle.hooks(session.steerer.hooks() + [(s, session.site_hook(s)) for s in self.sites]):
                 yield session
         finally:
             for h in reversed(handles):
@@ -249,6 +254,7 @@ class Session:
         self.classes = classes   # [B, T_prompt] token class codes of the first forward, padded like its ids
         self.mask = mask         # [B, T_prompt] its real tokens (a static cache gives forwards 4-d masks)
         self.state = monitor.program.init_state(batch_size, device)
+        self.steerer = Steerer(monitor.steering, batch_size, device)
         self.alive = torch.ones(batch_size, dtype=torch.bool, device=device)
         self.blocked = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.failed = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -326,6 +332,7 @@ class Session:
         holds, self.state = program.advance(fired, self.state, valid, scores=scores,
                                             roles=self.cur_classes if program.needs_roles else None)
         holds = holds & valid[..., None]
+        self.steerer.update(holds)
         if self.m.can_block:
             self.blocked |= (holds & self.m.stops).any(-1).any(-1)
         self.alive &= ~self.blocked

@@ -97,11 +97,13 @@ def test_a_pack_with_every_field_loads():
     assert check_actions(rules, REGISTRY) == []
 
 
-def test_declared_steering_actions_are_refused_when_a_monitor_must_run_them():
-    rules = load_rules(FRAUD)
-    (err,) = check_actions(rules, REGISTRY, runnable=True)
-    assert "action 'rotate' is declared but not implemented yet" in err.message
-    assert at(err) == spot(FRAUD, "action: rotate", "rotate")
+def test_declared_steering_actions_are_refused_when_a_monitor_must_run_them(tmp_path):
+    assert check_actions(load_rules(FRAUD), REGISTRY, runnable=True) == []     # rotate is implemented
+    pack = tmp_path / "align.yaml"
+    pack.write_text("rules:\n  - name: x\n    condition: tax\n    action: align(model=\"reference\")\n")
+    (err,) = check_actions(load_rules(pack), REGISTRY, runnable=True)
+    assert "action 'align' is declared but not implemented yet" in err.message
+    assert at(err) == spot(pack, "action: align", "align")
 
 
 def test_the_gvl_surface_loads_to_the_same_rules():

@@ -1,9 +1,10 @@
-"""The built-in rule actions: log, alert, block, and the steering actions later issues implement.
+"""The built-in rule actions: log, alert, block, and the steering actions (rotate, add, ablate and declared ones).
 
 An action declares what a rule may write after its name: `params`, a pydantic model of its `name(key=value)`
 arguments (None: it takes none), and `takes_text`, whether `name "text"` is allowed (alert's message, block's
-reply). The steering actions are declarations only (`implemented = False`): rules naming them load and lint,
-and a monitor refuses them until their interventions exist.
+reply). `rotate`, `add` and `ablate` steer the sequence that fired (gavel.steering); `align`, `steer_neurons` and
+`perturb` are declarations only (`implemented = False`): rules naming them load and lint, and a monitor refuses
+them until their interventions exist.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class BlockAction:
     implemented: ClassVar[bool] = True
 
 
-# --- steering: declared now, implemented by later issues --------------------------------------------------------
+# --- steering ------------------------------------------------------------------------------------------------
 
 class _Args(BaseModel):
     """Arguments of an action: exactly these names, numbers as numbers (strict), finite."""
@@ -74,18 +75,27 @@ class _Args(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-class RotateArgs(_Args):
-    plane: str = Field(description="the named plane (two directions) to rotate the residual stream in")
+class _SteeringArgs(_Args):
+    """Where and how long a steering action acts: the artifact's selected blocks (`layers="auto"`), all of its
+    blocks (`"all"`) or a range (`"2-5"`, `"3"`); from the forward after the rule fires to the end of the
+    generation, or for `duration` tokens (forward passes)."""
+
+    layers: str = Field(default="auto", pattern=r"^(auto|all|\d+(-\d+)?)$")
+    duration: int | None = Field(default=None, ge=1, description="tokens to steer for (default: to the end)")
+
+
+class RotateArgs(_SteeringArgs):
+    plane: str = Field(description="the steering artifact (a name the monitor was given, or a directory)")
     angle: float = Field(description="degrees")
 
 
-class AddArgs(_Args):
-    vector: str = Field(description="the named steering vector to add")
+class AddArgs(_SteeringArgs):
+    vector: str = Field(description="the steering artifact whose per-site difference of class means is added")
     strength: float
 
 
-class AblateArgs(_Args):
-    direction: str = Field(description="the named direction to project out")
+class AblateArgs(_SteeringArgs):
+    direction: str = Field(description="the steering artifact whose first plane axis (b1) is projected out")
 
 
 class AlignArgs(_Args):
@@ -104,50 +114,61 @@ class PerturbArgs(_Args):
 
 @dataclass(frozen=True)
 class _Steering:
-    """A steering action: changes the activations and keeps generating; not implemented yet."""
+    """A steering action: changes the activations of the sequence that fired and keeps generating."""
 
     kind: ClassVar[str] = "steer"
     stops_generation: ClassVar[bool] = False
     takes_text: ClassVar[bool] = False
+    implemented: ClassVar[bool] = True
+    method: ClassVar[str]       # the gavel.steering.intervene method it applies
+
+
+class _Declared(_Steering):
+    """Declared now (rules naming it load and lint), implemented by a later issue."""
+
     implemented: ClassVar[bool] = False
 
 
 class RotateAction(_Steering):
-    """`rotate(plane=..., angle=...)`: rotate the residual stream in a plane by `angle` degrees."""
+    """`rotate(plane=..., angle=...)`: rotate the activations in the artifact's plane by `angle` degrees
+    (Selective Steering), at its selected blocks."""
 
     name: ClassVar[str] = "rotate"
+    method: ClassVar[str] = "rotate"
     params: ClassVar[type[BaseModel] | None] = RotateArgs
 
 
 class AddAction(_Steering):
-    """`add(vector=..., strength=...)`: add a steering vector."""
+    """`add(vector=..., strength=...)`: add `strength` times the artifact's difference of class means."""
 
     name: ClassVar[str] = "add"
+    method: ClassVar[str] = "add"
     params: ClassVar[type[BaseModel] | None] = AddArgs
 
 
 class AblateAction(_Steering):
-    """`ablate(direction=...)`: project a direction out of the residual stream."""
+    """`ablate(direction=...)`: project the artifact's first plane axis out of the activations."""
 
     name: ClassVar[str] = "ablate"
+    method: ClassVar[str] = "ablate"
     params: ClassVar[type[BaseModel] | None] = AblateArgs
 
 
-class AlignAction(_Steering):
+class AlignAction(_Declared):
     """`align(model=...)`: pull activations towards a reference model's."""
 
     name: ClassVar[str] = "align"
     params: ClassVar[type[BaseModel] | None] = AlignArgs
 
 
-class SteerNeuronsAction(_Steering):
+class SteerNeuronsAction(_Declared):
     """`steer_neurons(neurons=..., strength=...)`: scale a set of neurons."""
 
     name: ClassVar[str] = "steer_neurons"
     params: ClassVar[type[BaseModel] | None] = SteerNeuronsArgs
 
 
-class PerturbAction(_Steering):
+class PerturbAction(_Declared):
     """`perturb(method=..., budget=...)`: perturb the activations within a budget."""
 
     name: ClassVar[str] = "perturb"

@@ -43,8 +43,9 @@ def _argument_error(rule: RuleSpec, plugin: type, err: dict) -> RuleError:
     key = str(err["loc"][0]) if err["loc"] else ""
     fields = list(plugin.params.model_fields)
     if err["type"] == "missing":
+        required = [f for f, info in plugin.params.model_fields.items() if info.is_required()]
         return rule.action_error(f"action '{name}' needs argument '{key}'", 0,
-                                 hint=f"write it as {name}({', '.join(f'{f}=...' for f in fields)})")
+                                 hint=f"write it as {name}({', '.join(f'{f}=...' for f in required)})")
     if err["type"] == "extra_forbidden":
         return rule.action_error(f"action '{name}' has no argument '{key}'", _argument_offset(rule.action, key),
                                  hint=_hint(key, fields) or f"its arguments: {', '.join(fields)}")
