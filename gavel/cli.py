@@ -14,6 +14,7 @@ from gavel.cli_chat import chat
 from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
 from gavel.cli_plugins import plugins_app
 from gavel.cli_rules import rules_app
+from gavel.cli_steer import steer_app
 from gavel.errors import GavelError
 
 app = typer.Typer(help="gavel: cognitive-element probes, safety rules and a real-time monitor for LLMs.",
@@ -24,6 +25,7 @@ ce_app = typer.Typer(help="Fit, evaluate and inspect cognitive-element (CE) bank
 app.add_typer(ce_app, name="ce")
 app.add_typer(rules_app, name="rules")
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(steer_app, name="steer")
 app.command()(audit)
 app.command()(chat)
 
