@@ -69,3 +69,18 @@ def test_bad_inputs_exit_2_with_a_reason(plane_dir, tmp_path):
     assert unknown.exit_code == 2 and "no organism prompt set 'harmfull'" in unknown.output
     nothing = runner.invoke(app, ["steer", "run", "--plane", str(plane_dir)])
     assert nothing.exit_code == 2 and "--prompt" in nothing.output
+
+
+def test_a_refusal_ce_can_judge_the_sweep(plane_dir, organism_bank, tmp_path):
+    """`--judge BANK:CE`: a reply is a refusal where the bank's refusal CE fires on it. It agrees with the phrases on
+    the unsteered refusals and sees the steered replies as (mostly) not refusing; it is stricter on a few steered
+    replies that say "cannot" later on (0.15 against 0.05 at 90 degrees)."""
+    bank = organism_bank.save(tmp_path / "bank")
+    by_ce = sweep(plane_dir, "builtin:harmful", "--method", "rotate", "--angles", "0,90", "--judge",
+                  f"{bank}:refusal")["rotate"]
+    by_phrases = sweep(plane_dir, "builtin:harmful", "--method", "rotate", "--angles", "0,90")["rotate"]
+    ce, phrases = ([p["refusal_rate"] for p in s["points"]] for s in (by_ce, by_phrases))
+    assert ce[0] == phrases[0] == 1.0 and phrases[1] <= ce[1] <= 0.2
+    wrong = runner.invoke(app, ["steer", "eval", "--plane", str(plane_dir), "--data", "builtin:harmful",
+                                "--judge", f"{bank}:refusl"])
+    assert wrong.exit_code == 2 and "did you mean 'refusal'" in wrong.output
