@@ -16,6 +16,7 @@ from gavel.steering.geometry import (
     candidate_directions,
     discriminative,
     orthonormal_basis,
+    project_out,
     projection_means,
     rotate_in_plane,
     rotation_2d,
@@ -434,3 +435,14 @@ def test_projection_means_reject_bad_activations():
         projection_means(h_pos, h_neg, b1)
     with pytest.raises(ValueError, match="same leading dims"):
         projection_means(h_pos, h_neg[0], b1)
+
+
+def test_project_out_is_ablation_along_a_unit_vector():
+    """The unchecked per-forward form equals the checked one for a unit direction, in every dtype it serves."""
+    g = torch.Generator().manual_seed(5)
+    direction = torch.randn(24, generator=g)
+    unit = direction / direction.norm()
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        h = torch.randn(3, 7, 24, generator=g).to(dtype)
+        assert project_out(h, unit).dtype == dtype
+        torch.testing.assert_close(project_out(h, unit), ablate_direction(h, direction))

@@ -136,7 +136,14 @@ def add_direction(h: torch.Tensor, vector: torch.Tensor, coefficient: PerRow) ->
 def ablate_direction(h: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Directional ablation: h' = h - <h, d> d with d = direction / |direction| (a zero direction is an error)."""
     x = _as_compute(h)
-    unit = _unit_rows(_vector_for(direction, x, "direction")[None], "direction")[0]
+    return project_out(h, _unit_rows(_vector_for(direction, x, "direction")[None], "direction")[0])
+
+
+def project_out(h: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """h - <h, u> u for a unit vector u, not re-checked: the per-forward path (checking the norm would make the
+    host wait for the device at every hook call)."""
+    x = _as_compute(h)
+    unit = _vector_for(unit, x, "unit")
     return (x - (x @ unit).unsqueeze(-1) * unit).to(h.dtype)
 
 

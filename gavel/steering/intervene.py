@@ -17,7 +17,7 @@ import torch
 from gavel.errors import DataError
 from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
-from gavel.steering.geometry import ablate_direction, add_direction, angular_steer, rotate_in_plane
+from gavel.steering.geometry import add_direction, angular_steer, project_out, rotate_in_plane
 from gavel.steering.plane import SteeringPlane
 
 Method = Literal["rotate", "angular", "angular_adaptive", "add", "ablate"]
@@ -61,7 +61,7 @@ class Intervention:
             return angular_steer(act, self.plane, self.strength, adaptive=self.method == "angular_adaptive")
         if self.method == "add":
             return add_direction(act, self.vectors[self.sites.index(site)], self.strength)
-        return ablate_direction(act, self.plane[:, 0])
+        return project_out(act, self.plane[:, 0])      # the plane's columns are unit vectors
 
     def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
         """(site, hook) pairs; with `active` (bool [batch]), rows where it is False pass through unchanged."""
