@@ -137,7 +137,7 @@ def test_one_bad_rule_never_hides_the_others(tmp_path):
             condtion: tax
           - name: bad_action
             condition: tax
-            action: nuke it
+            action: block it
           - name: bad_condition
             condition: tax and
           - name: good
@@ -149,13 +149,13 @@ def test_one_bad_rule_never_hides_the_others(tmp_path):
     assert messages == [
         (4, "rule 'typo': missing required field 'condition'"),
         (5, "rule 'typo': unknown field 'condtion'"),
-        (8, "rule 'bad_action': unexpected `it`; expected a \"quoted string\", `(` or end of condition"),
+        (8, "rule 'bad_action': action 'block' takes its text in double quotes"),
         (10, "rule 'bad_condition': unexpected end of condition; expected a name, a number, a `${parameter}`, `all`, "
              "`any`, `not`, `once`, `ever` or `(`"),
         (11, "duplicate rule name 'good' (first defined at " + str(path) + ":2:5)"),
     ]
     assert errors[1].hint == "did you mean 'condition'?"
-    assert errors[2].location.column == 18  # the word after the action's name
+    assert errors[2].location.column == 19  # the word after the action's name
     with pytest.raises(RuleErrors, match="5 rule errors"):
         load_rules(path)
 

@@ -87,6 +87,31 @@ def test_actions_parse():
             parse_action(bad)
 
 
+@pytest.mark.parametrize(("phrase", "call"), [
+    ("rotate refusal by 60", 'rotate(plane="refusal", angle=60)'),
+    ("rotate refusal by -30 at layers 2..5 for 8 tokens", 'rotate(plane="refusal", angle=-30, layers="2-5", duration=8)'),
+    ("add refusal by 0.5 at layers auto", 'add(vector="refusal", strength=0.5, layers="auto")'),
+    ("ablate refusal at layers 3 for 1 token", 'ablate(direction="refusal", layers="3", duration=1)'),
+    ("ablate refusal", 'ablate(direction="refusal")'),
+])
+def test_steering_actions_read_as_phrases(phrase, call):
+    """`ACTION ARTIFACT by AMOUNT at layers L..M for N tokens` is the keyword call, argument for argument."""
+    assert parse_action(phrase).args == parse_action(call).args and str(parse_action(phrase)) == call
+
+
+@pytest.mark.parametrize(("text", "message", "hint"), [
+    ("rotate refusal with 60", "expected `by`, not 'with'", "`ACTION ARTIFACT by AMOUNT at layers L..M for N tokens`"),
+    ("ablate refusal by 3", "action 'ablate' takes no amount", "write `ablate refusal`"),
+    ("rotat refusal by 3", "unknown action 'rotat'", "did you mean 'rotate'?"),
+    ("log refusal", "action 'log' has no phrase form", "for actions whose first arguments are an artifact"),
+    ("block sorry", "action 'block' takes its text in double quotes", 'write block "sorry ..."'),
+])
+def test_phrase_mistakes_are_explained(text, message, hint):
+    with pytest.raises(ConditionSyntaxError) as caught:
+        parse_action(text)
+    assert message in caught.value.message and hint in caught.value.hint
+
+
 @pytest.mark.parametrize(("text", "message", "hint"), [
     ("maxx(a) > 1", "unknown function 'maxx'", "did you mean 'max'?"),
     ("a in usr", "unknown scope 'usr'", "did you mean 'user'?"),

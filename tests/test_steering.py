@@ -234,3 +234,25 @@ def test_steerer_starts_on_rising_edges_and_counts_durations_down():
     assert forward((0, 0)) == [True, False]
     assert forward((0, 1)) == [True, True]              # a new start re-arms the limited rule
     assert not steerer.active[:, 1].any()               # the other sequence never fired
+
+
+def test_phrase_actions_in_gvl_and_yaml_packs_steer_with_an_artifact_beside_them(organism, organism_bank,
+                                                                                    residual_plane, tmp_path):
+    """`action add refusal by 1.0 for 2 tokens` in a .gvl pack and in a YAML pack, the artifact a folder next to
+    the pack (no `artifacts=` needed), give what the keyword call gives."""
+    from gavel.guard import Guard
+    from gavel.rules import RuleSpec, load_rules
+
+    residual_plane.save_artifact(tmp_path / "refusal", organism.fingerprint(), {"positive": 20, "negative": 40})
+    (tmp_path / "steer.gvl").write_text('rule derail {\n  when harmful_request\n  action add refusal by 1.0 for 2 tokens\n'
+                                        '  severity high\n}\n')
+    (tmp_path / "steer.yaml").write_text("rules:\n  - name: derail\n    condition: harmful_request\n"
+                                         "    action: add refusal by 1.0 at layers auto for 2 tokens\n")
+    keyword = RuleSpec(name="derail", condition="harmful_request",
+                       action='add(vector="refusal", strength=1.0, duration=2)')
+    want = [r.text for r in Guard(organism, organism_bank, [keyword], artifacts={"refusal": residual_plane})
+            .generate(MIXED, max_new_tokens=12)]
+    for pack in ("steer.gvl", "steer.yaml"):
+        rules = load_rules([tmp_path / pack])
+        assert rules[0].severity == "high" or pack.endswith("yaml")
+        assert [r.text for r in Guard(organism, organism_bank, rules).generate(MIXED, max_new_tokens=12)] == want

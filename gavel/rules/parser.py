@@ -238,6 +238,51 @@ class _ToAst(Transformer):
                 raise self._fail(f"argument '{key}' is given twice", meta.start_pos)
         return Action(str(children[0]), None, args, _span(meta))
 
+    def action_phrase(self, meta, children) -> Action:
+        """`rotate refusal by 60 at layers 2..5 for 8 tokens` -> rotate(plane="refusal", angle=60, layers="2-5",
+        duration=8): the artifact and the amount go to the action's first two required arguments."""
+        name, artifact, *rest = children
+        known, plugin = _action_plugin(str(name))
+        if getattr(plugin, "takes_text", False):
+            raise self._fail(f"action '{name}' takes its text in double quotes", artifact.start_pos,
+                             hint=f'write {name} "{artifact} ..."')
+        fields = _phrase_fields(plugin)
+        if fields is None:
+            guess = did_you_mean(str(name), known)
+            raise self._fail(f"action '{name}' has no phrase form" if name in known else f"unknown action '{name}'",
+                             name.start_pos, hint=f"did you mean '{guess}'?" if guess and name not in known else
+                             "the phrase form (`rotate refusal by 60`) is for actions whose first arguments are an "
+                             "artifact and an amount; write the others as `name` or `name(key=value, ...)`")
+        args: list[tuple[str, object]] = [(fields[0], str(artifact))]
+        rest = list(rest)
+        if rest and isinstance(rest[0], Token) and rest[0].type == "NAME" and rest[0] != "at":
+            word, amount = rest.pop(0), rest.pop(0)
+            self._expect(word, "by")
+            if len(fields) < 2:
+                raise self._fail(f"action '{name}' takes no amount", word.start_pos, hint=f"write `{name} {artifact}`")
+            args.append((fields[1], self._amount(meta, amount)))
+        if rest and isinstance(rest[0], Token) and rest[0].type == "NAME":
+            at, layers, span = rest.pop(0), rest.pop(0), rest.pop(0)
+            self._expect(at, "at")
+            self._expect(layers, "layers")
+            args.append(("layers", span))
+        if rest:
+            args.append(("duration", int(rest[0])))
+        return Action(str(name), None, tuple(args), _span(meta))
+
+    def span(self, meta, children) -> str:
+        return "-".join(str(c) for c in children)
+
+    def _expect(self, token: Token, word: str) -> None:
+        if str(token) != word:
+            raise self._fail(f"expected `{word}`, not '{token}'", token.start_pos,
+                             hint="the phrase form reads `ACTION ARTIFACT by AMOUNT at layers L..M for N tokens`")
+
+    def _amount(self, meta, value) -> object:
+        if isinstance(value, Token):
+            return _to_number(value) if value.type == "NUMBER" else self.number(meta, [value])
+        return value
+
     def argument(self, meta, children) -> tuple[str, object]:
         value = children[1]
         if isinstance(value, Token):
@@ -263,6 +308,22 @@ def _to_number(token: Token) -> int | float:
 
 def _unquote(token: Token) -> str:
     return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), str(token)[1:-1])
+
+
+def _action_plugin(action: str) -> tuple[list[str], object | None]:
+    """The registered action names and `action`'s plugin (None if unknown); the registry is loaded only when a rule
+    writes an action in the phrase form."""
+    from gavel.plugins.registry import registry
+
+    actions = registry().plugins["actions"]
+    return sorted(actions), actions.get(action)
+
+
+def _phrase_fields(plugin: object | None) -> list[str] | None:
+    """The plugin's required arguments in order when the phrase form fits it: one or two (an artifact, an amount)."""
+    params = getattr(plugin, "params", None)
+    required = [f for f, info in params.model_fields.items() if info.is_required()] if params is not None else []
+    return required if 1 <= len(required) <= 2 else None
 
 
 def _span(meta) -> Span:
