@@ -1,0 +1,146 @@
+"""Weight deltas: additive edits of named parameters, saved as safetensors with the model's fingerprint, applied to a
+model and removed again bit for bit (the originals are kept while applied, since (w + d) - d need not equal w in
+floating point). LLM-VA's closed-form edits of o_proj / down_proj are such deltas.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from gavel.errors import ArtifactError, SiteError
+from gavel.models.fingerprint import ModelFingerprint
+from gavel.models.sites import parse_site, resolve_site
+
+MANIFEST = "delta.json"
+TENSORS = "delta.safetensors"
+FORMAT_VERSION = 1
+
+
+class DeltaManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format_version: int = FORMAT_VERSION
+    kind: str = "weight_delta"
+    fingerprint: ModelFingerprint
+    base_sha256: dict[str, str]        # each edited parameter's bytes before the edit
+    provenance: dict[str, str] = {}
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def output_projection(model: torch.nn.Module, site: str) -> torch.nn.Module:
+    """The linear map whose output is a block's `hook_attn_out` / `hook_mlp_out` (o_proj / down_proj and the like):
+    an edit of its weight changes exactly that sublayer output. Refused where a norm sits after the projection."""
+    parsed = parse_site(site)
+    inner = {"hook_attn_out": "attn.hook_z", "hook_mlp_out": "mlp.hook_post"}.get(parsed.kind)
+    if inner is None:
+        raise SiteError(f"{site}: weight edits apply to hook_attn_out and hook_mlp_out sites")
+    projection = resolve_site(model, f"blocks.{parsed.layer}.{inner}").module
+    target = resolve_site(model, site).module
+    if not (target is projection or any(m is projection for m in target.children())):
+        raise SiteError(f"{site} is read after {type(target).__name__}, not at the output of "
+                        f"{type(projection).__name__}: a weight edit of the projection cannot reproduce it")
+    return projection
+
+
+@dataclass
+class WeightDelta:
+    """Parameter name -> additive delta (in the parameter's own layout), for the model of `fingerprint`."""
+
+    deltas: dict[str, torch.Tensor]
+    fingerprint: ModelFingerprint
+    base_sha256: dict[str, str]
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, fingerprint: ModelFingerprint, deltas: Mapping[str, torch.Tensor],
+                  provenance: Mapping[str, str] | None = None) -> "WeightDelta":
+        """A delta for these parameters of `model`, recording their current bytes (what `apply` will check)."""
+        params = dict(model.named_parameters())
+        missing = [name for name in deltas if name not in params]
+        if missing:
+            raise ArtifactError(f"the model has no parameter(s) {', '.join(missing)}")
+        return cls({k: v.detach().to("cpu").contiguous() for k, v in deltas.items()}, fingerprint,
+                   {name: tensor_digest(params[name]) for name in deltas}, dict(provenance or {}))
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(self.deltas, d / TENSORS)
+        manifest = DeltaManifest(fingerprint=self.fingerprint, base_sha256=self.base_sha256,
+                                 provenance=self.provenance)
+        (d / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None,
+             force: bool = False) -> "WeightDelta":
+        """A saved delta; with the live model's fingerprint, one made for another model is refused unless `force`."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / MANIFEST).is_file() or not (d / TENSORS).is_file():
+            raise ArtifactError(f"{d} is not a weight delta (needs {MANIFEST} and {TENSORS})")
+        try:
+            manifest = DeltaManifest.model_validate(json.loads((d / MANIFEST).read_text()))
+        except (ValueError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{d / MANIFEST}: invalid delta manifest: {e}") from None
+        if fingerprint is not None and not force:
+            manifest.fingerprint.check(fingerprint, what=f"weight delta {d}")
+        return cls(load_file(d / TENSORS), manifest.fingerprint, manifest.base_sha256, manifest.provenance)
+
+    def apply(self, model: torch.nn.Module, force: bool = False) -> "AppliedDelta":
+        """Add the deltas to the model's parameters in place; `remove()` on the result restores them bit for bit.
+        Parameters whose current bytes differ from those the delta was made on are refused unless `force`."""
+        params = dict(model.named_parameters())
+        for name, delta in self.deltas.items():
+            if name not in params:
+                raise ArtifactError(f"the model has no parameter {name}")
+            if tuple(params[name].shape) != tuple(delta.shape):
+                raise ArtifactError(f"{name}: the delta is {tuple(delta.shape)}, the parameter "
+                                    f"{tuple(params[name].shape)}")
+            if not force and tensor_digest(params[name]) != self.base_sha256[name]:
+                raise ArtifactError(f"{name} is not the weight this delta was made for (already edited, or another "
+                                    "checkpoint)", hint="remove the earlier edit first, or pass force=True")
+        originals = {name: params[name].detach().clone() for name in self.deltas}
+        with torch.no_grad():
+            for name, delta in self.deltas.items():
+                p = params[name]
+                p.copy_((p.double() + delta.to(p.device, torch.float64)).to(p.dtype))
+        return AppliedDelta(params, originals)
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module, force: bool = False) -> Iterator["AppliedDelta"]:
+        """The model edited inside the block, restored bit for bit after it (also on errors)."""
+        edit = self.apply(model, force=force)
+        try:
+            yield edit
+        finally:
+            edit.remove()
+
+
+@dataclass
+class AppliedDelta:
+    """An applied edit: `remove()` copies the original parameters back."""
+
+    params: dict[str, torch.nn.Parameter]
+    originals: dict[str, torch.Tensor]
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                self.params[name].copy_(original)
+        self.originals = {}
