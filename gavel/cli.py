@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from gavel.cli_align import align_app
 from gavel.cli_audit import audit
 from gavel.cli_chat import chat
 from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
@@ -26,6 +27,7 @@ app.add_typer(ce_app, name="ce")
 app.add_typer(rules_app, name="rules")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(steer_app, name="steer")
+app.add_typer(align_app, name="align")
 app.command()(audit)
 app.command()(chat)
 

@@ -19,23 +19,6 @@ PlaneOpt = Annotated[Path, typer.Option("--plane", "-p", help="A steering artifa
 LayersOpt = Annotated[str, typer.Option(help="Blocks to steer: auto (the sign test), all, L or L-M.")]
 
 
-def read_prompts(source: str) -> list[list[dict[str, str]]]:
-    """Conversations from a JSONL/JSON file (as `gavel audit --data` reads) or an organism prompt set,
-    `builtin:harmful` (also benign, roleplay, alarming, opinion, ...)."""
-    if source.startswith("builtin:"):
-        from gavel.organism.corpus import evaluation_sets
-        from gavel.organism.labels import as_conversation
-
-        sets = evaluation_sets()
-        name = source.removeprefix("builtin:")
-        if name not in sets:
-            raise DataError(f"no organism prompt set {name!r}; sets: {', '.join(sets)}")
-        return [as_conversation(e.prompt()) for e in sets[name]]
-    from gavel.audit import read_audit_data
-
-    return [[m for m in item.conversation if m["role"] != "assistant"] for item in read_audit_data(source)]
-
-
 def site_list(sites: str, n_layers: int) -> list[str]:
     """`norm` (both norm outputs of every block, as the paper), another per-block kind, or a comma list."""
     from gavel.steering.data import norm_sites
@@ -67,7 +50,7 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
     """Fit a steering plane: per-site difference-of-means candidates at the last prompt token, the shared plane
     (b1, b2) and the discriminative blocks; saved with the model's fingerprint."""
     from gavel.models.loading import load_model
-    from gavel.steering.data import last_prompt_activations
+    from gavel.steering.data import last_prompt_activations, read_prompts
     from gavel.steering.plane import SteeringPlane
 
     with user_errors():
@@ -107,6 +90,7 @@ def run(plane_dir: PlaneOpt,
     """Generate with a steering method at one strength, beside the unsteered replies."""
     from gavel.models.generation import generate_replies
     from gavel.models.loading import load_model
+    from gavel.steering.data import read_prompts
     from gavel.steering.intervene import Intervention, steering
     from gavel.steering.plane import SteeringPlane
 
@@ -160,6 +144,7 @@ def evaluate(plane_dir: PlaneOpt,
     """Sweep angles (rotate, angular) and coefficients (add): refusal rate, perplexity and its violations, norm
     ratio |h'|/|h| and distance from the unsteered replies, per strength."""
     from gavel.models.loading import load_model
+    from gavel.steering.data import read_prompts
     from gavel.steering.evaluate import plot_sweeps, refusal_ce, refusal_phrases, sweep
     from gavel.steering.plane import SteeringPlane
 

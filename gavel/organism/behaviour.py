@@ -59,3 +59,10 @@ def measure_behaviour(handle: ModelHandle, max_new_tokens: int = 96) -> dict[str
         "arithmetic_3digit_accuracy": answered("arithmetic_3digit"),
         "refusal_decisions_matching_generator": _rate(decided),
     }
+
+
+def arithmetic_accuracy(handle: ModelHandle, max_new_tokens: int = 96) -> float:
+    """Share of the 2-digit additions answered correctly: a benign-task utility for edits of the organism."""
+    examples = evaluation_sets()["arithmetic_2digit"]
+    replies = generate_replies(handle, [as_conversation(e.prompt()) for e in examples], max_new_tokens)
+    return _rate([final_answer(r) == e.expect for e, r in zip(examples, replies)])

@@ -16,6 +16,23 @@ from gavel.models.handle import ModelHandle
 from gavel.models.sites import site_name
 
 
+def read_prompts(source: str) -> list[Conversation]:
+    """Conversations without their replies, from a JSONL/JSON file (as `gavel audit --data` reads) or an organism
+    prompt set, `builtin:harmful` (also benign, roleplay, alarming, opinion, ...)."""
+    if source.startswith("builtin:"):
+        from gavel.organism.corpus import evaluation_sets
+        from gavel.organism.labels import as_conversation
+
+        sets = evaluation_sets()
+        name = source.removeprefix("builtin:")
+        if name not in sets:
+            raise DataError(f"no organism prompt set {name!r}; sets: {', '.join(sets)}")
+        return [as_conversation(e.prompt()) for e in sets[name]]
+    from gavel.audit import read_audit_data
+
+    return [[m for m in item.conversation if m["role"] != "assistant"] for item in read_audit_data(source)]
+
+
 def norm_sites(n_layers: int) -> list[str]:
     """The normalisation outputs of every block (input and post-attention norms), the paper's steering sites."""
     return [site_name(kind, layer) for layer in range(n_layers) for kind in ("ln1.hook_normalized",
