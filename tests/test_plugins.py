@@ -61,12 +61,12 @@ def test_builtin_actions_declare_arguments_and_text():
     steering = {n for n, a in by_name.items() if a.kind == "steer"}
     assert steering == {"rotate", "add", "ablate", "align", "steer_neurons", "perturb"}
     # declarations only, until their interventions exist: nothing pretends to steer
-    assert {n for n, a in by_name.items() if not a.implemented} == {"align", "steer_neurons", "perturb"}
+    assert {n for n, a in by_name.items() if not a.implemented} == {"steer_neurons", "perturb"}
     assert PRECEDENCE["block"] > PRECEDENCE["steer"] > PRECEDENCE["alert"] > PRECEDENCE["log"]
     required = {n: [f for f, info in a.params.model_fields.items() if info.is_required()]
                 for n, a in by_name.items() if a.params is not None}
     assert required == {"rotate": ["plane", "angle"], "add": ["vector", "strength"], "ablate": ["direction"],
-                        "align": ["model"], "steer_neurons": ["neurons", "strength"], "perturb": ["method", "budget"]}
+                        "align": ["alignment"], "steer_neurons": ["neurons", "strength"], "perturb": ["method", "budget"]}
     for name in ("rotate", "add", "ablate"):    # where and for how long they steer
         assert {"layers", "duration"} <= set(by_name[name].params.model_fields)
 
@@ -122,7 +122,7 @@ def test_plugins_list_shows_origins_and_problems(monkeypatch):
     assert clean.exit_code == 0
     rows = {(p["group"], p["name"]): p for p in json.loads(clean.stdout)["plugins"]}
     assert rows[("actions", "block")]["origin"] == "gavel (built-in)"
-    assert rows[("actions", "align")]["implemented"] is False and rows[("actions", "rotate")]["implemented"]
+    assert rows[("actions", "perturb")]["implemented"] is False and rows[("actions", "rotate")]["implemented"]
     here = __name__
     monkeypatch.setattr("importlib.metadata.entry_points", fake_entry_points(**{"gavel.actions": [
         ("webhook", f"{here}:WebhookAction"), ("missing", "no_such_module_xyz:Action")]}))

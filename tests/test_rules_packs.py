@@ -99,11 +99,11 @@ def test_a_pack_with_every_field_loads():
 
 def test_declared_steering_actions_are_refused_when_a_monitor_must_run_them(tmp_path):
     assert check_actions(load_rules(FRAUD), REGISTRY, runnable=True) == []     # rotate is implemented
-    pack = tmp_path / "align.yaml"
-    pack.write_text("rules:\n  - name: x\n    condition: tax\n    action: align(model=\"reference\")\n")
+    pack = tmp_path / "perturb.yaml"
+    pack.write_text("rules:\n  - name: x\n    condition: tax\n    action: perturb(method=gauss, budget=0.1)\n")
     (err,) = check_actions(load_rules(pack), REGISTRY, runnable=True)
-    assert "action 'align' is declared but not implemented yet" in err.message
-    assert at(err) == spot(pack, "action: align", "align")
+    assert "action 'perturb' is declared but not implemented yet" in err.message
+    assert at(err) == spot(pack, "action: perturb", "perturb")
 
 
 def test_the_gvl_surface_loads_to_the_same_rules():

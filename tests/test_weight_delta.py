@@ -94,7 +94,7 @@ def test_the_llmva_weight_edit_equals_its_runtime_projection_on_a_real_model(whi
     """Fit LLM-VA on a tiny Llama's sublayer outputs (planted labels), then: the model with the delta applied gives
     the logits the unedited model gives with the projection hooked at the selected sublayers; removing the delta
     gives the original logits bit for bit; gated hooks change only the active rows."""
-    from gavel.steering.align_model import alignment_delta, alignment_hooks, final_site, sublayer_sites
+    from gavel.steering.align_model import AlignmentIntervention, alignment_delta, final_site, sublayer_sites
     from gavel.steering.alignment import VectorAlignment
 
     tiny = request.getfixturevalue(which)
@@ -108,7 +108,8 @@ def test_the_llmva_weight_edit_equals_its_runtime_projection_on_a_real_model(whi
     answered = torch.arange(48) % 3 != 0
     alignment = VectorAlignment(l_select=2, C=0.01).fit(acts, benign, answered, final=final_site(2))
     assert len(alignment.selected_) == 2
-    with torch.no_grad(), tiny.hooks(alignment_hooks(alignment)):
+    runtime = AlignmentIntervention.from_alignment(alignment)
+    with torch.no_grad(), tiny.hooks(runtime.hooks()):
         projected = model(ids).logits
     assert not torch.allclose(projected, base, atol=1e-4)
     delta = alignment_delta(tiny, alignment)
@@ -120,7 +121,7 @@ def test_the_llmva_weight_edit_equals_its_runtime_projection_on_a_real_model(whi
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)
         active = torch.arange(48) < 10
-        with tiny.hooks(alignment_hooks(alignment, active)):
+        with tiny.hooks(runtime.hooks(active)):
             gated = model(ids).logits
     torch.testing.assert_close(gated[:10], projected[:10])
     assert torch.equal(gated[10:], base[10:])

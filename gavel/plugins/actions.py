@@ -2,7 +2,7 @@
 
 An action declares what a rule may write after its name: `params`, a pydantic model of its `name(key=value)`
 arguments (None: it takes none), and `takes_text`, whether `name "text"` is allowed (alert's message, block's
-reply). `rotate`, `add` and `ablate` steer the sequence that fired (gavel.steering); `align`, `steer_neurons` and
+reply). `rotate`, `add`, `ablate` and `align` steer the sequence that fired (gavel.steering); `steer_neurons` and
 `perturb` are declarations only (`implemented = False`): rules naming them load and lint, and a monitor refuses
 them until their interventions exist.
 """
@@ -99,7 +99,8 @@ class AblateArgs(_SteeringArgs):
 
 
 class AlignArgs(_Args):
-    model: str = Field(description="the reference model to align the activations with")
+    alignment: str = Field(description="an LLM-VA alignment (`gavel align fit` output: a name or a directory)")
+    duration: int | None = Field(default=None, ge=1, description="tokens to align for (default: to the end)")
 
 
 class SteerNeuronsArgs(_Args):
@@ -154,10 +155,12 @@ class AblateAction(_Steering):
     params: ClassVar[type[BaseModel] | None] = AblateArgs
 
 
-class AlignAction(_Declared):
-    """`align(model=...)`: pull activations towards a reference model's."""
+class AlignAction(_Steering):
+    """`align(alignment=...)`: LLM-VA's runtime projection at its selected sublayers, so the sequence that fired
+    answers only as far as it reads as benign (the weight edit, for one sequence)."""
 
     name: ClassVar[str] = "align"
+    method: ClassVar[str] = "align"
     params: ClassVar[type[BaseModel] | None] = AlignArgs
 
 

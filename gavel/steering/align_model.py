@@ -1,6 +1,8 @@
 """LLM-VA on a model: the sublayer sites it reads, its weight edit as a `WeightDelta`, and the equivalent runtime
-projection as hooks (optionally per sequence, for a rule that aligns only the sequence that fired)."""
+projection as an intervention (optionally per sequence, for a rule that aligns only the sequence that fired)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -8,6 +10,7 @@ from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
 from gavel.steering.alignment import VectorAlignment
 from gavel.steering.delta import WeightDelta, output_projection
+from gavel.steering.intervene import gated_hooks
 
 
 def sublayer_sites(n_layers: int) -> list[str]:
@@ -36,14 +39,31 @@ def alignment_delta(handle: ModelHandle, alignment: VectorAlignment,
     return WeightDelta.for_model(model, handle.fingerprint(), deltas, provenance)
 
 
-def alignment_hooks(alignment: VectorAlignment, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
-    """Runtime projection at the selected sublayers (the same map as the weight edit for bias-free projections);
-    with `active` (bool [batch]) only those rows are changed."""
-    def hook_for(site: str) -> HookFn:
-        def hook(act: torch.Tensor) -> torch.Tensor:
-            projected = alignment.project(site, act)
-            if active is None:
-                return projected
-            return torch.where(active.view(-1, *([1] * (act.ndim - 1))), projected, act)
-        return hook
-    return [(site, hook_for(site)) for site in alignment.selected_]
+@dataclass(frozen=True)
+class AlignmentIntervention:
+    """LLM-VA's runtime projection at the selected sublayers, o' = o + (o . w) v_a with w = (sigma_a/sigma_b) v_b
+    - v_a (the weight edit's map), as an intervention: what the `align` rule action runs, for one sequence."""
+
+    sites: tuple[str, ...]
+    v_a: torch.Tensor           # [K, d], unit
+    w: torch.Tensor             # [K, d]
+
+    @classmethod
+    def from_alignment(cls, alignment: VectorAlignment) -> "AlignmentIntervention":
+        rows = [alignment.sublayers_.index(s) for s in alignment.selected_]
+        v_a = torch.nn.functional.normalize(alignment.v_a_[rows].float(), dim=-1)
+        v_b = torch.nn.functional.normalize(alignment.v_b_[rows].float(), dim=-1)
+        ratio = (alignment.sigma_a_[rows] / alignment.sigma_b_[rows]).float()[:, None]
+        return cls(tuple(alignment.selected_), v_a, ratio * v_b - v_a)
+
+    def to(self, device: torch.device | str) -> "AlignmentIntervention":
+        return AlignmentIntervention(self.sites, self.v_a.to(device), self.w.to(device))
+
+    def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:
+        """The projected output of one selected sublayer (float32 compute, no host synchronisation)."""
+        i = self.sites.index(site)
+        x = act.to(torch.promote_types(act.dtype, torch.float32))
+        return (x + (x @ self.w[i].to(x.dtype)).unsqueeze(-1) * self.v_a[i].to(x.dtype)).to(act.dtype)
+
+    def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
+        return gated_hooks(self.sites, self.apply, active)

@@ -7,7 +7,7 @@ untouched. The math lives in `geometry`; this module only moves tensors and gate
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -65,14 +65,21 @@ class Intervention:
 
     def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
         """(site, hook) pairs; with `active` (bool [batch]), rows where it is False pass through unchanged."""
-        def hook_for(site: str) -> HookFn:
-            def hook(act: torch.Tensor) -> torch.Tensor:
-                steered = self.apply(act, site)
-                if active is None:
-                    return steered
-                return torch.where(active.view(-1, *([1] * (act.ndim - 1))), steered, act)
-            return hook
-        return [(site, hook_for(site)) for site in self.sites]
+        return gated_hooks(self.sites, self.apply, active)
+
+
+def gated_hooks(sites: Sequence[str], apply: Callable[[torch.Tensor, str], torch.Tensor],
+                active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
+    """Hooks that replace each site's activation by `apply(act, site)`, only in the rows where `active` (bool
+    [batch], read at every call, so the caller may update it in place) is True; every row without it."""
+    def hook_for(site: str) -> HookFn:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            changed = apply(act, site)
+            if active is None:
+                return changed
+            return torch.where(active.view(-1, *([1] * (act.ndim - 1))), changed, act)
+        return hook
+    return [(site, hook_for(site)) for site in sites]
 
 
 @contextmanager

@@ -18,21 +18,23 @@ from gavel.errors import ArtifactError, GavelError, RuleError
 from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
 from gavel.models.sites import parse_site
+from gavel.steering.align_model import AlignmentIntervention
+from gavel.steering.alignment import VectorAlignment
 from gavel.steering.intervene import Intervention
 from gavel.steering.plane import SteeringPlane
 
-Artifacts = Mapping[str, "SteeringPlane | str | os.PathLike[str]"]
-_ARTIFACT_ARGUMENT = {"rotate": "plane", "add": "vector", "ablate": "direction"}
+Artifacts = Mapping[str, "SteeringPlane | VectorAlignment | str | os.PathLike[str]"]
+_ARTIFACT_ARGUMENT = {"rotate": "plane", "add": "vector", "ablate": "direction", "align": "alignment"}
 _STRENGTH_ARGUMENT = {"rotate": "angle", "add": "strength"}
 
 
 @dataclass(frozen=True)
 class SteeringRule:
-    """Rule `index` (in the monitor's reported rules) steers with `intervention`, for `duration` forwards or to the
-    end of the generation."""
+    """Rule `index` (in the monitor's reported rules) steers with `intervention` (a plane's `Intervention` or an
+    `AlignmentIntervention`), for `duration` forwards or to the end of the generation."""
 
     index: int
-    intervention: Intervention
+    intervention: Intervention | AlignmentIntervention
     duration: int | None
 
 
@@ -47,10 +49,14 @@ def steering_rules(rules: Sequence, actions: Sequence[type], handle: ModelHandle
         args = action.params.model_validate(dict(rule.action_call.args))
         name = getattr(args, _ARTIFACT_ARGUMENT[action.method])
         try:
-            plane = _artifact(name, rule, handle, artifacts or {}, cache)
-            sites = _sites(plane, args.layers)
-            strength = getattr(args, _STRENGTH_ARGUMENT.get(action.method, ""), 0.0)
-            intervention = Intervention.from_plane(plane, action.method, strength, sites).to(handle.device)
+            if action.method == "align":
+                alignment = _artifact(name, rule, handle, artifacts or {}, cache, kind="alignment")
+                intervention = AlignmentIntervention.from_alignment(alignment).to(handle.device)
+            else:
+                plane = _artifact(name, rule, handle, artifacts or {}, cache)
+                sites = _sites(plane, args.layers)
+                strength = getattr(args, _STRENGTH_ARGUMENT.get(action.method, ""), 0.0)
+                intervention = Intervention.from_plane(plane, action.method, strength, sites).to(handle.device)
         except GavelError as e:
             errors.append(rule.action_error(f"rule '{rule.name}': {e.message}", 0, hint=e.hint))
             continue
@@ -62,11 +68,11 @@ def steering_rules(rules: Sequence, actions: Sequence[type], handle: ModelHandle
     return found
 
 
-def _artifact(name: str, rule, handle: ModelHandle, artifacts: Artifacts, cache: dict) -> SteeringPlane:
-    """A named artifact the monitor was given (a fitted plane or a directory), else a directory relative to the
-    rule's file (or the working directory); loaded once, refused when fitted on another model."""
+def _artifact(name: str, rule, handle: ModelHandle, artifacts: Artifacts, cache: dict, kind: str = "plane"):
+    """A named artifact the monitor was given (a fitted plane or alignment, or a directory), else a directory
+    relative to the rule's file (or the working directory); loaded once, refused when fitted on another model."""
     given = artifacts.get(name)
-    if isinstance(given, SteeringPlane):
+    if isinstance(given, (SteeringPlane, VectorAlignment)):
         return given
     path = Path(given if given is not None else name)
     if given is None and not path.is_absolute() and rule.source is not None:
@@ -77,8 +83,19 @@ def _artifact(name: str, rule, handle: ModelHandle, artifacts: Artifacts, cache:
             raise ArtifactError(f"steering artifact {name!r} is neither a name the monitor was given nor a "
                                 f"directory ({path} does not exist){known}",
                                 hint="fit one with `gavel steer fit`, or pass Monitor(..., artifacts={name: path})")
-        cache[path] = SteeringPlane.load_artifact(path, handle.fingerprint())[0]
+        cache[path] = (_load_alignment(path, handle) if kind == "alignment"
+                       else SteeringPlane.load_artifact(path, handle.fingerprint())[0])
     return cache[path]
+
+
+def _load_alignment(path: Path, handle: ModelHandle) -> VectorAlignment:
+    """A `gavel align fit` folder: its alignment, after its delta's fingerprint says it was fitted on this model."""
+    from gavel.steering.delta import WeightDelta
+
+    if not (path / "alignment").is_dir() or not (path / "delta").is_dir():
+        raise ArtifactError(f"{path} is not an LLM-VA folder (needs alignment/ and delta/ from `gavel align fit`)")
+    WeightDelta.load(path / "delta", handle.fingerprint())
+    return VectorAlignment.load(path / "alignment")
 
 
 def _sites(plane: SteeringPlane, layers: str) -> list[str]:
