@@ -99,12 +99,14 @@ def run(plane_dir: PlaneOpt,
             raise DataError("give --prompt TEXT (repeatable) or --data FILE")
         handle = load_model(model)
         plane, _ = SteeringPlane.load_artifact(plane_dir, handle.fingerprint())
-        conversations = [[{"role": "user", "content": p}] for p in prompt or []] + (read_prompts(data) if data else [])
+        conversations = [[{"role": "user", "content": p}] for p in prompt or []]
+        conversations += read_prompts(data) if data else []
         intervention = Intervention.from_plane(plane, method, strength, _layers_sites(plane, layers))
         plain = generate_replies(handle, conversations, max_new_tokens)
         with steering(handle, intervention):
             steered = generate_replies(handle, conversations, max_new_tokens)
-    rows = [{"prompt": c[-1]["content"], "unsteered": a, "steered": b} for c, a, b in zip(conversations, plain, steered)]
+    rows = [{"prompt": c[-1]["content"], "unsteered": a, "steered": b}
+            for c, a, b in zip(conversations, plain, steered)]
     if as_json:
         print(json.dumps({"method": method, "strength": strength, "sites": list(intervention.sites), "replies": rows},
                          indent=2))

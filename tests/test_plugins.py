@@ -61,7 +61,7 @@ def test_builtin_actions_declare_arguments_and_text():
     steering = {n for n, a in by_name.items() if a.kind == "steer"}
     assert steering == {"rotate", "add", "ablate", "align", "steer_neurons", "perturb"}
     # declarations only, until their interventions exist: nothing pretends to steer
-    assert {n for n, a in by_name.items() if not a.implemented} == {"steer_neurons", "perturb"}
+    assert {n for n, a in by_name.items() if not a.implemented} == {"perturb"}
     assert PRECEDENCE["block"] > PRECEDENCE["steer"] > PRECEDENCE["alert"] > PRECEDENCE["log"]
     required = {n: [f for f, info in a.params.model_fields.items() if info.is_required()]
                 for n, a in by_name.items() if a.params is not None}

@@ -2,9 +2,9 @@
 
 An action declares what a rule may write after its name: `params`, a pydantic model of its `name(key=value)`
 arguments (None: it takes none), and `takes_text`, whether `name "text"` is allowed (alert's message, block's
-reply). `rotate`, `add`, `ablate` and `align` steer the sequence that fired (gavel.steering); `steer_neurons` and
-`perturb` are declarations only (`implemented = False`): rules naming them load and lint, and a monitor refuses
-them until their interventions exist.
+reply). `rotate`, `add`, `ablate`, `align` and `steer_neurons` steer the sequence that fired (gavel.steering);
+`perturb` is a declaration only (`implemented = False`): rules naming it load and lint, and a monitor refuses
+it until its intervention exists.
 """
 from __future__ import annotations
 
@@ -104,8 +104,9 @@ class AlignArgs(_Args):
 
 
 class SteerNeuronsArgs(_Args):
-    neurons: str = Field(description="the named set of neurons to steer")
-    strength: float
+    neurons: str = Field(description="a neuron set (`gavel neurons find` output: a name or a directory)")
+    strength: float = Field(description="alpha: the multiple of S' added to the MLP neurons")
+    duration: int | None = Field(default=None, ge=1, description="tokens to steer for (default: to the end)")
 
 
 class PerturbArgs(_Args):
@@ -164,10 +165,12 @@ class AlignAction(_Steering):
     params: ClassVar[type[BaseModel] | None] = AlignArgs
 
 
-class SteerNeuronsAction(_Declared):
-    """`steer_neurons(neurons=..., strength=...)`: scale a set of neurons."""
+class SteerNeuronsAction(_Steering):
+    """`steer_neurons(neurons=..., strength=...)`: add alpha times AdaRAS's S' to the reasoning-critical MLP
+    neurons of the sequence that fired."""
 
     name: ClassVar[str] = "steer_neurons"
+    method: ClassVar[str] = "steer_neurons"
     params: ClassVar[type[BaseModel] | None] = SteerNeuronsArgs
 
 

@@ -18,23 +18,26 @@ from gavel.errors import ArtifactError, GavelError, RuleError
 from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
 from gavel.models.sites import parse_site
+from gavel.steering.adaras import NeuronIntervention, load_neurons
 from gavel.steering.align_model import AlignmentIntervention
 from gavel.steering.alignment import VectorAlignment
 from gavel.steering.intervene import Intervention
+from gavel.steering.neurons import ReasoningNeurons
 from gavel.steering.plane import SteeringPlane
 
-Artifacts = Mapping[str, "SteeringPlane | VectorAlignment | str | os.PathLike[str]"]
-_ARTIFACT_ARGUMENT = {"rotate": "plane", "add": "vector", "ablate": "direction", "align": "alignment"}
+Artifacts = Mapping[str, "SteeringPlane | VectorAlignment | ReasoningNeurons | str | os.PathLike[str]"]
+_ARTIFACT_ARGUMENT = {"rotate": "plane", "add": "vector", "ablate": "direction", "align": "alignment",
+                      "steer_neurons": "neurons"}
 _STRENGTH_ARGUMENT = {"rotate": "angle", "add": "strength"}
 
 
 @dataclass(frozen=True)
 class SteeringRule:
-    """Rule `index` (in the monitor's reported rules) steers with `intervention` (a plane's `Intervention` or an
-    `AlignmentIntervention`), for `duration` forwards or to the end of the generation."""
+    """Rule `index` (in the monitor's reported rules) steers with `intervention` (a plane's `Intervention`, an
+    `AlignmentIntervention` or a `NeuronIntervention`), for `duration` forwards or to the end of the generation."""
 
     index: int
-    intervention: Intervention | AlignmentIntervention
+    intervention: Intervention | AlignmentIntervention | NeuronIntervention
     duration: int | None
 
 
@@ -52,6 +55,9 @@ def steering_rules(rules: Sequence, actions: Sequence[type], handle: ModelHandle
             if action.method == "align":
                 alignment = _artifact(name, rule, handle, artifacts or {}, cache, kind="alignment")
                 intervention = AlignmentIntervention.from_alignment(alignment).to(handle.device)
+            elif action.method == "steer_neurons":
+                neurons = _artifact(name, rule, handle, artifacts or {}, cache, kind="neurons")
+                intervention = NeuronIntervention.from_neurons(neurons, args.strength).to(handle.device)
             else:
                 plane = _artifact(name, rule, handle, artifacts or {}, cache)
                 sites = _sites(plane, args.layers)
@@ -72,7 +78,7 @@ def _artifact(name: str, rule, handle: ModelHandle, artifacts: Artifacts, cache:
     """A named artifact the monitor was given (a fitted plane or alignment, or a directory), else a directory
     relative to the rule's file (or the working directory); loaded once, refused when fitted on another model."""
     given = artifacts.get(name)
-    if isinstance(given, (SteeringPlane, VectorAlignment)):
+    if isinstance(given, (SteeringPlane, VectorAlignment, ReasoningNeurons)):
         return given
     path = Path(given if given is not None else name)
     if given is None and not path.is_absolute() and rule.source is not None:
@@ -83,8 +89,10 @@ def _artifact(name: str, rule, handle: ModelHandle, artifacts: Artifacts, cache:
             raise ArtifactError(f"steering artifact {name!r} is neither a name the monitor was given nor a "
                                 f"directory ({path} does not exist){known}",
                                 hint="fit one with `gavel steer fit`, or pass Monitor(..., artifacts={name: path})")
-        cache[path] = (_load_alignment(path, handle) if kind == "alignment"
-                       else SteeringPlane.load_artifact(path, handle.fingerprint())[0])
+        loaders = {"alignment": lambda: _load_alignment(path, handle),
+                   "neurons": lambda: load_neurons(path, handle.fingerprint()),
+                   "plane": lambda: SteeringPlane.load_artifact(path, handle.fingerprint())[0]}
+        cache[path] = loaders[kind]()
     return cache[path]
 
 

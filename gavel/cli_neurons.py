@@ -1,0 +1,128 @@
+"""`gavel neurons find | steer | eval`: AdaRAS reasoning-critical neurons from sampled traces, and steering with
+them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+
+neurons_app = typer.Typer(help="AdaRAS: find reasoning-critical MLP neurons and steer with them.",
+                          no_args_is_help=True)
+ProblemsOpt = Annotated[str, typer.Option(help="Problems with answers: an organism set (builtin:arithmetic_2digit), "
+                                               "optionally sliced, builtin:arithmetic_2digit[0:25].")]
+NeuronsOpt = Annotated[Path, typer.Option("--neurons", help="A neuron set folder (gavel neurons find).")]
+
+
+def _problems(spec: str):
+    """`builtin:NAME` or `builtin:NAME[a:b]` (the organism's prompt sets with expected answers)."""
+    from gavel.errors import DataError
+    from gavel.steering.adaras import organism_problems
+
+    if not spec.startswith("builtin:"):
+        raise DataError(f"problems {spec!r}: only the organism's sets are built in (builtin:arithmetic_2digit)")
+    name, _, rest = spec.removeprefix("builtin:").partition("[")
+    span = slice(None)
+    if rest:
+        low, _, high = rest.rstrip("]").partition(":")
+        span = slice(int(low) if low else None, int(high) if high else None)
+    return organism_problems(name, span)
+
+
+def _checker():
+    from gavel.organism.behaviour import final_answer
+
+    return lambda reply, expected: final_answer(reply) == expected
+
+
+@neurons_app.command("find")
+def find(problems: ProblemsOpt, out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the neuron set.")],
+         model: ModelOpt = "builtin:organism",
+         samples: Annotated[int, typer.Option(help="Sampled traces per problem.")] = 6,
+         temperature: Annotated[float, typer.Option(help="Sampling temperature of the traces.")] = 0.8,
+         k: Annotated[int, typer.Option(help="Neurons kept (global top K by |S|).")] = 50,
+         polarity: Annotated[bool, typer.Option(help="Keep only neurons whose mean flips sign.")] = True,
+         seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0, as_json: JsonOpt = False) -> None:
+    """Sample traces per problem, pair correct with incorrect ones, score MLP neurons by their mean activation
+    difference (polarity-filtered) and keep the global top K."""
+    from gavel.models.loading import load_model
+    from gavel.steering.adaras import save_neurons
+    from gavel.steering.neurons import ReasoningNeurons
+    from gavel.steering.traces import contrastive_means, mlp_sites
+
+    with user_errors():
+        chosen = _problems(problems)
+        handle = load_model(model)
+        with progress_bar("sampling traces", len(chosen), enabled=not as_json) as advance:
+            correct, incorrect, counts = contrastive_means(handle, chosen, _checker(), mlp_sites(handle.n_layers),
+                                                           samples=samples, temperature=temperature, seed=seed,
+                                                           progress=advance)
+        neurons = ReasoningNeurons(k=k, polarity=polarity).fit(correct, incorrect)
+        save_neurons(neurons, out, handle.fingerprint(), counts, {"problems": problems, "samples": str(samples)})
+    report = {"out": str(out), **counts, "kept_per_site": dict(zip(neurons.sites_, neurons.kept_.sum(1).tolist()))}
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(f"{counts['pairs']} correct/incorrect pairs from {counts['traces']} traces "
+                  f"({counts['correct']} correct); kept {int(neurons.kept_.sum())} neurons: "
+                  + ", ".join(f"{s} {n}" for s, n in report["kept_per_site"].items()) + f" -> {out}")
+
+
+@neurons_app.command("eval")
+def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "builtin:organism",
+             alpha: Annotated[list[float], typer.Option(help="Steering strengths (repeatable).")] = [0.1, 0.2, 0.4],
+             control_seed: Annotated[int, typer.Option(help="Seed of the random-neuron control.")] = 0,
+             as_json: JsonOpt = False) -> None:
+    """Greedy accuracy without steering, with the neurons, and with a random-neuron control, per alpha."""
+    from gavel.models.loading import load_model
+    from gavel.steering.adaras import NeuronIntervention, accuracy, load_neurons
+
+    with user_errors():
+        handle = load_model(model)
+        neurons = load_neurons(neurons_dir, handle.fingerprint())
+        chosen, check = _problems(problems), _checker()
+        rows = {"baseline": accuracy(handle, chosen, check), "steered": {}, "random": {}}
+        for a in alpha:
+            for name, which in (("steered", neurons), ("random", neurons.random_control(control_seed))):
+                with handle.hooks(NeuronIntervention.from_neurons(which, a).to(handle.device).hooks()):
+                    rows[name][str(a)] = accuracy(handle, chosen, check)
+    if as_json:
+        print(json.dumps({"problems": len(chosen), **rows}, indent=2))
+        return
+    table = Table(title=f"{len(chosen)} problems, accuracy without steering {rows['baseline']:.3f}")
+    for column in ("alpha", "AdaRAS neurons", "random neurons"):
+        table.add_column(column, justify="right")
+    for a in alpha:
+        table.add_row(f"{a:g}", f"{rows['steered'][str(a)]:.3f}", f"{rows['random'][str(a)]:.3f}")
+    console.print(table)
+
+
+@neurons_app.command("steer")
+def steer(neurons_dir: NeuronsOpt, prompt: Annotated[list[str], typer.Option(help="A user prompt (repeatable).")],
+          alpha: Annotated[float, typer.Option(help="Steering strength.")] = 0.2, model: ModelOpt = "builtin:organism",
+          max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 96,
+          as_json: JsonOpt = False) -> None:
+    """Generate with the neurons steered, beside the unsteered replies."""
+    from gavel.models.generation import generate_replies
+    from gavel.models.loading import load_model
+    from gavel.steering.adaras import NeuronIntervention, load_neurons
+
+    with user_errors():
+        handle = load_model(model)
+        intervention = NeuronIntervention.from_neurons(load_neurons(neurons_dir, handle.fingerprint()), alpha)
+        conversations = [[{"role": "user", "content": p}] for p in prompt]
+        plain = generate_replies(handle, conversations, max_new_tokens)
+        with handle.hooks(intervention.to(handle.device).hooks()):
+            steered = generate_replies(handle, conversations, max_new_tokens)
+    rows = [{"prompt": p, "unsteered": a, "steered": b} for p, a, b in zip(prompt, plain, steered)]
+    if as_json:
+        print(json.dumps({"alpha": alpha, "replies": rows}, indent=2))
+        return
+    for row in rows:
+        console.print(f"[bold]user:[/] {escape(row['prompt'])}\n  [dim]unsteered:[/] {escape(row['unsteered'])}\n"
+                      f"  [dim]alpha {alpha:g}:[/] {escape(row['steered'])}")

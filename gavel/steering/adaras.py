@@ -1,0 +1,101 @@
+"""AdaRAS on a model: reasoning-critical neurons fitted from sampled traces, saved with the model's fingerprint, and
+the intervention that adds alpha * S' to the MLP intermediate activations at every forward pass."""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from gavel.errors import ArtifactError, DataError
+from gavel.models.fingerprint import ModelFingerprint
+from gavel.models.hooks import HookFn
+from gavel.steering.intervene import gated_hooks
+from gavel.steering.neurons import ReasoningNeurons
+from gavel.steering.traces import Problem
+
+MANIFEST = "neurons.json"
+FORMAT_VERSION = 1
+
+
+class NeuronManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format_version: int = FORMAT_VERSION
+    kind: str = "reasoning_neurons"
+    fingerprint: ModelFingerprint
+    sites: list[str]
+    kept: int
+    counts: dict[str, int] = {}
+    provenance: dict[str, str] = {}
+
+
+def save_neurons(neurons: ReasoningNeurons, directory: str | Path, fingerprint: ModelFingerprint,
+                 counts: Mapping[str, int] | None = None, provenance: Mapping[str, str] | None = None) -> Path:
+    """The estimator's tensors and parameters plus a manifest naming the model the traces came from."""
+    d = neurons.save(directory)
+    manifest = NeuronManifest(fingerprint=fingerprint, sites=list(neurons.sites_), kept=int(neurons.kept_.sum()),
+                              counts=dict(counts or {}), provenance=dict(provenance or {}))
+    (d / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return d
+
+
+def load_neurons(directory: str | Path, fingerprint: ModelFingerprint | None = None,
+                 force: bool = False) -> ReasoningNeurons:
+    """A saved neuron set; one fitted on another model is refused (the differing field named) unless `force`."""
+    d = Path(directory)
+    if not (d / MANIFEST).is_file():
+        raise ArtifactError(f"{d} is not a neuron set (no {MANIFEST})",
+                            hint="find one with `gavel neurons find --problems ... --out DIR`")
+    try:
+        manifest = NeuronManifest.model_validate(json.loads((d / MANIFEST).read_text()))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{d / MANIFEST}: invalid neuron manifest: {e}") from None
+    if fingerprint is not None and not force:
+        manifest.fingerprint.check(fingerprint, what=f"neuron set {d}")
+    return ReasoningNeurons.load(d)
+
+
+@dataclass(frozen=True)
+class NeuronIntervention:
+    """h + alpha * S'_l at each layer's MLP intermediate activations (the layers with kept neurons)."""
+
+    sites: tuple[str, ...]
+    vectors: torch.Tensor        # [L, m]: S' of those layers
+    alpha: float
+
+    @classmethod
+    def from_neurons(cls, neurons: ReasoningNeurons, alpha: float) -> "NeuronIntervention":
+        rows = [i for i in range(len(neurons.sites_)) if bool(neurons.kept_[i].any())]
+        return cls(tuple(neurons.sites_[i] for i in rows), neurons.vectors_[rows].float(), float(alpha))
+
+    def to(self, device: torch.device | str) -> "NeuronIntervention":
+        return NeuronIntervention(self.sites, self.vectors.to(device), self.alpha)
+
+    def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:
+        x = act.to(torch.promote_types(act.dtype, torch.float32))
+        return (x + self.alpha * self.vectors[self.sites.index(site)].to(x.dtype)).to(act.dtype)
+
+    def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
+        return gated_hooks(self.sites, self.apply, active)
+
+
+def organism_problems(name: str, span: slice = slice(None)) -> list[Problem]:
+    """Problems with expected answers from an organism prompt set (e.g. arithmetic_2digit)."""
+    from gavel.organism.corpus import evaluation_sets
+    from gavel.organism.labels import as_conversation
+
+    sets = evaluation_sets()
+    if name not in sets:
+        raise DataError(f"no organism prompt set {name!r}; sets: {', '.join(sets)}")
+    return [Problem(as_conversation(e.prompt()), e.expect) for e in sets[name][span]]
+
+
+def accuracy(handle, problems: Sequence[Problem], checker, max_new_tokens: int = 96) -> float:
+    """Greedy accuracy of the model as it is now (hooks included) on the problems."""
+    from gavel.models.generation import generate_replies
+
+    replies = generate_replies(handle, [p.conversation for p in problems], max_new_tokens)
+    return round(sum(checker(r, p.expected) for r, p in zip(replies, problems)) / len(problems), 4)
