@@ -38,9 +38,10 @@ app.command()(chat)
 def demo(model: ModelOpt = "builtin:organism", as_json: JsonOpt = False,
          max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 48,
          save_bank: Annotated[Optional[Path], typer.Option(help="Save the fitted CE bank to this directory.")] = None,
-         audit_log: Annotated[Optional[Path], typer.Option(help="Append every guarded result to this JSONL log.")] = None,
-         html: Annotated[Optional[Path], typer.Option(help="Write the audit page (per-token CE heat maps) here.")] = None
-         ) -> None:
+         audit_log: Annotated[Optional[Path], typer.Option(help="Append every guarded result to this JSONL log.")]
+         = None,
+         html: Annotated[Optional[Path], typer.Option(help="Write the audit page (per-token CE heat maps) here.")]
+         = None) -> None:
     """Fit CE probes on the organism, guard the demo prompts with the demo rules, and summarise."""
     from gavel.demo import run_demo
 

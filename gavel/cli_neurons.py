@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -73,14 +73,58 @@ def find(problems: ProblemsOpt, out: Annotated[Path, typer.Option("--out", "-o",
                   + ", ".join(f"{s} {n}" for s, n in report["kept_per_site"].items()) + f" -> {out}")
 
 
+@neurons_app.command("gate")
+def gate(neurons_dir: NeuronsOpt, problems: ProblemsOpt,
+         out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the gate.")],
+         model: ModelOpt = "builtin:organism",
+         k_features: Annotated[int, typer.Option(help="ANOVA-selected neuron features (256 in the paper).")] = 64,
+         hidden: Annotated[int, typer.Option(help="Width of the gate's two hidden layers.")] = 64,
+         epochs: Annotated[int, typer.Option(help="Training epochs (full batch).")] = 300,
+         weight_decay: Annotated[float, typer.Option(help="Adam weight decay (few prompts: keep some).")] = 1e-2,
+         as_json: JsonOpt = False) -> None:
+    """Train AdaRAS's gate: from the prompt's MLP neurons (the neuron set's layers), predict whether the model's
+    greedy answer will be wrong, so steering can run only then."""
+    import torch
+
+    from gavel.models.generation import generate_replies
+    from gavel.models.loading import load_model
+    from gavel.steering.adaras import load_neurons
+    from gavel.steering.gate import FailureGate
+    from gavel.steering.traces import prompt_features
+
+    with user_errors():
+        handle = load_model(model)
+        neurons = load_neurons(neurons_dir, handle.fingerprint())
+        chosen, check = _problems(problems), _checker()
+        replies = generate_replies(handle, [p.conversation for p in chosen], 96)
+        fails = torch.tensor([not check(r, p.expected) for r, p in zip(replies, chosen)])
+        features = prompt_features(handle, [p.conversation for p in chosen], neurons.sites_)
+        gate_model = FailureGate(k_features=k_features, hidden=hidden, epochs=epochs, lr=1e-2,
+                                 weight_decay=weight_decay).fit(features, fails)
+        gate_model.save(out)
+    report = {"out": str(out), "problems": len(chosen), "failures": int(fails.sum()),
+              "train_accuracy": round(float(gate_model.train_accuracy_), 4)}
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(f"gate trained on {len(chosen)} problems ({report['failures']} failures), training accuracy "
+                  f"{report['train_accuracy']:.3f} -> {out}")
+
+
 @neurons_app.command("eval")
 def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "builtin:organism",
              alpha: Annotated[list[float], typer.Option(help="Steering strengths (repeatable).")] = [0.1, 0.2, 0.4],
              control_seed: Annotated[int, typer.Option(help="Seed of the random-neuron control.")] = 0,
+             gate_dir: Annotated[Optional[Path], typer.Option("--gate", help="A gate (gavel neurons gate): also "
+                                                                          "steer only where it predicts a failure.")]
+             = None,
              as_json: JsonOpt = False) -> None:
-    """Greedy accuracy without steering, with the neurons, and with a random-neuron control, per alpha."""
+    """Greedy accuracy without steering, with the neurons, with a random-neuron control and (with --gate) with the
+    neurons only where the gate predicts a failure, per alpha."""
+    import torch
+
     from gavel.models.loading import load_model
-    from gavel.steering.adaras import NeuronIntervention, accuracy, load_neurons
+    from gavel.steering.adaras import NeuronIntervention, accuracy, gated_accuracy, load_neurons
 
     with user_errors():
         handle = load_model(model)
@@ -91,14 +135,31 @@ def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "
             for name, which in (("steered", neurons), ("random", neurons.random_control(control_seed))):
                 with handle.hooks(NeuronIntervention.from_neurons(which, a).to(handle.device).hooks()):
                     rows[name][str(a)] = accuracy(handle, chosen, check)
+        if gate_dir is not None:
+            from gavel.models.generation import generate_replies
+            from gavel.steering.gate import FailureGate
+            from gavel.steering.traces import prompt_features
+
+            predicted = FailureGate.load(gate_dir).predict(
+                prompt_features(handle, [p.conversation for p in chosen], neurons.sites_))
+            replies = generate_replies(handle, [p.conversation for p in chosen], 96)
+            failed = torch.tensor([not check(r, p.expected) for r, p in zip(replies, chosen)])
+            rows["gate_steers"] = round(float(predicted.float().mean()), 4)
+            rows["gate_accuracy"] = round(float((predicted == failed).float().mean()), 4)
+            rows["gated"] = {str(a): gated_accuracy(handle, chosen, check, NeuronIntervention.from_neurons(neurons, a),
+                                                    predicted) for a in alpha}
     if as_json:
         print(json.dumps({"problems": len(chosen), **rows}, indent=2))
         return
     table = Table(title=f"{len(chosen)} problems, accuracy without steering {rows['baseline']:.3f}")
-    for column in ("alpha", "AdaRAS neurons", "random neurons"):
+    columns = ["alpha", "AdaRAS neurons", "random neurons"] + (
+        [f"gated ({rows['gate_steers']:.0%} steered, gate accuracy {rows['gate_accuracy']:.2f})"]
+        if "gated" in rows else [])
+    for column in columns:
         table.add_column(column, justify="right")
     for a in alpha:
-        table.add_row(f"{a:g}", f"{rows['steered'][str(a)]:.3f}", f"{rows['random'][str(a)]:.3f}")
+        cells = [f"{a:g}", f"{rows['steered'][str(a)]:.3f}", f"{rows['random'][str(a)]:.3f}"]
+        table.add_row(*cells, *([f"{rows['gated'][str(a)]:.3f}"] if "gated" in rows else []))
     console.print(table)
 
 

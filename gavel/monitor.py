@@ -448,7 +448,8 @@ def _missing_requirements(rules: Sequence, ce_names: Sequence[str]) -> list[Rule
                     guess = did_you_mean(ce, list(ce_names))
                     errors.setdefault((str(location), ce), RuleError(
                         f"rule '{rule.name}' requires CE '{ce}', which the bank lacks", location=location,
-                        hint=f"did you mean '{guess}'?" if guess else "fit it into the bank, or load a bank that has it"))
+                        hint=f"did you mean '{guess}'?" if guess
+                        else "fit it into the bank, or load a bank that has it"))
     return list(errors.values())
 
 

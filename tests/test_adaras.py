@@ -77,11 +77,18 @@ def test_neurons_find_eval_and_steer_from_the_command_line(tmp_path):
     report = json.loads(found.stdout)
     assert report["problems"] == 10 and sum(report["kept_per_site"].values()) <= 10
     assert json.loads((out / "neurons.json").read_text())["kind"] == "reasoning_neurons"
+    gated = runner.invoke(app, ["neurons", "gate", "--neurons", str(out), "--problems",
+                                "builtin:arithmetic_2digit[0:20]", "--out", str(out / "gate"), "--epochs", "50",
+                                "--json"])
+    assert gated.exit_code == 0, gated.output
+    assert 0 < json.loads(gated.stdout)["failures"] < 20
     evaluated = runner.invoke(app, ["neurons", "eval", "--neurons", str(out), "--problems",
-                                    "builtin:arithmetic_2digit[40:50]", "--alpha", "0.2", "--json"])
+                                    "builtin:arithmetic_2digit[40:50]", "--alpha", "0.2", "--gate", str(out / "gate"),
+                                    "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     rows = json.loads(evaluated.stdout)
-    assert rows["problems"] == 10 and set(rows["steered"]) == set(rows["random"]) == {"0.2"}
+    assert rows["problems"] == 10 and set(rows["steered"]) == set(rows["random"]) == set(rows["gated"]) == {"0.2"}
+    assert 0 <= rows["gate_steers"] <= 1 and 0 <= rows["gate_accuracy"] <= 1
     shown = runner.invoke(app, ["neurons", "steer", "--neurons", str(out), "--prompt", "what is 12 plus 34 ?",
                                 "--json"])
     assert shown.exit_code == 0 and json.loads(shown.stdout)["replies"][0]["unsteered"]

@@ -66,7 +66,8 @@ def test_builtin_actions_declare_arguments_and_text():
     required = {n: [f for f, info in a.params.model_fields.items() if info.is_required()]
                 for n, a in by_name.items() if a.params is not None}
     assert required == {"rotate": ["plane", "angle"], "add": ["vector", "strength"], "ablate": ["direction"],
-                        "align": ["alignment"], "steer_neurons": ["neurons", "strength"], "perturb": ["method", "budget"]}
+                        "align": ["alignment"], "steer_neurons": ["neurons", "strength"],
+                        "perturb": ["method", "budget"]}
     for name in ("rotate", "add", "ablate"):    # where and for how long they steer
         assert {"layers", "duration"} <= set(by_name[name].params.model_fields)
 

@@ -89,7 +89,8 @@ def test_actions_parse():
 
 @pytest.mark.parametrize(("phrase", "call"), [
     ("rotate refusal by 60", 'rotate(plane="refusal", angle=60)'),
-    ("rotate refusal by -30 at layers 2..5 for 8 tokens", 'rotate(plane="refusal", angle=-30, layers="2-5", duration=8)'),
+    ("rotate refusal by -30 at layers 2..5 for 8 tokens",
+     'rotate(plane="refusal", angle=-30, layers="2-5", duration=8)'),
     ("add refusal by 0.5 at layers auto", 'add(vector="refusal", strength=0.5, layers="auto")'),
     ("ablate refusal at layers 3 for 1 token", 'ablate(direction="refusal", layers="3", duration=1)'),
     ("ablate refusal", 'ablate(direction="refusal")'),

@@ -244,8 +244,8 @@ def test_phrase_actions_in_gvl_and_yaml_packs_steer_with_an_artifact_beside_them
     from gavel.rules import RuleSpec, load_rules
 
     residual_plane.save_artifact(tmp_path / "refusal", organism.fingerprint(), {"positive": 20, "negative": 40})
-    (tmp_path / "steer.gvl").write_text('rule derail {\n  when harmful_request\n  action add refusal by 1.0 for 2 tokens\n'
-                                        '  severity high\n}\n')
+    (tmp_path / "steer.gvl").write_text('rule derail {\n  when harmful_request\n'
+                                        '  action add refusal by 1.0 for 2 tokens\n  severity high\n}\n')
     (tmp_path / "steer.yaml").write_text("rules:\n  - name: derail\n    condition: harmful_request\n"
                                          "    action: add refusal by 1.0 at layers auto for 2 tokens\n")
     keyword = RuleSpec(name="derail", condition="harmful_request",

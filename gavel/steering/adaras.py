@@ -99,3 +99,17 @@ def accuracy(handle, problems: Sequence[Problem], checker, max_new_tokens: int =
 
     replies = generate_replies(handle, [p.conversation for p in problems], max_new_tokens)
     return round(sum(checker(r, p.expected) for r, p in zip(replies, problems)) / len(problems), 4)
+
+
+def gated_accuracy(handle, problems: Sequence[Problem], checker, intervention: NeuronIntervention, steer: torch.Tensor,
+                   max_new_tokens: int = 96) -> float:
+    """Greedy accuracy when only the problems with `steer` (bool [P], e.g. the gate's prediction) are steered."""
+    chosen = [p for p, s in zip(problems, steer.tolist()) if s]
+    rest = [p for p, s in zip(problems, steer.tolist()) if not s]
+    correct = 0.0
+    if chosen:
+        with handle.hooks(intervention.to(handle.device).hooks()):
+            correct += accuracy(handle, chosen, checker, max_new_tokens) * len(chosen)
+    if rest:
+        correct += accuracy(handle, rest, checker, max_new_tokens) * len(rest)
+    return round(correct / len(problems), 4)

@@ -98,3 +98,18 @@ def contrastive_means(handle: ModelHandle, problems: Sequence[Problem], checker:
         raise DataError(f"no problem had both a correct and an incorrect trace ({counts['traces']} traces, "
                         f"{counts['correct']} correct)", hint="sample more traces per problem, or raise temperature")
     return ({s: torch.cat(v) for s, v in correct.items()}, {s: torch.cat(v) for s, v in incorrect.items()}, counts)
+
+
+@torch.no_grad()
+def prompt_features(handle: ModelHandle, conversations: Sequence[Conversation], sites: Sequence[str]
+                    ) -> list[torch.Tensor]:
+    """Per conversation, float32 [T, F]: the neurons of `sites` (concatenated) at every prompt token (generation
+    prompt included), what AdaRAS's gate reads to predict a failure before generating."""
+    out = []
+    for conversation in conversations:
+        batch = prompt_batch(handle, [conversation])
+        captured: dict[str, torch.Tensor] = {}
+        with handle.hooks([(s, lambda a, s=s: captured.__setitem__(s, a[0])) for s in sites]):
+            handle.forward(batch.input_ids, batch.attention_mask)
+        out.append(torch.cat([captured[s].float().cpu() for s in sites], dim=-1))
+    return out
