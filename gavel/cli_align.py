@@ -14,6 +14,8 @@ align_app = typer.Typer(help="LLM-VA: align the model's answering with its own b
                         no_args_is_help=True)
 SourcesOpt = Annotated[list[str], typer.Option(help="Prompt files or organism sets (repeatable).")]
 DeltaOpt = Annotated[Path, typer.Option("--delta", help="A folder written by `gavel align fit` (or its delta/).")]
+JudgeOpt = Annotated[str, typer.Option(help="Who says a reply refused: phrases (refusal phrases) or BANK:CE (a "
+                                            "refusal CE).")]
 
 
 def _prompts(sources: list[str]) -> list:
@@ -35,10 +37,11 @@ def fit(benign: SourcesOpt, toxic: SourcesOpt,
         sample: Annotated[int, typer.Option(help="Training prompts per class and round (0: all).")] = 0,
         max_new_tokens: Annotated[int, typer.Option(help="Tokens per judged reply.")] = 48,
         seed: Annotated[int, typer.Option(help="Seed of the splits and samples.")] = 0,
-        as_json: JsonOpt = False) -> None:
-    """Fit LLM-VA: per round, judge greedy replies (refusal phrases), fit answer/benign SVM directions per sublayer,
-    edit the top sublayers' output weights; keep the round with the best validation F1."""
+        judge: JudgeOpt = "phrases", as_json: JsonOpt = False) -> None:
+    """Fit LLM-VA: per round, judge greedy replies (refusal phrases or a refusal CE), fit answer/benign SVM
+    directions per sublayer, edit the top sublayers' output weights; keep the round with the best validation F1."""
     from gavel.models.loading import load_model
+    from gavel.steering.evaluate import judge_from
     from gavel.steering.llmva import fit_llmva
 
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,8 @@ def fit(benign: SourcesOpt, toxic: SourcesOpt,
                 f.write(step.model_dump_json() + "\n")
             advance(1)
         result = fit_llmva(handle, _prompts(benign), _prompts(toxic), iterations=iterations, l_select=l_select,
-                           sample=sample or None, max_new_tokens=max_new_tokens, seed=seed, log=log)
+                           sample=sample or None, max_new_tokens=max_new_tokens, seed=seed, log=log,
+                           judge=judge_from(judge, handle))
         result.alignment.save(out / "alignment")
         result.delta.save(out / "delta")
     report = {"out": str(out), "best_iteration": result.best, "history": [h.model_dump() for h in result.history]}
@@ -75,11 +79,12 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
              utility: Annotated[str, typer.Option(help="none, or builtin:arithmetic (the organism's 2-digit "
                                                       "additions).")] = "none",
              max_new_tokens: Annotated[int, typer.Option(help="Tokens per judged reply.")] = 48,
-             as_json: JsonOpt = False) -> None:
+             judge: JudgeOpt = "phrases", as_json: JsonOpt = False) -> None:
     """ASR on the toxic prompts, over-refusal on the benign ones, F1 and utility, before and after the edit."""
     from gavel.errors import DataError
     from gavel.models.loading import load_model
     from gavel.steering.delta import WeightDelta
+    from gavel.steering.evaluate import judge_from
     from gavel.steering.llmva import measure
 
     with user_errors():
@@ -92,9 +97,10 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
         else:
             task = None
         b, t = _prompts(benign), _prompts(toxic)
-        before = measure(handle, b, t, max_new_tokens=max_new_tokens, utility=task)
+        judged = judge_from(judge, handle)
+        before = measure(handle, b, t, judge=judged, max_new_tokens=max_new_tokens, utility=task)
         with edit.applied(handle.hf_model):
-            after = measure(handle, b, t, max_new_tokens=max_new_tokens, utility=task)
+            after = measure(handle, b, t, judge=judged, max_new_tokens=max_new_tokens, utility=task)
     report = {"benign": len(b), "toxic": len(t), "before": before.model_dump(), "after": after.model_dump()}
     if as_json:
         print(json.dumps(report, indent=2))

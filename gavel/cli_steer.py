@@ -147,7 +147,7 @@ def evaluate(plane_dir: PlaneOpt,
     ratio |h'|/|h| and distance from the unsteered replies, per strength."""
     from gavel.models.loading import load_model
     from gavel.steering.data import read_prompts
-    from gavel.steering.evaluate import plot_sweeps, refusal_ce, refusal_phrases, sweep
+    from gavel.steering.evaluate import judge_from, plot_sweeps, sweep
     from gavel.steering.plane import SteeringPlane
 
     with user_errors():
@@ -155,14 +155,7 @@ def evaluate(plane_dir: PlaneOpt,
         plane, _ = SteeringPlane.load_artifact(plane_dir, handle.fingerprint())
         conversations = read_prompts(data)
         sites = _layers_sites(plane, layers)
-        judged = refusal_phrases
-        if judge != "phrases":
-            from gavel.probes.bank import CEBank
-
-            bank_dir, _, ce = judge.rpartition(":")
-            if not bank_dir:
-                raise DataError(f"--judge {judge!r}: expected 'phrases' or BANK:CE")
-            judged = refusal_ce(handle, CEBank.load(bank_dir, fingerprint=handle.fingerprint()), ce)
+        judged = judge_from(judge, handle)
         plan = {m: ([0.0] if m == "ablate" else _strengths(coefficients if m == "add" else angles)) for m in methods}
         with progress_bar("sweeping", sum(map(len, plan.values())), enabled=not as_json) as advance:
             sweeps = [sweep(handle, plane, conversations, m, strengths, sites=sites, judge=judged,

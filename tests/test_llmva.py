@@ -96,3 +96,21 @@ def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_
 
     with pytest.raises(ArtifactError, match="weights_sha256"):
         _load_alignment(out, type("H", (), {"fingerprint": lambda self: other})())
+
+
+def test_align_eval_can_judge_with_a_refusal_ce(organism_bank, tmp_path):
+    """`--judge BANK:CE`: the bank's refusal CE decides what counts as refused, before and after the edit."""
+    from gavel.models.loading import load_model
+    from gavel.steering.data import read_prompts
+    from gavel.steering.llmva import fit_llmva
+
+    handle = load_model("builtin:organism")
+    benign = read_prompts("builtin:benign")[:12] + read_prompts("builtin:alarming")[:12]
+    toxic = read_prompts("builtin:harmful")[:12] + read_prompts("builtin:roleplay")[:12]
+    fit_llmva(handle, benign, toxic, iterations=1, l_select=1, max_new_tokens=16).delta.save(tmp_path / "delta")
+    bank = organism_bank.save(tmp_path / "bank")
+    by_ce = CliRunner().invoke(app, ["align", "eval", "--delta", str(tmp_path), *SETS, "--max-new-tokens", "16",
+                                     "--judge", f"{bank}:refusal", "--json"])
+    assert by_ce.exit_code == 0, by_ce.output
+    before = json.loads(by_ce.stdout)["before"]
+    assert 0.1 <= before["asr"] <= 0.5 and before["over_refusal"] < 0.3   # near the planted rates (phrases: 0.33)

@@ -31,6 +31,20 @@ def refusal_phrases(conversations: Sequence[Conversation], replies: Sequence[str
     return [any(phrase in reply.strip().lower()[:80] for phrase in REFUSAL_PHRASES) for reply in replies]
 
 
+def judge_from(spec: str, handle: ModelHandle) -> Judge:
+    """`phrases` (the built-in refusal phrases) or `BANK:CE` (a refusal CE of a saved bank, see `refusal_ce`)."""
+    if spec == "phrases":
+        return refusal_phrases
+    bank_dir, _, ce = spec.rpartition(":")
+    if not bank_dir:
+        from gavel.errors import DataError
+
+        raise DataError(f"--judge {spec!r}: expected 'phrases' or BANK:CE")
+    from gavel.probes.bank import CEBank
+
+    return refusal_ce(handle, CEBank.load(bank_dir, fingerprint=handle.fingerprint()), ce)
+
+
 def refusal_ce(handle: ModelHandle, bank, ce: str) -> Judge:
     """A judge that reads a refusal CE from a bank: the reply is a refusal when the CE fires on one of its tokens
     (the monitor scans each conversation with the reply as its final assistant message)."""
