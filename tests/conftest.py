@@ -32,3 +32,29 @@ def organism_bank(organism):
 
     dataset = organism_dataset(organism.tokenizer, 500, seed=77)
     return fit_bank(organism, dataset, ["blocks.2.hook_resid_post", "blocks.3.hook_resid_post"])
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory):
+    """examples/plugins pip-installed (from a copy: builds write into the source tree) into a folder put on
+    sys.path, where importlib.metadata finds its entry points as in site-packages; taken off again after the
+    module that uses it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gavel.plugins import registry as registry_module
+
+    work = tmp_path_factory.mktemp("plugin")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "plugins", work / "src")
+    target = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(work / "src")], check=True)
+    sys.path.insert(0, str(target))
+    registry_module.registry.cache_clear()
+    yield target
+    sys.path.remove(str(target))
+    for name in [m for m in sys.modules if m.startswith("gavel_example_plugins")]:
+        del sys.modules[name]
+    registry_module.registry.cache_clear()

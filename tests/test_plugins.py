@@ -1,7 +1,6 @@
 """The plugin registry: built-ins first, broken or non-conforming plugins reported and skipped; actions declare
 their arguments."""
 from importlib.metadata import EntryPoint
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -132,31 +131,6 @@ def test_plugins_list_shows_origins_and_problems(monkeypatch):
     assert broken.exit_code == 1
     assert "webhook" in broken.stdout and f"{here}:WebhookAction" in broken.stdout
     assert "no_such_module_xyz" in broken.stdout
-
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins"
-
-
-@pytest.fixture(scope="module")
-def installed_example(tmp_path_factory):
-    """examples/plugins pip-installed (from a copy: builds write into the source tree) into a folder put on
-    sys.path, where importlib.metadata finds its entry points as it would in site-packages."""
-    import shutil
-    import subprocess
-    import sys
-
-    work = tmp_path_factory.mktemp("plugin")
-    shutil.copytree(EXAMPLE, work / "src")
-    target = work / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(work / "src")], check=True)
-    sys.path.insert(0, str(target))
-    registry_module.registry.cache_clear()
-    yield target
-    sys.path.remove(str(target))
-    for name in [m for m in sys.modules if m.startswith("gavel_example_plugins")]:
-        del sys.modules[name]
-    registry_module.registry.cache_clear()
 
 
 def test_an_installed_example_plugin_runs_from_a_rule(installed_example, organism, organism_bank, tmp_path):

@@ -6,12 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
-import shutil
 import statistics
-import subprocess
-import sys
 from importlib.metadata import EntryPoint
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -311,26 +307,6 @@ def test_functions_that_vanish_fail_to_start_or_misbehave(plugins, monkeypatch):
 
 
 # --- the example package's `slope`, pip-installed ---------------------------------------------------
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins"
-
-
-@pytest.fixture
-def installed_example(tmp_path):
-    """examples/plugins pip-installed (from a copy: builds write into the source tree) into a folder on sys.path,
-    where importlib.metadata finds its entry points as it would in site-packages."""
-    shutil.copytree(EXAMPLE, tmp_path / "src")
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(tmp_path / "src")], check=True)
-    sys.path.insert(0, str(target))
-    registry_module.registry.cache_clear()
-    yield target
-    sys.path.remove(str(target))
-    for name in [m for m in sys.modules if m.startswith("gavel_example_plugins")]:
-        del sys.modules[name]
-    registry_module.registry.cache_clear()
-
 
 def naive_slope(values: list[float]) -> float:
     """Least squares of the values against 0, 1, 2, ...; 0 for fewer than two."""

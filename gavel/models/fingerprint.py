@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -40,3 +43,26 @@ def weights_digest(model: torch.nn.Module, n_tensors: int = 4, n_values: int = 4
         h.update(str(tuple(p.shape)).encode())
         h.update(flat.numpy().tobytes())
     return h.hexdigest()
+
+
+Manifest = TypeVar("Manifest", bound=BaseModel)
+
+
+def read_manifest(path: Path, model: type[Manifest], what: str, *, fingerprint: ModelFingerprint | None = None,
+                  force: bool = False, hint: str | None = None) -> Manifest:
+    """An artifact's JSON manifest (with `format_version` and `fingerprint` fields): missing, invalid or of another
+    format version is an ArtifactError; with the live model's fingerprint, one made for another model is refused
+    (the differing field named) unless `force`."""
+    if not path.is_file():
+        raise ArtifactError(f"{path.parent} is not a {what} (no {path.name})", hint=hint)
+    try:
+        manifest = model.model_validate(json.loads(path.read_text()))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: invalid {what} manifest: {e}") from None
+    supported = model.model_fields["format_version"].default
+    if manifest.format_version != supported:
+        raise ArtifactError(f"{path}: format_version {manifest.format_version} is not supported "
+                            f"(this gavel reads {supported})")
+    if fingerprint is not None and not force:
+        manifest.fingerprint.check(fingerprint, what=f"{what} {path.parent}")
+    return manifest

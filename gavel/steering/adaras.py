@@ -2,7 +2,6 @@
 the intervention that adds alpha * S' to the MLP intermediate activations at every forward pass."""
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +9,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from gavel.errors import ArtifactError, DataError
-from gavel.models.fingerprint import ModelFingerprint
+from gavel.errors import DataError
+from gavel.models.fingerprint import ModelFingerprint, read_manifest
 from gavel.models.hooks import HookFn
 from gavel.steering.intervene import gated_hooks
 from gavel.steering.neurons import ReasoningNeurons
@@ -46,15 +45,8 @@ def load_neurons(directory: str | Path, fingerprint: ModelFingerprint | None = N
                  force: bool = False) -> ReasoningNeurons:
     """A saved neuron set; one fitted on another model is refused (the differing field named) unless `force`."""
     d = Path(directory)
-    if not (d / MANIFEST).is_file():
-        raise ArtifactError(f"{d} is not a neuron set (no {MANIFEST})",
-                            hint="find one with `gavel neurons find --problems ... --out DIR`")
-    try:
-        manifest = NeuronManifest.model_validate(json.loads((d / MANIFEST).read_text()))
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{d / MANIFEST}: invalid neuron manifest: {e}") from None
-    if fingerprint is not None and not force:
-        manifest.fingerprint.check(fingerprint, what=f"neuron set {d}")
+    read_manifest(d / MANIFEST, NeuronManifest, "neuron set", fingerprint=fingerprint, force=force,
+                  hint="find one with `gavel neurons find --problems ... --out DIR`")
     return ReasoningNeurons.load(d)
 
 

@@ -5,7 +5,6 @@ floating point). LLM-VA's closed-form edits of o_proj / down_proj are such delta
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from gavel.errors import ArtifactError, SiteError
-from gavel.models.fingerprint import ModelFingerprint
+from gavel.models.fingerprint import ModelFingerprint, read_manifest
 from gavel.models.sites import parse_site, resolve_site
 
 MANIFEST = "delta.json"
@@ -92,14 +91,9 @@ class WeightDelta:
         from safetensors.torch import load_file
 
         d = Path(directory)
-        if not (d / MANIFEST).is_file() or not (d / TENSORS).is_file():
-            raise ArtifactError(f"{d} is not a weight delta (needs {MANIFEST} and {TENSORS})")
-        try:
-            manifest = DeltaManifest.model_validate(json.loads((d / MANIFEST).read_text()))
-        except (ValueError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{d / MANIFEST}: invalid delta manifest: {e}") from None
-        if fingerprint is not None and not force:
-            manifest.fingerprint.check(fingerprint, what=f"weight delta {d}")
+        manifest = read_manifest(d / MANIFEST, DeltaManifest, "weight delta", fingerprint=fingerprint, force=force)
+        if not (d / TENSORS).is_file():
+            raise ArtifactError(f"{d} is not a weight delta (no {TENSORS})")
         return cls(load_file(d / TENSORS), manifest.fingerprint, manifest.base_sha256, manifest.provenance)
 
     def apply(self, model: torch.nn.Module, force: bool = False) -> "AppliedDelta":

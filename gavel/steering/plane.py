@@ -7,15 +7,14 @@ opposite signs. Saved as safetensors + JSON with the fingerprint of the model it
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from gavel.errors import ArtifactError, DataError, check_is_fitted
-from gavel.models.fingerprint import ModelFingerprint
+from gavel.errors import DataError, check_is_fitted
+from gavel.models.fingerprint import ModelFingerprint, read_manifest
 from gavel.models.sites import parse_site
 from gavel.probes.estimator import Estimator
 from gavel.steering.geometry import candidate_directions, discriminative, projection_means, steering_plane
@@ -104,18 +103,8 @@ class SteeringPlane(Estimator):
         """A saved plane and its manifest; with the live model's fingerprint, a plane fitted on another model is
         refused (the field that differs is named) unless `force`."""
         d = Path(directory)
-        if not (d / MANIFEST).is_file():
-            raise ArtifactError(f"{d} is not a steering artifact (no {MANIFEST})",
-                                hint="fit one with `gavel steer fit --pos FILE --neg FILE --out DIR`")
-        try:
-            manifest = SteeringManifest.model_validate(json.loads((d / MANIFEST).read_text()))
-        except (ValueError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{d / MANIFEST}: invalid steering manifest: {e}") from None
-        if manifest.format_version != FORMAT_VERSION:
-            raise ArtifactError(f"{d / MANIFEST}: format_version {manifest.format_version} is not supported "
-                                f"(this gavel reads {FORMAT_VERSION})")
-        if fingerprint is not None and not force:
-            manifest.fingerprint.check(fingerprint, what=f"steering artifact {d}")
+        manifest = read_manifest(d / MANIFEST, SteeringManifest, "steering artifact", fingerprint=fingerprint,
+                                 force=force, hint="fit one with `gavel steer fit --pos FILE --neg FILE --out DIR`")
         return cls.load(d), manifest
 
 
