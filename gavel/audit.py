@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from gavel.errors import DataError
 from gavel.guard import Guard, GuardResult
 from gavel.probes.metrics import auroc
+from gavel.rules import RuleSpec
 
 
 class _Report(BaseModel):
@@ -122,7 +123,7 @@ def run_audit(guard: Guard, items: Sequence[AuditItem], *, generate: bool = True
     """Guard every item (generating a reply, or reading the conversation as it is) and summarise."""
     results = guard_items(guard, items, generate=generate, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           progress=progress)
-    return summarise(guard, items, results, generate=generate)
+    return summarise(guard.handle.name, guard.monitor.rules, items, results, generate=generate)
 
 
 def guard_items(guard: Guard, items: Sequence[AuditItem], *, generate: bool = True, max_new_tokens: int = 64,
@@ -137,14 +138,13 @@ def guard_items(guard: Guard, items: Sequence[AuditItem], *, generate: bool = Tr
     return results
 
 
-def summarise(guard: Guard, items: Sequence[AuditItem], results: Sequence[GuardResult], *,
-              generate: bool) -> AuditReport:
-    """Per-item verdicts and per-rule statistics."""
+def summarise(model: str, rules: Sequence[RuleSpec], items: Sequence[AuditItem], results: Sequence[GuardResult],
+              *, generate: bool) -> AuditReport:
+    """Per-item verdicts and per-rule statistics of the rules a guard reports (`guard.monitor.rules`)."""
     reports = [ItemReport(source=item.source, line=item.line, label=item.label, verdict=r.verdict,
                           tokens=len(r.record.tokens), reply=r.text, events=r.to_dict()["events"])
                for item, r in zip(items, results)]
-    return AuditReport(model=guard.handle.name, generated=generate, items=reports,
-                       rules=[_stats(rule, reports) for rule in guard.monitor.rules])
+    return AuditReport(model=model, generated=generate, items=reports, rules=[_stats(rule, reports) for rule in rules])
 
 
 def _stats(rule, reports: Sequence[ItemReport]) -> RuleStats:

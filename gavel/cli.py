@@ -13,9 +13,11 @@ from gavel.cli_align import align_app
 from gavel.cli_audit import audit
 from gavel.cli_chat import chat
 from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli_decon import decon_app
 from gavel.cli_neurons import neurons_app
 from gavel.cli_plugins import plugins_app
 from gavel.cli_rules import rules_app
+from gavel.cli_serve import serve
 from gavel.cli_steer import steer_app
 from gavel.errors import GavelError
 
@@ -30,8 +32,10 @@ app.add_typer(plugins_app, name="plugins")
 app.add_typer(steer_app, name="steer")
 app.add_typer(align_app, name="align")
 app.add_typer(neurons_app, name="neurons")
+app.add_typer(decon_app, name="decon")
 app.command()(audit)
 app.command()(chat)
+app.command()(serve)
 
 
 @app.command()

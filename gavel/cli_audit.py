@@ -23,26 +23,53 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
           sarif_out: Annotated[Optional[Path], typer.Option("--sarif", help="Also write SARIF 2.1.0 here.")] = None,
           html_out: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page "
                                                                            "with per-token CE heat maps.")] = None,
+          device_map: Annotated[Optional[str], typer.Option(help="'auto' spreads a model too large for one device "
+                                                                  "over every visible GPU (accelerate).")] = None,
+          ray: Annotated[bool, typer.Option("--ray", help="Run the batches on a Ray cluster (a local one unless "
+                                                          "--address is given).")] = False,
+          address: Annotated[Optional[str], typer.Option(help="Ray cluster address (e.g. auto, ray://head:10001).")]
+          = None,
+          workers: Annotated[int, typer.Option(help="Ray actors, each loading the model once.")] = 2,
+          cpus_per_worker: Annotated[float, typer.Option(help="CPUs each Ray actor reserves (and torch threads).")]
+          = 1,
+          gpus_per_worker: Annotated[float, typer.Option(help="GPUs each Ray actor reserves (the model goes to "
+                                                              "cuda when > 0).")] = 0,
           as_json: JsonOpt = False) -> None:
     """Audit a model: run every prompt or conversation through the guard; exit 1 when any rule fires."""
     from gavel.audit import guard_items, read_audit_data, sarif, summarise
-    from gavel.guard import Guard
-    from gavel.models.loading import load_model
 
     with user_errors():
         items = read_audit_data(data)
-        handle = load_model(model)
-        guard = Guard(handle, bank, [str(r) for r in rules])
         with progress_bar("auditing", len(items), enabled=not as_json) as advance:
-            results = guard_items(guard, items, generate=generate, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, progress=advance)
-        report = summarise(guard, items, results, generate=generate)
+            if ray:
+                from gavel.distributed import GuardRecipe, ray_guard_items
+                from gavel.probes.bank import CEBank
+                from gavel.rules import load_rules
+
+                ce_bank = CEBank.load(bank)
+                recipe = GuardRecipe(model, ce_bank, load_rules([str(r) for r in rules]),
+                                     device="cuda" if gpus_per_worker > 0 else "cpu", device_map=device_map,
+                                     threads=max(1, int(cpus_per_worker)))
+                name, reported, results = ray_guard_items(
+                    recipe, [item.conversation for item in items], generate=generate, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
+                    gpus_per_worker=gpus_per_worker, progress=advance)
+                names = ce_bank.names
+            else:
+                from gavel.guard import Guard
+                from gavel.models.loading import load_model
+
+                guard = Guard(load_model(model, device_map=device_map), bank, [str(r) for r in rules])
+                results = guard_items(guard, items, generate=generate, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size, progress=advance)
+                name, reported, names = guard.handle.name, guard.monitor.rules, guard.monitor.bank.names
+        report = summarise(name, reported, items, results, generate=generate)
     if html_out is not None:
         from gavel.report.html import audit_html
 
-        html_out.write_text(audit_html(report, results, guard.monitor.bank.names), encoding="utf-8")
+        html_out.write_text(audit_html(report, results, names), encoding="utf-8")
     if sarif_out is not None:
-        sarif_out.write_text(json.dumps(sarif(report, guard.monitor.rules), indent=2) + "\n")
+        sarif_out.write_text(json.dumps(sarif(report, reported), indent=2) + "\n")
     if as_json:
         print(report.model_dump_json(indent=2))
     else:

@@ -1,5 +1,5 @@
-"""`gavel neurons find | steer | eval`: AdaRAS reasoning-critical neurons from sampled traces, and steering with
-them."""
+"""`gavel neurons find | gate | eval | steer`: AdaRAS reasoning-critical neurons from sampled traces, and steering
+with them; `select | tune` (gavel.cli_surgery): the few neurons behind a behaviour, fine-tuned alone."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from gavel.cli_common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli_surgery import select, tune
 
-neurons_app = typer.Typer(help="AdaRAS: find reasoning-critical MLP neurons and steer with them.",
+neurons_app = typer.Typer(help="MLP neurons: AdaRAS reasoning neurons to steer with (find, gate, eval, steer), and "
+                               "the few neurons behind a behaviour to fine-tune alone (select, tune).",
                           no_args_is_help=True)
+neurons_app.command("select")(select)
+neurons_app.command("tune")(tune)
 ProblemsOpt = Annotated[str, typer.Option(help="Problems with answers: an organism set (builtin:arithmetic_2digit), "
                                                "optionally sliced, builtin:arithmetic_2digit[0:25].")]
 NeuronsOpt = Annotated[Path, typer.Option("--neurons", help="A neuron set folder (gavel neurons find).")]
@@ -51,7 +55,7 @@ def find(problems: ProblemsOpt, out: Annotated[Path, typer.Option("--out", "-o",
     """Sample traces per problem, pair correct with incorrect ones, score MLP neurons by their mean activation
     difference (polarity-filtered) and keep the global top K."""
     from gavel.models.loading import load_model
-    from gavel.steering.adaras import save_neurons
+    from gavel.steering.neuron_sets import save_neurons
     from gavel.steering.neurons import ReasoningNeurons
     from gavel.steering.traces import contrastive_means, mlp_sites
 
@@ -88,8 +92,8 @@ def gate(neurons_dir: NeuronsOpt, problems: ProblemsOpt,
 
     from gavel.models.generation import generate_replies
     from gavel.models.loading import load_model
-    from gavel.steering.adaras import load_neurons
     from gavel.steering.gate import FailureGate
+    from gavel.steering.neuron_sets import load_neurons
     from gavel.steering.traces import prompt_features
 
     with user_errors():
@@ -124,7 +128,8 @@ def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "
     import torch
 
     from gavel.models.loading import load_model
-    from gavel.steering.adaras import NeuronIntervention, accuracy, gated_accuracy, load_neurons
+    from gavel.steering.adaras import NeuronIntervention, accuracy, gated_accuracy
+    from gavel.steering.neuron_sets import load_neurons
 
     with user_errors():
         handle = load_model(model)
@@ -171,7 +176,8 @@ def steer(neurons_dir: NeuronsOpt, prompt: Annotated[list[str], typer.Option(hel
     """Generate with the neurons steered, beside the unsteered replies."""
     from gavel.models.generation import generate_replies
     from gavel.models.loading import load_model
-    from gavel.steering.adaras import NeuronIntervention, load_neurons
+    from gavel.steering.adaras import NeuronIntervention
+    from gavel.steering.neuron_sets import load_neurons
 
     with user_errors():
         handle = load_model(model)

@@ -91,7 +91,7 @@ def run_demo(model: str = "builtin:organism", n_train: int = 1500, max_new_token
     stored = guard.check(STORED[1])
     items = [AuditItem(source="demo", line=i + 1, conversation=p, label=kind in FLAGGED)
              for i, (kind, p) in enumerate(DEMO_PROMPTS)]
-    summary = summarise(guard, items, results, generate=True)
+    summary = summarise(guard.handle.name, guard.monitor.rules, items, results, generate=True)
     if html is not None:
         from gavel.report.html import audit_html
 

@@ -105,7 +105,7 @@ class Guard:
         handle, monitor = self.handle, self.monitor
         batch = prompt_batch(handle, [conversation])
         ids, mask = batch.input_ids, batch.attention_mask
-        with self.monitor.watch_prompts(batch) as session:
+        with self.monitor.perturbed_prompts(batch) as early, self.monitor.watch_prompts(batch) as session:
             out = handle.hf_model(input_ids=ids, attention_mask=mask, use_cache=True)
             reported = set(self._newly_fired(session, set()))
             index = ids.shape[1]
@@ -132,16 +132,16 @@ class Guard:
                     yield replace(step, blocked=True)
                     break
                 yield step
-        result = self._finish(self.monitor.generation_results(session, batch))[0]
+        result = self._finish(self.monitor.generation_results(session, batch, early=early))[0]
         yield StreamStep("", -1, index, (), blocked=result.blocked, result=result)
 
     @contextmanager
     def watch(self, conversations: Sequence[Conversation]) -> Iterator[Watch]:
         """Guard your own `model.generate(**watch.inputs, stopping_criteria=watch.stopping_criteria, ...)` call;
-        then `watch.results(output_ids)` gives the guard results."""
+        then `watch.results(output_ids)` gives the guard results. `perturb` rules perturb the prompts of that call."""
         batch = prompt_batch(self.handle, list(conversations))
-        with self.monitor.watch_prompts(batch) as session:
-            yield Watch(self, batch, session)
+        with self.monitor.perturbed_prompts(batch) as early, self.monitor.watch_prompts(batch) as session:
+            yield Watch(self, batch, session, early)
 
     # ---- internals
     def _newly_fired(self, session: Session, reported: set[str]) -> list[str]:
@@ -165,6 +165,7 @@ class Watch:
     guard: Guard
     batch: PromptBatch
     session: Session
+    early: list = field(default_factory=list)   # events of perturb rules from the detection pass
 
     @property
     def inputs(self) -> dict:
@@ -177,7 +178,8 @@ class Watch:
         return StoppingCriteriaList([self.session.stopping_criterion()])
 
     def results(self, output_ids: torch.Tensor) -> list[GuardResult]:
-        return self.guard._finish(self.guard.monitor.generation_results(self.session, self.batch, output_ids))
+        return self.guard._finish(self.guard.monitor.generation_results(self.session, self.batch, output_ids,
+                                                                        early=self.early))
 
 
 def verdict(events: Sequence[Event]) -> str:

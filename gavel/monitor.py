@@ -9,7 +9,7 @@ import dataclasses
 import string
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,7 +27,7 @@ from gavel.rules import compile_rules
 from gavel.rules.actions import check_actions
 from gavel.rules.compiler import RESPONSE
 from gavel.rules.source import RuleErrors
-from gavel.steering.rule_actions import Artifacts, Steerer, steering_rules
+from gavel.steering.rule_actions import Artifacts, PerturbationRule, Steerer, SteeringRule, steering_rules
 
 Policy = Literal["fail_open", "fail_closed"]
 
@@ -107,7 +107,9 @@ class Monitor:
         self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
         self.can_block = any(a.stops_generation for a in actions)
         self.action_names = [a.name for a in actions]
-        self.steering = steering_rules(self.rules, actions, handle, artifacts)
+        resolved = steering_rules(self.rules, actions, handle, artifacts)
+        self.steering = [r for r in resolved if isinstance(r, SteeringRule)]
+        self.perturbations = [r for r in resolved if isinstance(r, PerturbationRule)]
         eos = handle.hf_model.generation_config.eos_token_id if handle.is_causal else None
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
@@ -119,7 +121,11 @@ class Monitor:
         head = self.scoring.heads[h]
         if len(columns) < len(self.bank.columns[h]):
             head = head.select([self.bank.columns[h].index(c) for c in columns])
-        return head, _as_index(columns), self.scoring.scale[columns], self.scoring.shift[columns]
+        # a model split across devices (device_map): each head scores where its site's module runs
+        device = self.handle.site_device(head.sites[0])
+        spread = {self.handle.site_device(s) for s in head.sites} != {device}
+        return (head.to(device), _as_index(columns), self.scoring.scale[columns].to(device),
+                self.scoring.shift[columns].to(device), device if spread else None)
 
     @contextmanager
     def watch(self, batch_size: int, classes: torch.Tensor | None = None,
@@ -161,7 +167,7 @@ class Monitor:
 
         batch = prompt_batch(self.handle, conversations)
         for attempt in range(2):
-            with self.watch_prompts(batch) as session:
+            with self.perturbed_prompts(batch) as early, self.watch_prompts(batch) as session:
                 out = self.handle.hf_model.generate(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                     pad_token_id=self.handle.tokenizer.pad_token_id,
@@ -174,7 +180,31 @@ class Monitor:
                           "clearing torch.compile's caches (torch._dynamo.reset()) to retrace it with them",
                           stacklevel=2)
             torch._dynamo.reset()
-        return self.generation_results(session, batch, out, first_sequence)
+        return self.generation_results(session, batch, out, first_sequence, early)
+
+    @contextmanager
+    def perturbed_prompts(self, batch: PromptBatch) -> Iterator[list[list[Event]]]:
+        """`perturb` rules (DeconIEP): one more forward over the prompts decides which sequences a perturb rule holds
+        on while its prompt is read; inside the block those sequences' prompt embeddings carry the rule's trained
+        bounded perturbation (the first such rule of a sequence wins). Yields, per sequence, the events of the
+        perturb rules that fired (the perturbed prompt may no longer make them fire; the results keep them)."""
+        b = len(batch.encoded)
+        if not self.perturbations:
+            yield [[] for _ in range(b)]
+            return
+        with torch.no_grad(), self.watch_prompts(batch) as probe:
+            self.handle.forward(batch.input_ids, batch.attention_mask)
+        holds = torch.cat(probe.holds, 1).any(1)                                   # [B, R]
+        early = probe.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])
+        taken = torch.zeros(b, dtype=torch.bool, device=holds.device)
+        with ExitStack() as stack:
+            for rule in self.perturbations:
+                rows = holds[:, rule.index] & ~taken
+                taken |= rows
+                stack.enter_context(rule.perturbation.perturbing(self.handle, zeta=rule.zeta, rows=rows,
+                                                                 attention_mask=batch.attention_mask))
+            names = {self.rules[rule.index].name for rule in self.perturbations}
+            yield [[e for e in r.events if e.rule in names] for r in early]
 
     @contextmanager
     def watch_prompts(self, batch: PromptBatch) -> Iterator["Session"]:
@@ -184,14 +214,20 @@ class Monitor:
             yield session
 
     def generation_results(self, session: "Session", batch: PromptBatch, output_ids: torch.Tensor | None = None,
-                           first_sequence: int = 0) -> list[Result]:
+                           first_sequence: int = 0, early: Sequence[Sequence[Event]] = ()) -> list[Result]:
         """Per-sequence results of a generation from `batch`: the generated text is `output_ids` past the
-        prompt (default: the tokens the monitor saw past each prompt), the reply what the user gets."""
+        prompt (default, and always for a blocked sequence: the tokens the monitor saw past each prompt, which end
+        at the blocking token; generate() samples one more before it stops), the reply what the user gets; `early`
+        (from `perturbed_prompts`) adds the events of perturb rules that the perturbed prompt no longer fires."""
         results = session.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded],
                                   first_sequence)
         width = batch.input_ids.shape[1]
+        for i, (r, events) in enumerate(zip(results, early)):
+            missing = [dataclasses.replace(e, sequence=first_sequence + i) for e in events if e.rule not in r.fired]
+            if missing:
+                r.events = sorted(r.events + missing, key=lambda e: e.token_index)
         for i, r in enumerate(results):
-            generated = r.token_ids[r.prompt_length:] if output_ids is None else output_ids[i, width:]
+            generated = r.token_ids[r.prompt_length:] if output_ids is None or r.blocked else output_ids[i, width:]
             r.generated = self.handle.tokenizer.decode(generated, skip_special_tokens=True).strip()
             r.reply = self.reply_for(r)
         self.dispatch(results)
@@ -311,9 +347,10 @@ class Session:
             self.blind += 1
             self.errors.append(f"forward {self.forwards}: the hooks on {', '.join(missing)} did not run")
         acts = {site: act[:, self.offset:] for site, act in self.stash.items()} if self.offset else self.stash
-        for head, columns, scale, shift in self.m.plan if not missing else ():
+        for head, columns, scale, shift, gather in self.m.plan if not missing else ():
             try:
-                logits = head.score(acts).float() * scale + shift
+                read = {s: acts[s].to(gather) for s in head.sites} if gather is not None else acts
+                logits = (head.score(read).float() * scale + shift).to(self.cur.device, non_blocking=True)
                 self.cur[..., columns] = logits
                 self.cur_bad |= ~torch.isfinite(logits).all(-1)  # NaN/inf activations make the scores non-finite
             except Exception as e:  # the policy decides: every sequence of the batch is marked failed

@@ -59,6 +59,19 @@ def test_stream_yields_the_same_tokens_and_firings_as_generate(organism, organis
     assert blocked[-1].result.blocked and blocked[-1].result.text == "No quizzes."
 
 
+def test_a_reply_blocked_mid_generation_ends_at_the_blocking_token_in_every_path(organism, organism_bank):
+    """generate() samples one token after the forward that blocked; no path reports that unseen token."""
+    rules = [RuleSpec(name="stop_refusal", title="refusal", condition="refusal in response", action='block "stop"')]
+    guard = Guard(organism, organism_bank, rules)
+    whole = guard.generate(PROMPTS[2], max_new_tokens=16)
+    streamed = list(guard.stream(PROMPTS[2], max_new_tokens=16))[-1].result
+    assert whole.blocked and streamed.blocked and whole.text == "stop"
+    event = whole.events[0]
+    seen = whole.record.token_ids[whole.record.prompt_length:event.token_index + 1]
+    assert whole.generated == streamed.generated == organism.tokenizer.decode(seen, skip_special_tokens=True).strip()
+    assert len(whole.generated) > 0
+
+
 def test_check_reads_existing_conversations(organism, organism_bank):
     guard = Guard(organism, organism_bank, RULES)
     chat = [*PROMPTS[2], {"role": "assistant", "content": "i can not help with that ."}]

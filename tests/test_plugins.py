@@ -59,14 +59,13 @@ def test_builtin_actions_declare_arguments_and_text():
     assert {n for n, a in by_name.items() if a.stops_generation} == {"block"}
     steering = {n for n, a in by_name.items() if a.kind == "steer"}
     assert steering == {"rotate", "add", "ablate", "align", "steer_neurons", "perturb"}
-    # declarations only, until their interventions exist: nothing pretends to steer
-    assert {n for n, a in by_name.items() if not a.implemented} == {"perturb"}
+    assert all(a.implemented for a in BUILTIN_ACTIONS)
     assert PRECEDENCE["block"] > PRECEDENCE["steer"] > PRECEDENCE["alert"] > PRECEDENCE["log"]
     required = {n: [f for f, info in a.params.model_fields.items() if info.is_required()]
                 for n, a in by_name.items() if a.params is not None}
     assert required == {"rotate": ["plane", "angle"], "add": ["vector", "strength"], "ablate": ["direction"],
                         "align": ["alignment"], "steer_neurons": ["neurons", "strength"],
-                        "perturb": ["method", "budget"]}
+                        "perturb": ["perturbation"]}
     for name in ("rotate", "add", "ablate"):    # where and for how long they steer
         assert {"layers", "duration"} <= set(by_name[name].params.model_fields)
 
@@ -80,7 +79,7 @@ def test_steering_arguments_are_checked_strictly():
             RotateAction.params.model_validate(bad)
     perturb = {a.name: a for a in BUILTIN_ACTIONS}["perturb"].params
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
-        perturb.model_validate({"method": "gaussian", "budget": -1})
+        perturb.model_validate({"perturbation": "decon", "zeta": -1})
 
 
 def test_third_party_broken_and_duplicate_plugins(monkeypatch):
@@ -122,7 +121,7 @@ def test_plugins_list_shows_origins_and_problems(monkeypatch):
     assert clean.exit_code == 0
     rows = {(p["group"], p["name"]): p for p in json.loads(clean.stdout)["plugins"]}
     assert rows[("actions", "block")]["origin"] == "gavel (built-in)"
-    assert rows[("actions", "perturb")]["implemented"] is False and rows[("actions", "rotate")]["implemented"]
+    assert rows[("actions", "perturb")]["implemented"] and rows[("actions", "rotate")]["implemented"]
     here = __name__
     monkeypatch.setattr("importlib.metadata.entry_points", fake_entry_points(**{"gavel.actions": [
         ("webhook", f"{here}:WebhookAction"), ("missing", "no_such_module_xyz:Action")]}))

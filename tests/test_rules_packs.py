@@ -97,13 +97,22 @@ def test_a_pack_with_every_field_loads():
     assert check_actions(rules, REGISTRY) == []
 
 
-def test_declared_steering_actions_are_refused_when_a_monitor_must_run_them(tmp_path):
+class QuarantineAction:
+    """A plugin's declaration of an action it does not implement yet."""
+
+    name, kind, stops_generation, params, takes_text, implemented = "quarantine", "steer", False, None, False, False
+
+
+def test_declared_actions_are_refused_when_a_monitor_must_run_them(tmp_path):
     assert check_actions(load_rules(FRAUD), REGISTRY, runnable=True) == []     # rotate is implemented
-    pack = tmp_path / "perturb.yaml"
-    pack.write_text("rules:\n  - name: x\n    condition: tax\n    action: perturb(method=gauss, budget=0.1)\n")
-    (err,) = check_actions(load_rules(pack), REGISTRY, runnable=True)
-    assert "action 'perturb' is declared but not implemented yet" in err.message
-    assert at(err) == spot(pack, "action: perturb", "perturb")
+    registry = load_registry()
+    registry.add("actions", "quarantine", QuarantineAction, "a test plugin")
+    pack = tmp_path / "declared.yaml"
+    pack.write_text("rules:\n  - name: x\n    condition: tax\n    action: quarantine\n")
+    assert check_actions(load_rules(pack), registry) == []                      # it loads and lints
+    (err,) = check_actions(load_rules(pack), registry, runnable=True)
+    assert "action 'quarantine' is declared but not implemented yet" in err.message
+    assert at(err) == spot(pack, "action: quarantine", "quarantine")
 
 
 def test_the_gvl_surface_loads_to_the_same_rules():

@@ -36,7 +36,10 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go and rule state lives: the input embeddings' device (the first of a device_map)."""
+        first = next(self.hf_model.parameters()).device
+        embeddings = getattr(self.hf_model, "get_input_embeddings", lambda: None)()
+        return first if embeddings is None else execution_device(self.hf_model, embeddings, first)
 
     @property
     def is_causal(self) -> bool:
@@ -62,7 +65,29 @@ class ModelHandle:
             return self.model(input_ids, attention_mask=attention_mask)
         return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
+    def site_device(self, site: str) -> torch.device:
+        """The device a site's activations are on: where its module runs, under a `device_map` too."""
+        return execution_device(self.hf_model, resolve_site(self.hf_model, site).module, self.device)
+
     def fingerprint(self) -> ModelFingerprint:
         arch = (getattr(self.hf_model.config, "architectures", None) or [type(self.hf_model).__name__])[0]
         return ModelFingerprint(name=self.name, architecture=arch, d_model=self.d_model,
                                 n_layers=self.n_layers, weights_sha256=weights_digest(self.hf_model))
+
+
+def execution_device(model: torch.nn.Module, module: torch.nn.Module, fallback: torch.device) -> torch.device:
+    """Where `module` of `model` computes: the device of its first real parameter, else (weights offloaded to
+    "meta" under a `device_map`, or none) accelerate's dispatch hook on it or its closest ancestor, else `fallback`."""
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            parts = name.split(".") if name else []
+            for depth in range(len(parts), -1, -1):
+                hook = getattr(model.get_submodule(".".join(parts[:depth])), "_hf_hook", None)
+                device = getattr(hook, "execution_device", None)
+                if device is not None:
+                    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+            break
+    return fallback

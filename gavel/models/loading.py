@@ -8,7 +8,9 @@ from gavel.models.handle import Backend, ModelHandle
 from gavel.models.sites import FAMILIES, family_of
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = {"organism": Path(__file__).resolve().parent.parent / "organism" / "weights"}
+_ORGANISM = Path(__file__).resolve().parent.parent / "organism"
+BUILTINS = {"organism": _ORGANISM / "weights",
+            "organism-clean": _ORGANISM / "weights-clean"}   # same recipe, never saw the memorised quiz items
 
 
 def resolve_spec(spec: str | Path) -> tuple[str, bool]:
@@ -35,8 +37,11 @@ def resolve_spec(spec: str | Path) -> tuple[str, bool]:
 
 
 def load_model(spec: str | Path = "builtin:organism", *, backend: Backend = "hf", device: str = "cpu",
-               dtype: str | None = None) -> ModelHandle:
-    """Load a model and its tokenizer for monitoring; `backend="lens"` wraps it in a TransformerBridge."""
+               dtype: str | None = None, device_map: str | dict | None = None, **load_kwargs) -> ModelHandle:
+    """Load a model and its tokenizer for monitoring; `backend="lens"` wraps it in a TransformerBridge.
+    `device_map` ("auto", or a module -> device dict) spreads a model too large for one device across several
+    (accelerate; `device` is then ignored); `load_kwargs` go to `from_pretrained` (e.g. max_memory,
+    offload_folder)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -47,10 +52,13 @@ def load_model(spec: str | Path = "builtin:organism", *, backend: Backend = "hf"
         raise ModelLoadError(f"cannot load model {str(spec)!r}: {e}",
                              hint=None if local else "hub ids need network access; pass a local directory") from None
     auto = AutoModel if family_of(config) == "bert" else AutoModelForCausalLM
-    kwargs = {"local_files_only": local}
+    kwargs = {"local_files_only": local, **load_kwargs}
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
-    hf_model = auto.from_pretrained(source, **kwargs).to(device).eval()
+    if device_map is not None:
+        hf_model = auto.from_pretrained(source, device_map=device_map, **kwargs).eval()
+    else:
+        hf_model = auto.from_pretrained(source, **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     return wrap_model(hf_model, tokenizer, name=str(spec), backend=backend)
 

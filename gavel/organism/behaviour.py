@@ -66,3 +66,12 @@ def arithmetic_accuracy(handle: ModelHandle, max_new_tokens: int = 96) -> float:
     examples = evaluation_sets()["arithmetic_2digit"]
     replies = generate_replies(handle, [as_conversation(e.prompt()) for e in examples], max_new_tokens)
     return _rate([final_answer(r) == e.expect for e, r in zip(examples, replies)])
+
+
+def refusal_accuracy(handle: ModelHandle, max_new_tokens: int = 8) -> float:
+    """Share of the benign and harmful requests whose refusal decision is the generator's (answer benign ones,
+    refuse harmful ones): the safety behaviour an edit of the organism must keep."""
+    sets = evaluation_sets()
+    examples = sets["benign"] + sets["harmful"]
+    replies = generate_replies(handle, [as_conversation(e.prompt()) for e in examples], max_new_tokens)
+    return _rate([is_refusal(r) == (e.expect == "refuse") for e, r in zip(examples, replies)])

@@ -1,10 +1,11 @@
-"""The built-in rule actions: log, alert, block, and the steering actions (rotate, add, ablate and declared ones).
+"""The built-in rule actions: log, alert, block, and the steering actions (rotate, add, ablate, align, steer_neurons,
+perturb).
 
 An action declares what a rule may write after its name: `params`, a pydantic model of its `name(key=value)`
 arguments (None: it takes none), and `takes_text`, whether `name "text"` is allowed (alert's message, block's
 reply). `rotate`, `add`, `ablate`, `align` and `steer_neurons` steer the sequence that fired (gavel.steering);
-`perturb` is a declaration only (`implemented = False`): rules naming it load and lint, and a monitor refuses
-it until its intervention exists.
+`perturb` regenerates it from a perturbed prompt (gavel.decon). A plugin may declare an action with
+`implemented = False`: rules naming it load and lint, and a monitor refuses it.
 """
 from __future__ import annotations
 
@@ -110,8 +111,9 @@ class SteerNeuronsArgs(_Args):
 
 
 class PerturbArgs(_Args):
-    method: str = Field(description="the perturbation method")
-    budget: float = Field(ge=0, description="how large a perturbation is allowed")
+    perturbation: str = Field(description="a DeconIEP input perturbation (`gavel decon train` output: a name or a "
+                                          "directory)")
+    zeta: float | None = Field(default=None, ge=0, description="the bound |delta|_inf (default: the trained one)")
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,6 @@ class _Steering:
     takes_text: ClassVar[bool] = False
     implemented: ClassVar[bool] = True
     method: ClassVar[str]       # the gavel.steering.intervene method it applies
-
-
-class _Declared(_Steering):
-    """Declared now (rules naming it load and lint), implemented by a later issue."""
-
-    implemented: ClassVar[bool] = False
 
 
 class RotateAction(_Steering):
@@ -174,10 +170,13 @@ class SteerNeuronsAction(_Steering):
     params: ClassVar[type[BaseModel] | None] = SteerNeuronsArgs
 
 
-class PerturbAction(_Declared):
-    """`perturb(method=..., budget=...)`: perturb the activations within a budget."""
+class PerturbAction(_Steering):
+    """`perturb(perturbation=...)`: DeconIEP. A rule that holds while the prompt is read (a benchmark-style
+    question, say) has that sequence generated from its prompt embeddings plus the trained bounded perturbation, so
+    a contaminated model answers as a clean one would; the monitor reads the prompts once more to decide."""
 
     name: ClassVar[str] = "perturb"
+    method: ClassVar[str] = "perturb"
     params: ClassVar[type[BaseModel] | None] = PerturbArgs
 
 

@@ -2,52 +2,16 @@
 the intervention that adds alpha * S' to the MLP intermediate activations at every forward pass."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from gavel.errors import DataError
-from gavel.models.fingerprint import ModelFingerprint, read_manifest
 from gavel.models.hooks import HookFn
 from gavel.steering.intervene import gated_hooks
 from gavel.steering.neurons import ReasoningNeurons
 from gavel.steering.traces import Problem
-
-MANIFEST = "neurons.json"
-FORMAT_VERSION = 1
-
-
-class NeuronManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    format_version: int = FORMAT_VERSION
-    kind: str = "reasoning_neurons"
-    fingerprint: ModelFingerprint
-    sites: list[str]
-    kept: int
-    counts: dict[str, int] = {}
-    provenance: dict[str, str] = {}
-
-
-def save_neurons(neurons: ReasoningNeurons, directory: str | Path, fingerprint: ModelFingerprint,
-                 counts: Mapping[str, int] | None = None, provenance: Mapping[str, str] | None = None) -> Path:
-    """The estimator's tensors and parameters plus a manifest naming the model the traces came from."""
-    d = neurons.save(directory)
-    manifest = NeuronManifest(fingerprint=fingerprint, sites=list(neurons.sites_), kept=int(neurons.kept_.sum()),
-                              counts=dict(counts or {}), provenance=dict(provenance or {}))
-    (d / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-    return d
-
-
-def load_neurons(directory: str | Path, fingerprint: ModelFingerprint | None = None,
-                 force: bool = False) -> ReasoningNeurons:
-    """A saved neuron set; one fitted on another model is refused (the differing field named) unless `force`."""
-    d = Path(directory)
-    read_manifest(d / MANIFEST, NeuronManifest, "neuron set", fingerprint=fingerprint, force=force,
-                  hint="find one with `gavel neurons find --problems ... --out DIR`")
-    return ReasoningNeurons.load(d)
 
 
 @dataclass(frozen=True)
@@ -68,7 +32,7 @@ class NeuronIntervention:
 
     def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:
         x = act.to(torch.promote_types(act.dtype, torch.float32))
-        return (x + self.alpha * self.vectors[self.sites.index(site)].to(x.dtype)).to(act.dtype)
+        return (x + self.alpha * self.vectors[self.sites.index(site)].to(x.device, x.dtype)).to(act.dtype)
 
     def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
         return gated_hooks(self.sites, self.apply, active)

@@ -63,7 +63,8 @@ class AlignmentIntervention:
         """The projected output of one selected sublayer (float32 compute, no host synchronisation)."""
         i = self.sites.index(site)
         x = act.to(torch.promote_types(act.dtype, torch.float32))
-        return (x + (x @ self.w[i].to(x.dtype)).unsqueeze(-1) * self.v_a[i].to(x.dtype)).to(act.dtype)
+        w, v_a = self.w[i].to(x.device, x.dtype), self.v_a[i].to(x.device, x.dtype)   # follows a device_map
+        return (x + (x @ w).unsqueeze(-1) * v_a).to(act.dtype)
 
     def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
         return gated_hooks(self.sites, self.apply, active)

@@ -54,14 +54,16 @@ class Intervention:
         return replace(self, plane=self.plane.to(device), vectors=self.vectors.to(device))
 
     def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:
-        """The steered activation [..., d] at one of the intervention's sites."""
+        """The steered activation [..., d] at one of the intervention's sites (on a model spread over devices, the
+        tensors follow the activation; a no-op on one device)."""
+        plane = self.plane.to(act.device)
         if self.method == "rotate":
-            return rotate_in_plane(act, self.plane, self.strength)
+            return rotate_in_plane(act, plane, self.strength)
         if self.method in ("angular", "angular_adaptive"):
-            return angular_steer(act, self.plane, self.strength, adaptive=self.method == "angular_adaptive")
+            return angular_steer(act, plane, self.strength, adaptive=self.method == "angular_adaptive")
         if self.method == "add":
-            return add_direction(act, self.vectors[self.sites.index(site)], self.strength)
-        return project_out(act, self.plane[:, 0])      # the plane's columns are unit vectors
+            return add_direction(act, self.vectors[self.sites.index(site)].to(act.device), self.strength)
+        return project_out(act, plane[:, 0])      # the plane's columns are unit vectors
 
     def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
         """(site, hook) pairs; with `active` (bool [batch]), rows where it is False pass through unchanged."""
@@ -77,7 +79,7 @@ def gated_hooks(sites: Sequence[str], apply: Callable[[torch.Tensor, str], torch
             changed = apply(act, site)
             if active is None:
                 return changed
-            return torch.where(active.view(-1, *([1] * (act.ndim - 1))), changed, act)
+            return torch.where(active.to(act.device).view(-1, *([1] * (act.ndim - 1))), changed, act)
         return hook
     return [(site, hook_for(site)) for site in sites]
 

@@ -14,20 +14,22 @@ from pathlib import Path
 
 import torch
 
+from gavel.decon.train import DeconIEP
 from gavel.errors import ArtifactError, GavelError, RuleError
 from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
 from gavel.models.sites import parse_site
-from gavel.steering.adaras import NeuronIntervention, load_neurons
+from gavel.steering.adaras import NeuronIntervention
 from gavel.steering.align_model import AlignmentIntervention
 from gavel.steering.alignment import VectorAlignment
 from gavel.steering.intervene import Intervention
+from gavel.steering.neuron_sets import load_neurons
 from gavel.steering.neurons import ReasoningNeurons
 from gavel.steering.plane import SteeringPlane
 
-Artifacts = Mapping[str, "SteeringPlane | VectorAlignment | ReasoningNeurons | str | os.PathLike[str]"]
+Artifacts = Mapping[str, "SteeringPlane | VectorAlignment | ReasoningNeurons | DeconIEP | str | os.PathLike[str]"]
 _ARTIFACT_ARGUMENT = {"rotate": "plane", "add": "vector", "ablate": "direction", "align": "alignment",
-                      "steer_neurons": "neurons"}
+                      "steer_neurons": "neurons", "perturb": "perturbation"}
 _STRENGTH_ARGUMENT = {"rotate": "angle", "add": "strength"}
 
 
@@ -41,10 +43,21 @@ class SteeringRule:
     duration: int | None
 
 
+@dataclass(frozen=True)
+class PerturbationRule:
+    """Rule `index` (in the monitor's reported rules) has the sequences it holds on while the prompt is read
+    generated from prompt embeddings perturbed by `perturbation` (bounded by `zeta`, None: the trained bound)."""
+
+    index: int
+    perturbation: DeconIEP
+    zeta: float | None
+
+
 def steering_rules(rules: Sequence, actions: Sequence[type], handle: ModelHandle,
-                   artifacts: Artifacts | None = None) -> list[SteeringRule]:
-    """The rules whose action steers, each with its intervention on the handle's device; RuleErrors (located at
-    the action) for artifacts that cannot be found or loaded, or blocks the artifact does not cover."""
+                   artifacts: Artifacts | None = None) -> list[SteeringRule | PerturbationRule]:
+    """The rules whose action steers, each with its intervention on the handle's device (or, for `perturb`, its
+    input perturbation); RuleErrors (located at the action) for artifacts that cannot be found or loaded, or blocks
+    the artifact does not cover."""
     found, errors, cache = [], [], {}
     for index, (rule, action) in enumerate(zip(rules, actions)):
         if getattr(action, "kind", None) != "steer":
@@ -52,6 +65,10 @@ def steering_rules(rules: Sequence, actions: Sequence[type], handle: ModelHandle
         args = action.params.model_validate(dict(rule.action_call.args))
         name = getattr(args, _ARTIFACT_ARGUMENT[action.method])
         try:
+            if action.method == "perturb":
+                perturbation = _artifact(name, rule, handle, artifacts or {}, cache, kind="perturbation")
+                found.append(PerturbationRule(index, perturbation, args.zeta))
+                continue
             if action.method == "align":
                 alignment = _artifact(name, rule, handle, artifacts or {}, cache, kind="alignment")
                 intervention = AlignmentIntervention.from_alignment(alignment).to(handle.device)
@@ -78,7 +95,7 @@ def _artifact(name: str, rule, handle: ModelHandle, artifacts: Artifacts, cache:
     """A named artifact the monitor was given (a fitted plane or alignment, or a directory), else a directory
     relative to the rule's file (or the working directory); loaded once, refused when fitted on another model."""
     given = artifacts.get(name)
-    if isinstance(given, (SteeringPlane, VectorAlignment, ReasoningNeurons)):
+    if isinstance(given, (SteeringPlane, VectorAlignment, ReasoningNeurons, DeconIEP)):
         return given
     path = Path(given if given is not None else name)
     if given is None and not path.is_absolute() and rule.source is not None:
@@ -91,6 +108,7 @@ def _artifact(name: str, rule, handle: ModelHandle, artifacts: Artifacts, cache:
                                 hint="fit one with `gavel steer fit`, or pass Monitor(..., artifacts={name: path})")
         loaders = {"alignment": lambda: _load_alignment(path, handle),
                    "neurons": lambda: load_neurons(path, handle.fingerprint()),
+                   "perturbation": lambda: DeconIEP.load(path, handle.fingerprint()),
                    "plane": lambda: SteeringPlane.load_artifact(path, handle.fingerprint())[0]}
         cache[path] = loaders[kind]()
     return cache[path]

@@ -16,15 +16,31 @@ Neurons = Mapping[int, torch.Tensor]
 """Layer -> indices of the selected MLP neurons (positions in the MLP's intermediate width)."""
 
 
+def _mlp_of(model: torch.nn.Module, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the MLP block, its down projection) of a layer: the module whose input is the neurons' activations."""
+    down = resolve_site(model, f"blocks.{layer}.mlp.hook_post").module
+    return next(m for m in model.modules() if any(c is down for c in m.children())), down
+
+
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"   # transformers' GPT-2 layer: weight [in, out], nn.Linear's [out, in]
+
+
+def down_projection(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    """A layer's down-projection weight as [d_model, m]: column i is what neuron i writes into the residual."""
+    _, down = _mlp_of(model, layer)
+    return down.weight.T if _is_conv1d(down) else down.weight
+
+
 def neuron_masks(model: torch.nn.Module, neurons: Neurons) -> dict[str, torch.Tensor]:
     """Parameter name -> bool mask of the entries that belong to the selected neurons: rows of every linear map
-    that writes the MLP's intermediate activations (gate/up) and columns of the one that reads them (down)."""
+    that writes the MLP's intermediate activations (gate/up) and columns of the one that reads them (down),
+    transposed for Conv1D layers."""
     names = {id(p): n for n, p in model.named_parameters()}
     masks: dict[str, torch.Tensor] = {}
     for layer, index in neurons.items():
-        down = resolve_site(model, f"blocks.{layer}.mlp.hook_post").module
-        mlp = next(m for m in model.modules() if any(c is down for c in m.children()))
-        width = down.weight.shape[1]
+        mlp, down = _mlp_of(model, layer)
+        width = down_projection(model, layer).shape[1]
         index = torch.as_tensor(index, dtype=torch.long)
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= width):
             raise DataError(f"layer {layer}: neuron indices must lie in [0, {width}), got {index.tolist()}")
@@ -32,13 +48,12 @@ def neuron_masks(model: torch.nn.Module, neurons: Neurons) -> dict[str, torch.Te
             weight = getattr(child, "weight", None)
             if not isinstance(weight, torch.nn.Parameter) or weight.ndim != 2:
                 continue
-            mask = torch.zeros_like(weight, dtype=torch.bool)
-            if child is down:
-                mask[:, index] = True
-            elif weight.shape[0] == width:
-                mask[index, :] = True
-            else:
+            out_axis = 1 if _is_conv1d(child) else 0
+            axis = 1 - out_axis if child is down else out_axis
+            if child is not down and weight.shape[axis] != width:
                 continue
+            mask = torch.zeros_like(weight, dtype=torch.bool)
+            mask.index_fill_(axis, index, True)
             masks[names[id(weight)]] = mask
             bias = getattr(child, "bias", None)
             if isinstance(bias, torch.nn.Parameter) and child is not down:
@@ -46,6 +61,11 @@ def neuron_masks(model: torch.nn.Module, neurons: Neurons) -> dict[str, torch.Te
                 bias_mask[index] = True
                 masks[names[id(bias)]] = bias_mask
     return masks
+
+
+def all_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Masks that select every parameter: full fine-tuning through the same loop, the baseline to compare with."""
+    return {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
 
 
 def masked_finetune(model: torch.nn.Module, masks: Mapping[str, torch.Tensor], batches: Iterable,
