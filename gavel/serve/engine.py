@@ -136,17 +136,15 @@ class Engine:
                                                    **kwargs)
                 result = watch.results(out)[0]
         ids = out[0, n:].tolist()
-        if result is not None and result.blocked and ids:
-            # generate() samples once more after the forward that blocked, before its stopping criterion runs:
-            # that last token was never read by the rules, and a stream never shows it either
-            ids = ids[:-1]
+        if result is not None and result.blocked:   # the tokens the rules read, up to the blocking one (generate()
+            ids = result.record.token_ids[result.record.prompt_length:].tolist()   # samples one more it never shows)
         ended = bool(ids) and ids[-1] in self.eos_ids
         count = len(ids) - ended
         text = handle.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if result is None:
             return Completion(text, text, "stop" if ended or count < max_new else "length", n, count)
         finish = "content_filter" if result.blocked else "stop" if ended or count < max_new else "length"
-        return self._guarded(result, finish, n, count, generated=text)
+        return self._guarded(result, finish, n, count)
 
     # ---- streamed replies
     def stream(self, job: Job, emit: Callable[[object], None], cancelled: threading.Event) -> None:
@@ -226,14 +224,12 @@ class Engine:
         emit(Completion(text.text, text.text, finish, n, count[0]))
 
     # ---- internals
-    def _guarded(self, result, finish: str, prompt_tokens: int, completion_tokens: int,
-                 generated: str | None = None) -> Completion:
+    def _guarded(self, result, finish: str, prompt_tokens: int, completion_tokens: int) -> Completion:
         events = tuple({"rule": e.rule, "title": e.title, "severity": e.severity, "action": e.action,
                         "where": "prompt" if e.token_index < result.record.prompt_length else "reply",
                         "token_index": e.token_index, "token": e.token, "ces": e.ces, "message": e.message}
                        for e in result.events)
-        generated = result.generated if generated is None else generated
-        return Completion(result.text, generated, finish, prompt_tokens, completion_tokens,
+        return Completion(result.text, result.generated, finish, prompt_tokens, completion_tokens,
                           verdict=result.verdict, blocked=result.blocked, failed=result.failed, events=events)
 
 
