@@ -29,6 +29,8 @@ def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A C
           max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Most prompt tokens (default: the model's "
                                                                    "context length).")] = None,
           max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger gets 413.")] = 1 << 20,
+          max_queue: Annotated[Optional[int], typer.Option(help="Most chat completions waiting or generating; "
+                                                           "one more gets 503 (default: no limit).")] = None,
           policy: Annotated[str, typer.Option(help="fail_open or fail_closed: what a monitor failure on a "
                                               "sequence does.")] = "fail_open",
           served_model_name: Annotated[Optional[str], typer.Option(help="The model id clients send and /v1/models "
@@ -50,7 +52,7 @@ def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A C
         if policy not in ("fail_open", "fail_closed"):
             raise GavelError(f"--policy must be fail_open or fail_closed, not {policy!r}")
         for name, value in (("--max-tokens", max_tokens), ("--max-body-bytes", max_body_bytes),
-                            ("--max-prompt-tokens", max_prompt_tokens)):
+                            ("--max-prompt-tokens", max_prompt_tokens), ("--max-queue", max_queue)):
             if value is not None and value < 1:
                 raise GavelError(f"{name} must be at least 1")
         try:
@@ -70,7 +72,7 @@ def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A C
         guard = None if no_rules else Guard(handle, bank, [str(r) for r in rules], policy=policy, audit=audit_log)
         engine = Engine(handle, guard, name=served_model_name or model, max_tokens=max_tokens,
                         max_prompt_tokens=max_prompt_tokens)
-        app = create_app(engine, api_key=key, max_body_bytes=max_body_bytes)
+        app = create_app(engine, api_key=key, max_body_bytes=max_body_bytes, max_queue=max_queue)
     if key is None and host not in LOOPBACK:
         err_console.print(f"[yellow]warning:[/] serving on {host} without an API key (--api-key / --api-key-env)")
     err_console.print(f"serving {engine.name} ({'guarded' if guard else 'unguarded'}) on http://{host}:{port}/v1")

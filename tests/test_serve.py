@@ -336,3 +336,25 @@ def test_shutdown_lets_queued_requests_finish(organism, guard):
     assert not s.thread.is_alive()
     assert [r.choices[0].finish_reason for r in replies] == ["stop", "content_filter", "stop"]
     assert app.state.worker.queued == 0
+
+
+def test_a_full_queue_answers_503_with_retry_after(organism, guard):
+    app = create_app(Engine(organism, guard, name=NAME, max_tokens=CAP), max_queue=2)
+    s = Server(app)
+    gate = threading.Event()
+    try:
+        app.state.worker.submit(gate.wait)   # holds the model: one call in the queue
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(ask, s.client(), BENIGN)
+            deadline = time.time() + 30
+            while app.state.worker.queued < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            refused = httpx.post(f"{s.url}/v1/chat/completions", json={"model": NAME, "messages": [
+                {"role": "user", "content": BENIGN}], "max_tokens": 4, "temperature": 0})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "server_overloaded"
+            gate.set()
+            assert waiting.result(timeout=60).choices[0].finish_reason == "stop"
+    finally:
+        gate.set()
+        s.stop()

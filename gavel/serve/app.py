@@ -44,9 +44,11 @@ _END = object()   # a stream's job is over (after its Completion, an error, or a
 _ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics")
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               max_queue: int | None = None) -> FastAPI:
     """The server app for one engine. With `api_key`, every /v1 route and /metrics want
-    `Authorization: Bearer <api_key>`; request bodies over `max_body_bytes` get 413."""
+    `Authorization: Bearer <api_key>`; request bodies over `max_body_bytes` get 413; with `max_queue`, a chat
+    completion that finds that many already waiting or generating gets 503 (Retry-After) instead of queueing."""
     worker_box: dict[str, ModelWorker] = {}
     metrics = Metrics()
     started = int(time.time())
@@ -108,6 +110,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             engine.check_max_tokens(parsed.token_limit)
         except RequestError as e:
             return error(400, str(e), "invalid_request_error", param=e.param)
+        if max_queue is not None and worker().queued >= max_queue:
+            response = error(503, f"The server is busy: {worker().queued} requests are already waiting for the model "
+                                  f"(gavel serve --max-queue {max_queue}); retry shortly.", "server_error",
+                             code="server_overloaded")
+            response.headers["Retry-After"] = "1"
+            return response
         job = Job(parsed.conversation(), parsed.token_limit,
                   1.0 if parsed.temperature is None else parsed.temperature, parsed.seed)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
