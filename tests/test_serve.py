@@ -358,3 +358,28 @@ def test_a_full_queue_answers_503_with_retry_after(organism, guard):
     finally:
         gate.set()
         s.stop()
+
+
+def test_a_whole_reply_whose_client_left_while_queued_is_not_generated(organism, guard, monkeypatch):
+    engine = Engine(organism, guard, name=NAME, max_tokens=CAP)
+    calls = []
+    real = engine.complete
+    monkeypatch.setattr(engine, "complete", lambda job: calls.append(job) or real(job))
+    app = create_app(engine)
+    s = Server(app)
+    gate = threading.Event()
+    try:
+        app.state.worker.submit(gate.wait)   # holds the model, so the request below queues
+        body = {"model": NAME, "messages": [{"role": "user", "content": BENIGN}], "max_tokens": 4, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=0.5)
+        time.sleep(0.3)
+        gate.set()
+        deadline = time.time() + 30
+        while app.state.worker.queued and time.time() < deadline:
+            time.sleep(0.01)
+        assert calls == []
+        assert ask(s.client(), BENIGN).choices[0].finish_reason == "stop" and len(calls) == 1
+    finally:
+        gate.set()
+        s.stop()

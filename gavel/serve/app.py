@@ -123,7 +123,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             usage = parsed.stream_options is not None and parsed.stream_options.include_usage
             return await _stream(job, ident, created, usage, begun)
         try:
-            done = await worker().run(engine.complete, job)
+            done = await _complete(request, job)
+            if done is None:   # the client left while the request waited: nothing was generated
+                return Response(status_code=499)
         except GavelError as e:   # a limit, or a conversation the chat template cannot take
             return error(400, str(e), "invalid_request_error", param=getattr(e, "param", None))
         except Exception:
@@ -135,6 +137,23 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                                               finish_reason=done.finish_reason)],
                               gavel=_gavel(done))
         return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _complete(request: Request, job: Job):
+        """The whole reply, generated on the model thread; None when the client disconnected while the request
+        was still queued (it is then skipped, not generated)."""
+        cancelled = threading.Event()
+
+        async def watch() -> None:   # the body is read: the next ASGI message is the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            cancelled.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await asyncio.wrap_future(worker().submit(
+                lambda: None if cancelled.is_set() else engine.complete(job)))
+        finally:
+            watcher.cancel()
 
     async def _stream(job: Job, ident: str, created: int, include_usage: bool, begun: float) -> Response:
         loop = asyncio.get_running_loop()
