@@ -31,6 +31,8 @@ def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A C
           max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger gets 413.")] = 1 << 20,
           max_queue: Annotated[Optional[int], typer.Option(help="Most chat completions waiting or generating; "
                                                            "one more gets 503 (default: no limit).")] = None,
+          max_batch: Annotated[int, typer.Option(help="Whole replies waiting together are generated in batches of "
+                                                 "up to this many (1: one at a time).")] = 8,
           policy: Annotated[str, typer.Option(help="fail_open or fail_closed: what a monitor failure on a "
                                               "sequence does.")] = "fail_open",
           served_model_name: Annotated[Optional[str], typer.Option(help="The model id clients send and /v1/models "
@@ -41,8 +43,9 @@ def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A C
                                                             "log.")] = None,
           log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info") -> None:
     """Serve a guarded model over HTTP with OpenAI's chat-completions API (/v1/chat/completions, streaming too),
-    plus /v1/models, /healthz and Prometheus /metrics. Requests queue: one generation runs at a time, each with
-    its own rule state. Every reply carries the rules' verdict and events in a `gavel` field (docs/serve.md)."""
+    plus /v1/models, /healthz and Prometheus /metrics. Requests queue for one model thread; whole replies waiting
+    together are generated in one batch, each row with its own rule state. Every reply carries the rules' verdict
+    and events in a `gavel` field (docs/serve.md)."""
     with user_errors():
         key = _api_key(api_key, api_key_env)
         if no_rules and (rules or bank is not None):
@@ -52,7 +55,8 @@ def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A C
         if policy not in ("fail_open", "fail_closed"):
             raise GavelError(f"--policy must be fail_open or fail_closed, not {policy!r}")
         for name, value in (("--max-tokens", max_tokens), ("--max-body-bytes", max_body_bytes),
-                            ("--max-prompt-tokens", max_prompt_tokens), ("--max-queue", max_queue)):
+                            ("--max-prompt-tokens", max_prompt_tokens), ("--max-queue", max_queue),
+                            ("--max-batch", max_batch)):
             if value is not None and value < 1:
                 raise GavelError(f"{name} must be at least 1")
         try:
@@ -72,7 +76,7 @@ def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A C
         guard = None if no_rules else Guard(handle, bank, [str(r) for r in rules], policy=policy, audit=audit_log)
         engine = Engine(handle, guard, name=served_model_name or model, max_tokens=max_tokens,
                         max_prompt_tokens=max_prompt_tokens)
-        app = create_app(engine, api_key=key, max_body_bytes=max_body_bytes, max_queue=max_queue)
+        app = create_app(engine, api_key=key, max_body_bytes=max_body_bytes, max_queue=max_queue, max_batch=max_batch)
     if key is None and host not in LOOPBACK:
         err_console.print(f"[yellow]warning:[/] serving on {host} without an API key (--api-key / --api-key-env)")
     err_console.print(f"serving {engine.name} ({'guarded' if guard else 'unguarded'}) on http://{host}:{port}/v1")

@@ -363,8 +363,8 @@ def test_a_full_queue_answers_503_with_retry_after(organism, guard):
 def test_a_whole_reply_whose_client_left_while_queued_is_not_generated(organism, guard, monkeypatch):
     engine = Engine(organism, guard, name=NAME, max_tokens=CAP)
     calls = []
-    real = engine.complete
-    monkeypatch.setattr(engine, "complete", lambda job: calls.append(job) or real(job))
+    real = engine.complete_batch
+    monkeypatch.setattr(engine, "complete_batch", lambda jobs: calls.extend(jobs) or real(jobs))
     app = create_app(engine)
     s = Server(app)
     gate = threading.Event()
@@ -380,6 +380,40 @@ def test_a_whole_reply_whose_client_left_while_queued_is_not_generated(organism,
             time.sleep(0.01)
         assert calls == []
         assert ask(s.client(), BENIGN).choices[0].finish_reason == "stop" and len(calls) == 1
+    finally:
+        gate.set()
+        s.stop()
+
+
+def test_whole_replies_waiting_together_are_generated_in_one_batch(organism, guard, monkeypatch):
+    """Four greedy requests queued behind a busy model come back from one batched generate(), each with the reply,
+    verdict and events it gets alone; a seeded sampled request is never batched."""
+    engine = Engine(organism, guard, name=NAME, max_tokens=CAP)
+    sizes = []
+    real = engine.complete_batch
+    monkeypatch.setattr(engine, "complete_batch", lambda jobs: sizes.append(len(jobs)) or real(jobs))
+    app = create_app(engine, max_batch=4)
+    s = Server(app)
+    prompts = [BENIGN, JAILBREAK, "quiz : what is the color of trelk ?", "what is 23 plus 45 ?"]
+    gate = threading.Event()
+    try:
+        alone = [ask(s.client(), p) for p in prompts]
+        sizes.clear()
+        app.state.worker.submit(gate.wait)
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(ask, s.client(), p) for p in prompts]
+            seeded = pool.submit(ask, s.client(), BENIGN, temperature=1.0, seed=7)
+            deadline = time.time() + 30
+            while app.state.worker.queued < 6 and time.time() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            together = [f.result(timeout=60) for f in futures]
+            seeded.result(timeout=60)
+        assert sorted(sizes) == [1, 4]
+        for a, b in zip(alone, together):
+            assert b.choices[0].message.content == a.choices[0].message.content
+            assert b.choices[0].finish_reason == a.choices[0].finish_reason
+            assert b.usage == a.usage and b.gavel == a.gavel
     finally:
         gate.set()
         s.stop()

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gavel.errors import GavelError
-from gavel.serve.engine import Completion, Delta, Engine, Job, ModelWorker, RequestError, Started
+from gavel.serve.engine import Completion, Delta, Engine, Job, ModelWorker, RequestError, Started, WholeReplies
 from gavel.serve.metrics import CONTENT_TYPE, Metrics
 from gavel.serve.schema import (
     AssistantMessage,
@@ -45,17 +45,20 @@ _ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics")
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_queue: int | None = None) -> FastAPI:
+               max_queue: int | None = None, max_batch: int = 8) -> FastAPI:
     """The server app for one engine. With `api_key`, every /v1 route and /metrics want
     `Authorization: Bearer <api_key>`; request bodies over `max_body_bytes` get 413; with `max_queue`, a chat
-    completion that finds that many already waiting or generating gets 503 (Retry-After) instead of queueing."""
+    completion that finds that many already waiting or generating gets 503 (Retry-After) instead of queueing.
+    Whole replies waiting together are generated in batches of up to `max_batch` (1: one at a time)."""
     worker_box: dict[str, ModelWorker] = {}
+    replies_box: dict[str, WholeReplies] = {}
     metrics = Metrics()
     started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         worker_box["worker"] = app.state.worker = ModelWorker()
+        replies_box["replies"] = WholeReplies(engine, worker_box["worker"], max_batch)
         try:
             yield
         finally:   # uvicorn lets in-flight requests finish first; then the queue drains and the thread stops
@@ -139,8 +142,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def _complete(request: Request, job: Job):
-        """The whole reply, generated on the model thread; None when the client disconnected while the request
-        was still queued (it is then skipped, not generated)."""
+        """The whole reply, generated on the model thread (in a batch with the whole replies waiting beside it);
+        None when the client disconnected while the request was still queued (it is then skipped, not generated)."""
         cancelled = threading.Event()
 
         async def watch() -> None:   # the body is read: the next ASGI message is the client leaving
@@ -150,8 +153,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
 
         watcher = asyncio.ensure_future(watch())
         try:
-            return await asyncio.wrap_future(worker().submit(
-                lambda: None if cancelled.is_set() else engine.complete(job)))
+            return await asyncio.wrap_future(replies_box["replies"].submit(job, cancelled))
         finally:
             watcher.cancel()
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gavel.errors import GavelError
@@ -114,11 +114,25 @@ class Engine:
         return {"do_sample": True, "temperature": job.temperature, "top_k": 0, "top_p": 1.0}
 
     # ---- whole replies
+    def batch_key(self, job: Job) -> tuple:
+        """Jobs with equal keys decode alike (token budget and sampling) and may share one generate(); a seeded
+        job is alone, so its sample repeats. RequestError past a limit."""
+        _, _, max_new = self._prepare(job)
+        return (max_new, job.temperature) if job.seed is None else ("seeded", id(job))
+
     def complete(self, job: Job) -> Completion:
+        return self.complete_batch([job])[0]
+
+    def complete_batch(self, jobs: Sequence[Job]) -> list[Completion]:
+        """Whole replies to jobs of one `batch_key`, from one batched generate() (left-padded; guarded, each row
+        keeps its own rule state)."""
         import torch
 
-        batch, n, max_new = self._prepare(job)
-        handle = self.handle
+        from gavel.models.generation import prompt_batch
+
+        _, _, max_new = self._prepare(jobs[0])
+        handle, job = self.handle, jobs[0]
+        batch = prompt_batch(handle, [j.conversation for j in jobs])
         kwargs = {"max_new_tokens": max_new, "pad_token_id": handle.tokenizer.pad_token_id, **self._sampling(job)}
         if handle.backend == "lens":   # the bridge loses the KV cache (see Monitor.generate)
             kwargs["use_cache"] = False
@@ -129,22 +143,31 @@ class Engine:
             if self.guard is None:
                 out = handle.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                                **kwargs)
-                result = None
+                results = [None] * len(jobs)
             else:
-                with self.guard.watch([job.conversation]) as watch:
+                with self.guard.watch([j.conversation for j in jobs]) as watch:
                     out = handle.hf_model.generate(**watch.inputs, stopping_criteria=watch.stopping_criteria,
                                                    **kwargs)
-                result = watch.results(out)[0]
-        ids = out[0, n:].tolist()
-        if result is not None and result.blocked:   # the tokens the rules read, up to the blocking one (generate()
-            ids = result.record.token_ids[result.record.prompt_length:].tolist()   # samples one more it never shows)
-        ended = bool(ids) and ids[-1] in self.eos_ids
-        count = len(ids) - ended
-        text = handle.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        if result is None:
-            return Completion(text, text, "stop" if ended or count < max_new else "length", n, count)
-        finish = "content_filter" if result.blocked else "stop" if ended or count < max_new else "length"
-        return self._guarded(result, finish, n, count)
+                results = watch.results(out)
+        width = batch.input_ids.shape[1]
+        done = []
+        for row, (encoded, result) in enumerate(zip(batch.encoded, results)):
+            n = len(encoded.input_ids)
+            if result is not None and result.blocked:   # the tokens the rules read, up to the blocking one
+                ids = result.record.token_ids[result.record.prompt_length:].tolist()   # (generate() samples one
+            else:                                                                       # more it never shows)
+                ids = out[row, width:].tolist()
+                end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+                ids = ids if end is None else ids[:end + 1]   # a row that ended early is padded after its end
+            ended = bool(ids) and ids[-1] in self.eos_ids
+            count = len(ids) - ended
+            if result is None:
+                text = handle.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                done.append(Completion(text, text, "stop" if ended or count < max_new else "length", n, count))
+            else:
+                finish = "content_filter" if result.blocked else "stop" if ended or count < max_new else "length"
+                done.append(self._guarded(result, finish, n, count))
+        return done
 
     # ---- streamed replies
     def stream(self, job: Job, emit: Callable[[object], None], cancelled: threading.Event) -> None:
@@ -276,3 +299,50 @@ class ModelWorker:
     def shutdown(self) -> None:
         """Finish the calls already queued, then stop the thread."""
         self._pool.shutdown(wait=True)
+
+
+class WholeReplies:
+    """Whole-reply requests waiting for the model, served in batches: each call on the model thread takes the oldest
+    waiting request and every other one that decodes alike (`Engine.batch_key`), up to `max_batch`, and generates
+    them together. A request whose client has left (its `cancelled` is set) is dropped with the result None."""
+
+    def __init__(self, engine: Engine, worker: ModelWorker, max_batch: int = 8) -> None:
+        self.engine, self.worker, self.max_batch = engine, worker, max_batch
+        self._waiting: list[tuple[Job, threading.Event, Future]] = []
+        self._lock = threading.Lock()
+
+    def submit(self, job: Job, cancelled: threading.Event) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._waiting.append((job, cancelled, future))
+        self.worker.submit(self._serve)   # one call per request; a call that finds its request served returns
+        return future
+
+    def _serve(self) -> None:
+        chosen, key = [], None
+        with self._lock:
+            for item in list(self._waiting):
+                job, cancelled, future = item
+                try:
+                    item_key = None if cancelled.is_set() else self.engine.batch_key(job)
+                except GavelError as e:   # a limit, or a conversation the chat template cannot take
+                    self._waiting.remove(item)
+                    future.set_exception(e)
+                    continue
+                if item_key is None:
+                    self._waiting.remove(item)
+                    future.set_result(None)
+                elif len(chosen) < self.max_batch and key in (None, item_key):
+                    key = item_key
+                    self._waiting.remove(item)
+                    chosen.append(item)
+        if not chosen:
+            return
+        try:
+            done = self.engine.complete_batch([job for job, _, _ in chosen])
+        except BaseException as e:   # noqa: BLE001 - every request of the batch gets the error
+            for _, _, future in chosen:
+                future.set_exception(e)
+            return
+        for (_, _, future), completion in zip(chosen, done):
+            future.set_result(completion)
