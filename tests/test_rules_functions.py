@@ -334,3 +334,25 @@ def test_the_example_slope_fires_where_a_concept_rises(installed_example):
     assert any(expected) and not all(expected)
     assert holds.tolist() == [expected + [False] * padding, [False] * padding + expected]
     assert registry_module.registry().origins[("functions", "slope")] == "gavel_example_plugins.trend:Slope"
+
+
+def test_a_negative_threshold_catches_a_falling_concept(installed_example):
+    """`slope(x) over 4 tokens < -0.1`: where the concept falls, as the naive slope says; the condition prints
+    back as written; built-in functions, which read probabilities or counts, refuse a negative threshold."""
+
+    falling = [0.9, 0.9, 0.85, 0.6, 0.3, 0.25, 0.3, 0.5, 0.8, 0.4, 0.1, 0.1]
+    scores = torch.rand(1, len(falling), 2)
+    scores[0, :, 0] = torch.tensor(falling)
+    text = "slope(x) over 4 tokens < -0.1"
+    assert str(parse_condition(text)) == text
+    program = compile_rules([RuleSpec(name="falling", condition=text, match="token")], ["x", "y"])
+    holds = program.run(scores > 0.5, scores=scores)[0, :, 0]
+    seen = scores[0, :, 0].double().tolist()
+    slopes = [naive_slope(seen[max(0, t - 3):t + 1]) for t in range(len(seen))]
+    assert min(abs(s + 0.1) for s in slopes) > 1e-6
+    expected = [s < -0.1 for s in slopes]
+    assert any(expected) and not all(expected) and holds.tolist() == expected
+    for condition, message in (("mean(x) over 3 tokens > -0.5", "CE scores, probabilities in \\[0, 1\\]"),
+                               ("count(x) >= -2 within 4 tokens", "a number of tokens")):
+        with pytest.raises(ConditionSyntaxError, match=message):
+            parse_condition(condition)

@@ -209,6 +209,11 @@ class _ToAst(Transformer):
             raise self._fail(f"`{function}` takes a CE or group name (the score it aggregates), not a condition",
                              arg.span.start, hint="use `count(condition)` to count the tokens where it holds")
         value = rest[cmp + 1]
+        if function in FUNCTIONS and isinstance(value, (int, float)) and value < 0:
+            what = "a number of tokens" if function == "count" else "CE scores, probabilities in [0, 1]"
+            raise self._fail(f"`{function}` reads {what}: a negative threshold ({value}) decides nothing",
+                             rest[cmp].start_pos, hint="negative thresholds are for plugin score functions, "
+                                                       "such as a slope")
         if function == "count" and not isinstance(value, (int, Param)):
             raise self._fail(f"`count` compares with a whole number, not {value}", meta.start_pos)
         node = Aggregate(str(function), arg, windows[0] if windows else None, str(rest[cmp]), value, _span(meta))
