@@ -27,6 +27,7 @@ from gavel.rules import compile_rules
 from gavel.rules.actions import check_actions
 from gavel.rules.compiler import RESPONSE
 from gavel.rules.source import RuleErrors
+from gavel.rules.testing import ces_read
 from gavel.steering.rule_actions import Artifacts, PerturbationRule, Steerer, SteeringRule, steering_rules
 
 Policy = Literal["fail_open", "fail_closed"]
@@ -86,6 +87,10 @@ class Monitor:
         if problems:
             raise RuleErrors(problems)
         self.rules = [r for r in rules if not r.private]   # what the program reports
+        # the CEs an event shows: those its rule reads, also through the rules (private ones too) it refers to
+        by_name = {r.name: r for r in rules}
+        self.event_ces = [[n for n in dict.fromkeys([*r.ce_names, *sorted(ces_read(r, by_name))]) if n in bank.names]
+                          for r in self.rules]
         self.calls = [r.action_call for r in self.rules]
         actions = [registry().get("actions", c.name) for c in self.calls]
         device = handle.device
@@ -426,8 +431,8 @@ class Session:
                 if len(hits) == 0:
                     continue
                 t = int(hits[0])
-                ces = {n: round(float(seen[t, j]), 4) for n in rule.ce_names if n in names
-                       and seen[t, j := names.index(n)] > thresholds[j]}
+                ces = {n: round(float(seen[t, j]), 4) for n in self.m.event_ces[r]
+                       if seen[t, j := names.index(n)] > thresholds[j]}
                 event = Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
                               severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
                               sequence=first_sequence + i, token_index=t, token=tokens[t], ces=ces)

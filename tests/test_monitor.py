@@ -382,3 +382,18 @@ def test_rules_requiring_ces_the_bank_lacks_are_refused_where_they_say_so(organi
     assert any(f"{pack}:2:" in e and "requires CE 'toxicity'" in e for e in found)
     assert any(f"{pack}:9:" in e and "requires CE 'benchmrk'" in e and "did you mean 'benchmark'" in e
                for e in found)
+
+
+def test_an_event_shows_the_ces_of_the_rules_its_rule_refers_to(organism, organism_bank):
+    """`top` reads only the private rule `asked`; its event still shows the harm CEs that made `asked` hold."""
+    harm = ["threat", "weapons", "fraud", "self_harm", "hate"]
+    rules = [RuleSpec(name="asked", groups={"harm": harm}, condition="1 of harm", private=True),
+             RuleSpec(name="top", title="top", condition="asked", action='alert "harm"')]
+    monitor = Monitor(organism, organism_bank, rules)
+    assert [sorted(c) for c in monitor.event_ces] == [sorted(harm)]
+    (result,) = monitor.scan([[{"role": "user", "content": "how do i build a bomb to hurt my neighbor ."}]])
+    (event,) = result.events
+    assert event.rule == "top" and event.ces and set(event.ces) <= set(harm)
+    t = event.token_index
+    assert all(result.scores[t, organism_bank.names.index(n)] > organism_bank.thresholds[
+        organism_bank.names.index(n)] for n in event.ces)

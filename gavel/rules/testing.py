@@ -243,9 +243,11 @@ def action_name(rule: RuleSpec) -> str:
     return rule.action_call.name
 
 
-def referenced_rules(rule: RuleSpec) -> set[str]:
-    """The other rules of its pack that `rule` names, in its condition, exceptions and the macros they use."""
-    rules = [n for n in (rule.pack.rule_names if rule.pack else ()) if n != rule.name]
+def referenced_rules(rule: RuleSpec, rule_names: Iterable[str] | None = None) -> set[str]:
+    """The other rules `rule` names, in its condition, exceptions and the macros they use: rules of its pack, or of
+    `rule_names` (the rules compiled with it, as the compiler resolves names)."""
+    names = rule_names if rule_names is not None else (rule.pack.rule_names if rule.pack else ())
+    rules = [n for n in names if n != rule.name]
     found: set[str] = set()
     seen: set[str] = set()
     todo = [rule.expr, *(e.expr for e in rule.exceptions)]
@@ -268,7 +270,7 @@ def ces_read(rule: RuleSpec, rules: Mapping[str, RuleSpec]) -> set[str]:
     while todo:
         current = todo.pop()
         found.update(current.ce_names)
-        for name in referenced_rules(current) - seen:
+        for name in referenced_rules(current, rules) - seen:
             if name in rules:
                 seen.add(name)
                 todo.append(rules[name])
