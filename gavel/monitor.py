@@ -115,9 +115,7 @@ class Monitor:
         resolved = steering_rules(self.rules, actions, handle, artifacts)
         self.steering = [r for r in resolved if isinstance(r, SteeringRule)]
         self.perturbations = [r for r in resolved if isinstance(r, PerturbationRule)]
-        eos = handle.hf_model.generation_config.eos_token_id if handle.is_causal else None
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+        self.eos_ids = torch.tensor(handle.end_token_ids, dtype=torch.long, device=device)
         self.special_ids = torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long, device=device)
 
     def _scoring_step(self, h: int, columns: list[int]) -> tuple:

@@ -150,21 +150,13 @@ def sample_replies(reference: ModelHandle, conversations: Sequence[Sequence[dict
     width = batch.input_ids.shape[1]
     reply = out[:, width:]
     eos = torch.zeros_like(reply, dtype=torch.bool)
-    for e in _eos_ids(reference):
+    for e in reference.end_token_ids:
         eos |= reply == e
     # a reply counts up to and including its first end token
     before_end = (eos.long().cumsum(-1) - eos.long()) == 0
     reply_mask = before_end
     mask = torch.cat([batch.attention_mask, reply_mask.long()], dim=1)
     return ReplyBatch(out, mask, width, reply_mask)
-
-
-def _eos_ids(handle: ModelHandle) -> list[int]:
-    ids = handle.hf_model.generation_config.eos_token_id
-    if ids is None:
-        ids = handle.tokenizer.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    return [i for i in ids if i is not None]
 
 
 def decon_loss(model: ModelHandle, reference: ModelHandle, generator: torch.nn.Module, batch: ReplyBatch,

@@ -27,6 +27,12 @@ def prompt_batch(handle: ModelHandle, conversations: Sequence[Conversation]) -> 
     return PromptBatch(ids.to(handle.device), mask.long().to(handle.device), encoded)
 
 
+def until_end(row: torch.Tensor, handle: ModelHandle) -> torch.Tensor:
+    """A generated row up to and with its first end token (what generate() pads after it is dropped)."""
+    hits = torch.isin(row, torch.tensor(handle.end_token_ids, dtype=row.dtype, device=row.device)).nonzero()
+    return row[:int(hits[0]) + 1] if len(hits) else row
+
+
 def decode_replies(handle: ModelHandle, sequences: torch.Tensor, prompt_width: int) -> list[str]:
     """The generated part of each row, special tokens dropped."""
     return handle.tokenizer.batch_decode(sequences[:, prompt_width:], skip_special_tokens=True)

@@ -45,6 +45,16 @@ class ModelHandle:
     def is_causal(self) -> bool:
         return self.family != "bert"
 
+    @property
+    def end_token_ids(self) -> list[int]:
+        """The ids that end a reply: the generation config's end-of-sequence ids, else the tokenizer's; none for an
+        encoder."""
+        if not self.is_causal:
+            return []
+        ids = self.hf_model.generation_config.eos_token_id
+        ids = self.tokenizer.eos_token_id if ids is None else ids
+        return [i for i in ([ids] if isinstance(ids, int) else list(ids or [])) if i is not None]
+
     def resolve(self, model: torch.nn.Module, site: str) -> HookTarget:
         """Where a canonical site lives in this backend's module tree."""
         if self.backend == "lens":

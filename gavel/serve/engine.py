@@ -75,8 +75,7 @@ class Engine:
         self.max_tokens = max_tokens
         self.context = getattr(handle.hf_model.config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens if max_prompt_tokens is not None else self.context
-        eos = handle.hf_model.generation_config.eos_token_id
-        self.eos_ids = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+        self.eos_ids = set(handle.end_token_ids)
 
     @property
     def guarded(self) -> bool:
@@ -128,7 +127,7 @@ class Engine:
         keeps its own rule state)."""
         import torch
 
-        from gavel.models.generation import prompt_batch
+        from gavel.models.generation import prompt_batch, until_end
 
         _, _, max_new = self._prepare(jobs[0])
         handle, job = self.handle, jobs[0]
@@ -156,9 +155,7 @@ class Engine:
             if result is not None and result.blocked:   # the tokens the rules read, up to the blocking one
                 ids = result.record.token_ids[result.record.prompt_length:].tolist()   # (generate() samples one
             else:                                                                       # more it never shows)
-                ids = out[row, width:].tolist()
-                end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
-                ids = ids if end is None else ids[:end + 1]   # a row that ended early is padded after its end
+                ids = until_end(out[row, width:], handle).tolist()   # a row that ended early is padded after it
             ended = bool(ids) and ids[-1] in self.eos_ids
             count = len(ids) - ended
             if result is None:

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from gavel.models.chat import Conversation
-from gavel.models.generation import prompt_batch
+from gavel.models.generation import prompt_batch, until_end
 from gavel.models.handle import ModelHandle
 from gavel.steering.data import last_prompt_activations
 from gavel.steering.intervene import Intervention, Method, steering
@@ -93,16 +93,9 @@ def generate_with_ids(handle: ModelHandle, conversations: Sequence[Conversation]
         ids = handle.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                        max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=handle.tokenizer.pad_token_id)
-        out += [_until_eos(row, handle) for row in ids[:, batch.input_ids.shape[1]:].cpu()]
+        out += [until_end(row, handle) for row in ids[:, batch.input_ids.shape[1]:].cpu()]
     return out
 
-
-def _until_eos(row: torch.Tensor, handle: ModelHandle) -> torch.Tensor:
-    """The reply up to and with its end-of-sequence token (what generate() pads after it is dropped)."""
-    eos = handle.hf_model.generation_config.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    hits = [i for i, t in enumerate(row.tolist()) if t in eos]
-    return row[:hits[0] + 1] if hits else row
 
 
 @torch.no_grad()

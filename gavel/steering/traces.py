@@ -38,8 +38,7 @@ def sample_traces(handle: ModelHandle, problem: Problem, samples: int, checker: 
     out = handle.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=True,
                                    temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
                                    pad_token_id=handle.tokenizer.pad_token_id)
-    eos = handle.hf_model.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    eos = set(handle.end_token_ids)
     traces = []
     for row in out[:, batch.input_ids.shape[1]:].cpu():
         ids = row.tolist()
