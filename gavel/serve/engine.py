@@ -306,6 +306,7 @@ class WholeReplies:
     def __init__(self, engine: Engine, worker: ModelWorker, max_batch: int = 8) -> None:
         self.engine, self.worker, self.max_batch = engine, worker, max_batch
         self._waiting: list[tuple[Job, threading.Event, Future]] = []
+        self._keys: dict[int, tuple] = {}   # id(future) -> its job's batch key, worked out once
         self._lock = threading.Lock()
 
     def submit(self, job: Job, cancelled: threading.Event) -> Future:
@@ -315,23 +316,29 @@ class WholeReplies:
         self.worker.submit(self._serve)   # one call per request; a call that finds its request served returns
         return future
 
+    def _take(self, item: tuple[Job, threading.Event, Future]) -> None:
+        self._waiting.remove(item)
+        self._keys.pop(id(item[2]), None)
+
     def _serve(self) -> None:
         chosen, key = [], None
         with self._lock:
             for item in list(self._waiting):
                 job, cancelled, future = item
+                if cancelled.is_set():
+                    self._take(item)
+                    future.set_result(None)
+                    continue
                 try:
-                    item_key = None if cancelled.is_set() else self.engine.batch_key(job)
+                    if id(future) not in self._keys:
+                        self._keys[id(future)] = self.engine.batch_key(job)
                 except GavelError as e:   # a limit, or a conversation the chat template cannot take
-                    self._waiting.remove(item)
+                    self._take(item)
                     future.set_exception(e)
                     continue
-                if item_key is None:
-                    self._waiting.remove(item)
-                    future.set_result(None)
-                elif len(chosen) < self.max_batch and key in (None, item_key):
-                    key = item_key
-                    self._waiting.remove(item)
+                if len(chosen) < self.max_batch and key in (None, self._keys[id(future)]):
+                    key = self._keys[id(future)]
+                    self._take(item)
                     chosen.append(item)
         if not chosen:
             return
