@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -12,8 +13,16 @@ from rich.markup import escape
 
 from gavel.errors import GavelError
 
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _width(stream) -> int | None:
+    """The terminal's width on a terminal; elsewhere (a file, a pipe, a test) wide enough that tables keep their
+    columns whole, where rich would otherwise wrap them at 80."""
+    return None if stream.isatty() or os.environ.get("COLUMNS") else 200
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="builtin:organism, a local model directory, or a hub id.")]

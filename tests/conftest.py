@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tables the CLI prints keep their columns whole even under `pytest -s` in a narrow terminal
+os.environ.setdefault("COLUMNS", "200")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
