@@ -25,7 +25,7 @@ python3 - <<'PY' 2>&1 | tee "$OUT/compiled_cuda.log"
 # the monitor inside transformers' own CUDA compile (inductor, CUDA graphs): every hook on every step, same events
 import torch, warnings
 from gavel import load_model
-from gavel.monitor import Monitor
+from gavel.runtime.monitor import Monitor
 from gavel.models.generation import prompt_batch
 import sys; sys.path[:0] = ["benchmarks"]
 from monitor_overhead import PROMPTS, build_bank, build_rules

@@ -20,7 +20,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from gavel.demo import run_demo
+    from gavel.organism.demo import run_demo
     from gavel.models.loading import load_model
     from gavel.organism.behaviour import measure_behaviour
 

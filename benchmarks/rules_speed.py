@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from gavel.rules import compile_rules, load_rules, parse_condition
-from gavel.rules.compiler import RESPONSE
+from gavel.rules.compile.program import RESPONSE
 
 
 def _condition(rng: random.Random, groups: dict[str, list[str]], depth: int) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from gavel.demo import DEMO_PROMPTS, DEMO_RULES, DEMO_SITES
+from gavel.organism.demo import DEMO_PROMPTS, DEMO_RULES, DEMO_SITES
 
 NAME = "builtin:organism"
 

@@ -22,11 +22,11 @@ _EXPORTS = {
     "load_rules": "gavel.rules",
     "RuleSpec": "gavel.rules",
     "compile_rules": "gavel.rules",
-    "Monitor": "gavel.monitor",
-    "Guard": "gavel.guard",
-    "GuardResult": "gavel.guard",
-    "AuditLog": "gavel.audit_log",
-    "Event": "gavel.monitor",
+    "Monitor": "gavel.runtime.monitor",
+    "Guard": "gavel.runtime.guard",
+    "GuardResult": "gavel.runtime.guard",
+    "AuditLog": "gavel.runtime.audit_log",
+    "Event": "gavel.runtime.monitor",
     "GavelError": "gavel.errors",
 }
 __all__ = sorted(_EXPORTS)

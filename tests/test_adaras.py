@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from gavel.cli import app
 from gavel.errors import DataError
-from gavel.steering.adaras import NeuronIntervention, organism_problems
-from gavel.steering.neurons import ReasoningNeurons
-from gavel.steering.traces import contrastive_means, mlp_sites
+from gavel.steering.adaras.intervention import NeuronIntervention, organism_problems
+from gavel.steering.adaras.neurons import ReasoningNeurons
+from gavel.steering.adaras.traces import contrastive_means, mlp_sites
 
 runner = CliRunner()
 
@@ -53,7 +53,7 @@ def test_no_pair_is_a_clear_error(organism):
 
 
 def test_a_steer_neurons_rule_changes_only_the_sequence_that_fired(organism, organism_bank, neurons):
-    from gavel.monitor import Monitor
+    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
 
     prompts = [[{"role": "user", "content": "what is 12 plus 34 ?"}],

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gavel.errors import DataError, NotFittedError
-from gavel.steering.alignment import VectorAlignment, project_answer, svm_direction, weight_delta
+from gavel.steering.llmva.alignment import VectorAlignment, project_answer, svm_direction, weight_delta
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gavel.audit import read_audit_data, run_audit, sarif
+from gavel.audit.local import read_audit_data, run_audit, sarif
 from gavel.cli import app
 from gavel.errors import DataError
-from gavel.guard import Guard
+from gavel.runtime.guard import Guard
 from gavel.probes.metrics import auroc
 
 PACK = """

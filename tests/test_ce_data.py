@@ -25,7 +25,7 @@ from gavel.probes.data import (
     organism_dataset,
     read_ce_yaml,
 )
-from gavel.probes.data_spans import parse_record, role_codes
+from gavel.probes.data.spans import parse_record, role_codes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SPANS = FIXTURES / "spans" / "organism.jsonl"

@@ -152,7 +152,7 @@ def test_cli_errors_exit_2(organism, organism_bank, tmp_path):
 
 
 def test_per_head_readouts_and_neurons_as_features(organism, dataset):
-    from gavel.monitor import Monitor
+    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
 
     sites = ["blocks.2.attn.hook_z", "blocks.2.mlp.hook_post"]

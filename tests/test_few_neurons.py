@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gavel.errors import ArtifactError, DataError
-from gavel.steering.behaviour_neurons import BehaviourNeurons, SAEEvidence, sae_attribution, standardised_difference
-from gavel.steering.few_neurons import random_neurons
-from gavel.steering.surgical import down_projection, masked_finetune, neuron_masks
+from gavel.finetune.behaviour_neurons import BehaviourNeurons, SAEEvidence, sae_attribution, standardised_difference
+from gavel.finetune.few_neurons import random_neurons
+from gavel.finetune.surgical import down_projection, masked_finetune, neuron_masks
 
 SITES = [f"blocks.{layer}.mlp.hook_post" for layer in range(3)]
 
@@ -167,8 +167,8 @@ def test_select_with_an_sae_on_the_organism(organism):
     from sae_lens.saes.sae import SAEMetadata
 
     from gavel.organism.sycophancy import behaviour_prompts
-    from gavel.steering.data import last_prompt_activations
-    from gavel.steering.few_neurons import sae_evidence, select_neurons
+    from gavel.steering.activations import last_prompt_activations
+    from gavel.finetune.few_neurons import sae_evidence, select_neurons
 
     site = "blocks.1.hook_resid_post"
     sae = StandardSAE(StandardSAEConfig(d_in=128, d_sae=64, metadata=SAEMetadata(hook_name=site)))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gavel.errors import DataError, NotFittedError
-from gavel.steering.gate import FailureGate, _GateNet
+from gavel.steering.adaras.gate import FailureGate, _GateNet
 
 F, SIGNAL = 64, 17
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from gavel.audit_log import AuditLog, read_audit_log
-from gavel.guard import Guard, verdict
-from gavel.monitor import Monitor
+from gavel.runtime.audit_log import AuditLog, read_audit_log
+from gavel.runtime.guard import Guard, verdict
+from gavel.runtime.monitor import Monitor
 from gavel.rules import RuleSpec
 
 PROMPTS = [
@@ -113,7 +113,7 @@ def test_results_go_to_the_audit_log(organism, organism_bank, tmp_path):
 
 WRITER = """
 import sys
-from gavel.audit_log import AuditLog
+from gavel.runtime.audit_log import AuditLog
 log = AuditLog(sys.argv[1])
 n = 0
 while True:

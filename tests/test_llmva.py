@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from gavel.cli import app
-from gavel.steering.llmva import f1_of, fit_llmva, measure
+from gavel.steering.llmva.loop import f1_of, fit_llmva, measure
 
 SETS = ["--benign", "builtin:benign", "--benign", "builtin:alarming", "--toxic", "builtin:harmful", "--toxic",
         "builtin:roleplay"]
@@ -20,7 +20,7 @@ def test_f1_counts_benign_answers_as_the_positive_class():
 
 @pytest.fixture(scope="module")
 def prompts():
-    from gavel.steering.data import read_prompts
+    from gavel.steering.activations import read_prompts
 
     return ([c for s in ("benign", "alarming") for c in read_prompts(f"builtin:{s}")],
             [c for s in ("harmful", "roleplay") for c in read_prompts(f"builtin:{s}")])
@@ -70,7 +70,7 @@ def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_
     """`align(alignment=...)` runs the LLM-VA projection for the sequence whose rule fired, from its next forward
     pass; the other sequence's tokens and scores are those of a run without the rule. The `gavel align fit` folder
     is checked against the model's fingerprint; the phrase form `align va` reads the same."""
-    from gavel.monitor import Monitor
+    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
 
     runner = CliRunner()
@@ -92,7 +92,7 @@ def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_
         torch.testing.assert_close(aligned[0].scores[:n], plain[0].scores[:n])
     other = organism.fingerprint().model_copy(update={"weights_sha256": "0" * 64})
     from gavel.errors import ArtifactError
-    from gavel.steering.rule_actions import _load_alignment
+    from gavel.runtime.interventions import _load_alignment
 
     with pytest.raises(ArtifactError, match="weights_sha256"):
         _load_alignment(out, type("H", (), {"fingerprint": lambda self: other})())
@@ -101,8 +101,8 @@ def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_
 def test_align_eval_can_judge_with_a_refusal_ce(organism_bank, tmp_path):
     """`--judge BANK:CE`: the bank's refusal CE decides what counts as refused, before and after the edit."""
     from gavel.models.loading import load_model
-    from gavel.steering.data import read_prompts
-    from gavel.steering.llmva import fit_llmva
+    from gavel.steering.activations import read_prompts
+    from gavel.steering.llmva.loop import fit_llmva
 
     handle = load_model("builtin:organism")
     benign = read_prompts("builtin:benign")[:12] + read_prompts("builtin:alarming")[:12]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gavel.errors import DataError, NotFittedError
-from gavel.steering.neurons import ReasoningNeurons, neuron_scores, top_k_mask, trace_means
+from gavel.steering.adaras.neurons import ReasoningNeurons, neuron_scores, top_k_mask, trace_means
 
 SITES = [f"blocks.{i}.mlp.hook_post" for i in range(3)]
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from test_decon import random_fitted
 
-from gavel.guard import Guard
+from gavel.runtime.guard import Guard
 from gavel.models.generation import generate_replies
-from gavel.monitor import Monitor
+from gavel.runtime.monitor import Monitor
 from gavel.rules import RuleSpec, load_rules
 from gavel.rules.source import RuleErrors
 

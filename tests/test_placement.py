@@ -9,7 +9,7 @@ import transformers as tf
 
 from gavel.models.handle import execution_device
 from gavel.models.loading import load_model, wrap_model
-from gavel.monitor import Monitor
+from gavel.runtime.monitor import Monitor
 from gavel.rules import RuleSpec
 
 RULES = [RuleSpec(name="quiz", title="quiz", condition="benchmark in user", action='block "No quizzes."'),

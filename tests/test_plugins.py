@@ -140,7 +140,7 @@ def test_an_installed_example_plugin_runs_from_a_rule(installed_example, organis
     from typer.testing import CliRunner
 
     from gavel.cli import app
-    from gavel.monitor import Monitor
+    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec, load_rules
     from gavel.rules.source import RuleErrors
 
@@ -167,7 +167,7 @@ def test_an_installed_example_plugin_runs_from_a_rule(installed_example, organis
 
 
 def test_an_action_plugin_that_raises_is_reported_and_isolated(organism, organism_bank, monkeypatch):
-    from gavel.monitor import Monitor
+    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
 
     class Exploding(WebhookAction):

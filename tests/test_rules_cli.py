@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from gavel.cli_rules import rules_app
+from gavel.cli.rules import rules_app
 from gavel.rules import And, Or, parse_condition
 from gavel.rules.fmt import canonical, format_paths
 
@@ -35,7 +35,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_importing_the_commands_loads_neither_torch_nor_the_rule_parser():
-    code = ("import sys, gavel.cli_rules; bad = {'torch', 'lark', 'gavel.rules'} & set(sys.modules); "
+    code = ("import sys, gavel.cli.rules; bad = {'torch', 'lark', 'gavel.rules'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

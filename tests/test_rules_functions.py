@@ -33,7 +33,8 @@ from test_rules_temporal import (
 )
 
 from gavel.plugins import registry as registry_module
-from gavel.rules import RuleErrors, RuleSpec, compile_rules, compiler, load_rules, parse_condition
+from gavel.rules import RuleErrors, RuleSpec, compile_rules, load_rules, parse_condition
+from gavel.rules.compile import program as compiler
 from gavel.rules.ast import SCOPES, Aggregate, And, Name, Not, Once, Or, Scoped
 from gavel.rules.parser import ConditionSyntaxError
 

@@ -13,7 +13,7 @@ from lark import Lark
 from typer.testing import CliRunner
 
 import gavel.rules.gvl as gvl_module
-from gavel.cli_rules import rules_app
+from gavel.cli.rules import rules_app
 from gavel.errors import RuleError
 from gavel.rules import load_rules, parse_condition
 from gavel.rules.fmt import canonical, format_paths

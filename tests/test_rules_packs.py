@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from gavel.cli_rules import rules_app
+from gavel.cli.rules import rules_app
 from gavel.errors import RuleError
 from gavel.plugins.registry import load_registry
 from gavel.rules import RuleErrors, RuleSpec, collect_rules, lint, load_rules
@@ -282,7 +282,7 @@ def test_every_character_of_a_macro_maps_to_itself_in_the_file(tmp_path_factory,
     path.write_text(f"macros:\n  m: {value}\nrules: []\n")
     if yaml.safe_load(path.read_text())["macros"]["m"].rstrip("\n") != text:
         return  # YAML reads this spelling differently; nothing to map
-    from gavel.rules.spec import _read
+    from gavel.rules.load import _read
 
     doc = _read(path, [])
     chars = doc.scalars[("macros", "m")]

@@ -14,7 +14,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gavel.rules import RuleSpec, compile_rules, compiler, load_rules
+from gavel.rules import RuleSpec, compile_rules, load_rules
+from gavel.rules.compile import program as compiler
 from gavel.rules.ast import SCOPES, Aggregate, And, Compare, Name, Not, Once, Or, Scoped, Select, Span, Sustained, Then
 
 CES = ["a", "b", "c", "harm_x", "harm_y"]

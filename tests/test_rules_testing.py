@@ -1,4 +1,4 @@
-"""Rule tests (gavel.rules.testing): case formats, verdicts, located fixture errors, discovery, and the runner
+"""Rule tests (gavel.rules.testing.run): case formats, verdicts, located fixture errors, discovery, and the runner
 checked against the naive reference evaluator on random traces."""
 import json
 import shutil
@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gavel.plugins.actions import PRECEDENCE
-from gavel.rules import collect_rules, testing
-from gavel.rules.testing import Expectation, Firing, TraceCase, Verdict, deciding, discover, run_rule_tests
+from gavel.rules import collect_rules
+from gavel.rules.testing import run as testing
+from gavel.rules.testing.run import Expectation, Firing, TraceCase, Verdict, deciding, discover, run_rule_tests
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rules_tests"
 PASS, FAIL, BROKEN = FIXTURES / "pass", FIXTURES / "fail", FIXTURES / "broken"

@@ -17,7 +17,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from typer.testing import CliRunner  # noqa: E402
 
 from gavel.cli import app as cli_app  # noqa: E402
-from gavel.demo import DEMO_PROMPTS, DEMO_RULES  # noqa: E402
+from gavel.organism.demo import DEMO_PROMPTS, DEMO_RULES  # noqa: E402
 from gavel.serve import Engine, create_app  # noqa: E402
 from gavel.serve.metrics import Metrics  # noqa: E402
 
@@ -55,7 +55,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def guard(organism, organism_bank):
-    from gavel.guard import Guard
+    from gavel.runtime.guard import Guard
 
     return Guard(organism, organism_bank, [str(DEMO_RULES)])
 

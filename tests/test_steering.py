@@ -5,9 +5,9 @@ import torch
 
 from gavel.errors import ArtifactError, DataError
 from gavel.models.hooks import count_hooks
-from gavel.steering.data import last_prompt_activations, norm_sites
-from gavel.steering.intervene import Intervention, steering
-from gavel.steering.plane import SteeringPlane
+from gavel.steering.activations import last_prompt_activations, norm_sites
+from gavel.steering.selective.intervene import Intervention, steering
+from gavel.steering.selective.plane import SteeringPlane
 
 D, LAYERS = 16, 6
 
@@ -172,8 +172,8 @@ def test_a_rule_steers_only_the_sequence_that_fired_from_the_next_token_on(organ
     """`add` fires on the harmful prompts while the prompt is read, so their replies are steered from the second
     generated token on (the first comes from the unsteered prompt pass); the benign sequence of the same batch is
     generated exactly as without the rule; batched equals alone; `duration` limits the steered tokens."""
-    from gavel.guard import Guard
-    from gavel.monitor import Monitor
+    from gavel.runtime.guard import Guard
+    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
 
     residual_plane.save_artifact(tmp_path / "refusal", organism.fingerprint(), {"positive": 20, "negative": 40})
@@ -201,7 +201,7 @@ def test_a_rule_steers_only_the_sequence_that_fired_from_the_next_token_on(organ
 
 
 def test_steering_rules_name_missing_artifacts_and_blocks(organism, organism_bank, residual_plane):
-    from gavel.monitor import Monitor
+    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
     from gavel.rules.source import RuleErrors
 
@@ -216,7 +216,7 @@ def test_steering_rules_name_missing_artifacts_and_blocks(organism, organism_ban
 def test_steerer_starts_on_rising_edges_and_counts_durations_down():
     """Unlimited rules steer from the forward after they start to hold, for good; a limited one for `duration`
     forwards after each start (a latched rule starts once)."""
-    from gavel.steering.rule_actions import Steerer, SteeringRule
+    from gavel.runtime.interventions import Steerer, SteeringRule
 
     dummy = Intervention("ablate", (), 0.0, torch.eye(4)[:, :2], torch.zeros(0, 4))
     steerer = Steerer([SteeringRule(0, dummy, None), SteeringRule(1, dummy, 2)], batch_size=2,
@@ -240,7 +240,7 @@ def test_phrase_actions_in_gvl_and_yaml_packs_steer_with_an_artifact_beside_them
                                                                                     residual_plane, tmp_path):
     """`action add refusal by 1.0 for 2 tokens` in a .gvl pack and in a YAML pack, the artifact a folder next to
     the pack (no `artifacts=` needed), give what the keyword call gives."""
-    from gavel.guard import Guard
+    from gavel.runtime.guard import Guard
     from gavel.rules import RuleSpec, load_rules
 
     residual_plane.save_artifact(tmp_path / "refusal", organism.fingerprint(), {"positive": 20, "negative": 40})

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from sklearn.decomposition import PCA
 
 from gavel.errors import DataError
-from gavel.steering.geometry import (
+from gavel.steering.selective.geometry import (
     ablate_direction,
     add_direction,
     angular_steer,

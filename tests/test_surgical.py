@@ -4,7 +4,7 @@ import torch
 import transformers as tf
 
 from gavel.errors import DataError
-from gavel.steering.surgical import masked_finetune, neuron_masks
+from gavel.finetune.surgical import masked_finetune, neuron_masks
 
 
 @pytest.fixture

@@ -124,7 +124,7 @@ class _Steering:
     stops_generation: ClassVar[bool] = False
     takes_text: ClassVar[bool] = False
     implemented: ClassVar[bool] = True
-    method: ClassVar[str]       # the gavel.steering.intervene method it applies
+    method: ClassVar[str]       # the gavel.steering.selective.intervene method it applies
 
 
 class RotateAction(_Steering):

@@ -28,11 +28,11 @@ from gavel.rules.ast import (
 from gavel.rules.gvl import parse_gvl, read_gvl
 from gavel.rules.lint import Issue, Severity, Validator, default_validators, lint
 from gavel.rules.parser import KNOWN_MISTAKES, ConditionSyntaxError, parse_condition
-from gavel.rules.schema import Macro, Pack, Requires, RuleException
-from gavel.rules.spec import RuleErrors, RuleSource, RuleSpec, collect_rules, load_rule_file, load_rules
+from gavel.rules.spec import Macro, Pack, Requires, RuleException
+from gavel.rules.load import RuleErrors, RuleSource, RuleSpec, collect_rules, load_rule_file, load_rules
 
 if TYPE_CHECKING:
-    from gavel.rules.compiler import RuleProgram, RuleState, compile_rules, first_firing
+    from gavel.rules.compile.program import RuleProgram, RuleState, compile_rules, first_firing
 
 _COMPILER = ("RuleProgram", "RuleState", "compile_rules", "first_firing")
 
@@ -46,7 +46,7 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name in _COMPILER:
-        from gavel.rules import compiler
+        from gavel.rules.compile import program
 
-        return getattr(compiler, name)
+        return getattr(program, name)
     raise AttributeError(f"module 'gavel.rules' has no attribute '{name}'")

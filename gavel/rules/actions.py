@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from gavel.errors import RuleError, did_you_mean
 from gavel.plugins.registry import Registry
-from gavel.rules.schema import RuleSpec
+from gavel.rules.spec import RuleSpec
 
 PLACEHOLDERS = ("rule", "title", "severity", "token", "token_index", "sequence", "ces")
 _BRACES = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")  # `{{` and `}}` are literal braces

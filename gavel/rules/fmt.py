@@ -18,8 +18,8 @@ import yaml
 from gavel.errors import Location, RuleError
 from gavel.rules.gvl import GvlDocument, has_comment, read_gvl
 from gavel.rules.parser import parse_action, parse_condition
-from gavel.rules.spec import RuleSpec, collect_rules
-from gavel.yamlsource import line_starts
+from gavel.rules.load import RuleSpec, collect_rules
+from gavel.io.yamlsource import line_starts
 
 
 @dataclass(frozen=True, slots=True)

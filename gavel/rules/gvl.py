@@ -65,7 +65,7 @@ from gavel.rules.parser import (
     parse_condition,
 )
 from gavel.rules.source import RuleErrors
-from gavel.yamlsource import PathKey
+from gavel.io.yamlsource import PathKey
 
 FIELDS = ("title", "description", "author", "definition", "public_id", "severity", "level", "status", "match", "tags",
           "references", "falsepositives", "categories", "group", "requires", "when", "unless", "action")
@@ -81,7 +81,7 @@ _FIELD_KEYS = {"when": "condition", "unless": "exceptions", "group": "groups"}  
 class GvlDocument:
     """A parsed `.gvl` file: the pack dict (a YAML pack's shape) and where each of its values sits in `text`.
 
-    `values` / `keys`: character index of each value / mapping key (as `gavel.yamlsource.index_document`);
+    `values` / `keys`: character index of each value / mapping key (as `gavel.io.yamlsource.index_document`);
     a field's key is its keyword. `scalars`: for each condition, macro, exception condition and action, the index
     of every character of its text plus one past its end.
     """

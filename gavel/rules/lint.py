@@ -19,7 +19,7 @@ from gavel.rules.actions import check_actions
 from gavel.rules.ast import Expr, Select, params, walk
 from gavel.rules.names import Kind, references, resolve, wildcard_matches
 from gavel.rules.parser import parse_condition
-from gavel.rules.schema import Pack, RuleSpec
+from gavel.rules.spec import Pack, RuleSpec
 
 
 class Severity(enum.IntEnum):

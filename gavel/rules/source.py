@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from gavel.errors import Location, RuleError
 from gavel.rules.parser import excerpt, line_column
-from gavel.yamlsource import PathKey
+from gavel.io.yamlsource import PathKey
 
 
 class RuleErrors(RuleError):

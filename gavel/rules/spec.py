@@ -1,399 +1,403 @@
-"""Loading rules: GAVEL rule.yaml files, packs (YAML or .gvl), rulesets and folders, with located errors.
+"""The rule and pack models (pydantic): GAVEL's `rule.yaml` fields read unchanged, plus Sigma-style metadata,
+exceptions, helper rules, parameters, lists, macros and actions.
 
-Every error names the file, line and column, and one bad rule never hides the others: `collect_rules` returns
-the rules that loaded and every error found on the way.
+A `RuleSpec` validates its own fields; what it shares with its pack (lists, macros, parameter values, requires)
+comes from the `Pack` the loader attaches, and so do file positions (`RuleSource`). Built in Python, a rule has
+no pack and reports places as `<rule NAME>`.
 """
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Iterable, Mapping
+import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ValidationError
-
-from gavel.errors import Location, RuleError, did_you_mean
-from gavel.rules.ast import params
-from gavel.rules.names import macro_cycles
-from gavel.rules.params import bind_condition
-from gavel.rules.parser import ConditionSyntaxError, excerpt, parse_condition
-from gavel.rules.schema import (
-    FieldError,
-    Group,
-    Identifier,
-    Macro,
-    Pack,
-    PackSpec,
-    ParamValue,
-    Requires,
-    RuleException,
-    RuleSpec,
-    field_names,
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    StrictBool,
+    StringConstraints,
+    model_validator,
 )
-from gavel.rules.source import RuleErrors, RuleSource, SourceText
-from gavel.yamlsource import PathKey, index_document, line_starts, read_yaml
 
-__all__ = ["Group", "Identifier", "Macro", "Pack", "PackSpec", "ParamValue", "Requires", "RuleErrors", "RuleException",
-           "RuleSource", "RuleSpec", "collect_rules", "load_rule_file", "load_rules"]
+from gavel.errors import Location, RuleError
+from gavel.rules.ast import Action, Expr, params
+from gavel.rules.names import references, resolve
+from gavel.rules.params import action_params, bind_action, bind_condition
+from gavel.rules.parser import RESERVED, parse_action, parse_condition
+from gavel.rules.source import RuleSource, SourceText
+from gavel.io.yamlsource import PathKey
 
-StrPath = Union[str, "os.PathLike[str]"]
-_RULESET_KEYS = ("ruleset", "description", "library", "rules")
+
+def _not_reserved(name: str) -> str:
+    if name in RESERVED:
+        raise ValueError(f"'{name}' is a reserved word of the condition language")
+    return name
+
+
+def _parses(condition: str) -> str:
+    parse_condition(condition)
+    return condition
+
+
+def _parses_action(action: str) -> str:
+    parse_action(action)
+    return action
+
+
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"), AfterValidator(_not_reserved)]
+Group = Annotated[tuple[Identifier, ...], Field(min_length=1)]
+Condition = Annotated[str, AfterValidator(_parses)]
+ActionText = Annotated[str, AfterValidator(_parses_action)]
+
+
+def _number(value: object) -> int | float:
+    """A parameter's value: an int or a float as written (YAML's true/false are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"a parameter's value is a number, not {value!r}")
+    return value
+
+
+ParamValue = Annotated[Union[int, float], PlainValidator(_number)]
+SeverityName = Literal["low", "medium", "high", "critical"]
+LevelName = Literal["informational", "low", "medium", "high", "critical"]  # Sigma's; informational is severity low
+
+
+class FieldError(ValueError):
+    """A validation problem that belongs to one field (`path`) though a model validator found it."""
+
+    def __init__(self, path: PathKey, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.path, self.message, self.hint = path, message, hint
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Requires(_Spec):
+    """What a rule needs to run: a CE bank, a model, CEs (at pack level too; a pack's rules inherit it)."""
+
+    bank: str | None = None
+    model: str | None = None
+    ces: tuple[Identifier, ...] = ()
+
+    def under(self, outer: Requires | None) -> Requires:
+        """These requirements inside `outer` (a pack's): own bank and model first, CEs from both."""
+        if outer is None:
+            return self
+        return Requires(bank=self.bank or outer.bank, model=self.model or outer.model,
+                        ces=tuple(dict.fromkeys((*outer.ces, *self.ces))))
+
+
+class RuleException(_Spec):
+    """A named condition under which the rule does not fire (`reason` says why it is not a finding)."""
+
+    name: Identifier
+    condition: Condition
+    reason: str | None = None
+    _text: SourceText | None = PrivateAttr(default=None)
+    _values: Mapping[str, float] = PrivateAttr(default_factory=dict)
+
+    @property
+    def expr(self) -> Expr:
+        """The parsed condition with its parameters bound (raises RuleErrors, located, for unset ones)."""
+        return bind_condition(parse_condition(self.condition), self._values, self.error)
+
+    def location(self, offset: int) -> Location:
+        return self._text.location(offset)
+
+    def error(self, message: str, offset: int, hint: str | None = None) -> RuleError:
+        """A RuleError at a character of this exception's condition."""
+        return self._text.error(message, offset, hint)
+
+
+@dataclass(frozen=True, eq=False)
+class Macro:
+    """A pack's named condition, expanded in place where a rule names it."""
+
+    name: str
+    condition: str
+    expr: Expr  # parameters bound
+    text: SourceText = field(repr=False)
+
+    def location(self, offset: int) -> Location:
+        return self.text.location(offset)
+
+    def error(self, message: str, offset: int, hint: str | None = None) -> RuleError:
+        return self.text.error(message, offset, hint)
+
+
+class PackSpec(_Spec):
+    """A pack's own fields; its `rules` are validated one by one, so one bad rule never hides another."""
+
+    pack: str | None = None
+    description: str = ""
+    requires: Requires | None = None
+    params: dict[Identifier, ParamValue] = Field(default_factory=dict)
+    lists: dict[Identifier, Group] = Field(default_factory=dict)
+    macros: dict[Identifier, Condition] = Field(default_factory=dict)
+    tests: Any = None  # read by the rule-test runner
+
+
+@dataclass(frozen=True, eq=False)
+class Pack:
+    """A loaded pack: its fields, the parameter values in force, bound macros and where it was read from."""
+
+    spec: PackSpec
+    values: Mapping[str, float]  # the pack's params, overridden by the caller's
+    macros: Mapping[str, Macro] = field(repr=False)
+    rule_names: tuple[str, ...]
+    source: RuleSource | None = None
+
+    @property
+    def name(self) -> str | None:
+        return self.spec.pack
+
+    @property
+    def label(self) -> str:
+        """How messages name the pack: by its `pack:` name, else by its file."""
+        if self.name:
+            return f"pack '{self.name}'"
+        return f"pack {Path(self.source.path).name}" if self.source else "pack"
+
+    @property
+    def lists(self) -> Mapping[str, tuple[str, ...]]:
+        return self.spec.lists
+
+    @property
+    def requires(self) -> Requires | None:
+        return self.spec.requires
+
+    def field_location(self, *path: str | int, key: bool = False) -> Location:
+        if self.source is None:
+            return Location(f"<{self.label}>")
+        return self.source.location(self.source.index(path, key=key))
 
 
 @dataclass
-class _Load:
-    """One `collect_rules` call: the library rulesets resolve against, the caller's parameters, what went wrong."""
+class _Context:
+    """What a rule shares with its file and pack, and what it has bound so far (`cache`, not compared)."""
 
-    library: Path | None
-    params: Mapping[str, float]
-    errors: list[RuleError] = field(default_factory=list)
-    used_params: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class _Document:
-    """A parsed rule file: its text and data, and where every value, key and string character sits."""
-
-    text: str
-    data: object
-    values: Mapping[PathKey, int]
-    keys: Mapping[PathKey, int]
-    scalars: Mapping[PathKey, tuple[int, ...]]
-    duplicates: tuple[tuple[str, int], ...] = ()  # mapping keys given twice, and where
+    source: RuleSource | None = None
+    pack: Pack | None = None  # compared by identity
+    values: Mapping[str, float] = field(default_factory=dict)
+    cache: dict[str, object] = field(default_factory=dict, compare=False)
 
 
-# --- reading files ----------------------------------------------------------------------------------------------
+class RuleSpec(_Spec):
+    """One rule: the GAVEL `rule.yaml` fields read unchanged, Sigma-style metadata, and gavel's additions."""
 
-def _char_indices(text: str, node: yaml.Node | None, value: object) -> tuple[int, ...] | None:
-    """Index in `text` of each character of a scalar's value (and one past its end), aligning non-blank characters."""
-    if not isinstance(node, yaml.ScalarNode) or not isinstance(value, str):
-        return None
-    i = node.start_mark.index
-    if node.style in ("|", ">"):
-        i = text.index("\n", i) + 1
-    elif node.style in ("'", '"'):
-        i += 1
-    out = []
-    for ch in value:
-        if not ch.isspace():
-            while i < len(text) and text[i] != ch:
-                if not text[i].isspace():
-                    return None
-                i += 1
-            if i == len(text):
-                return None
-        out.append(i)
-        i += 0 if ch.isspace() else 1
-    out.append(i)
-    return tuple(out)
+    # GAVEL
+    name: Identifier
+    title: str | None = None
+    public_id: Annotated[str, StringConstraints(pattern=r"^rule_[0-9a-f]{32}$")] | None = None
+    schema_version: Literal[1] = 1
+    categories: tuple[str, ...] = ()
+    definition: str = ""
+    groups: dict[Identifier, Group] = Field(default_factory=dict)
+    condition: Condition
+    # Sigma-style metadata
+    description: str = ""
+    severity: SeverityName = "medium"
+    level: LevelName | None = None  # Sigma's name for severity
+    status: Literal["experimental", "test", "stable", "deprecated"] | None = None
+    author: str | None = None
+    tags: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    falsepositives: tuple[str, ...] = ()
+    # gavel
+    requires: Requires | None = None
+    match: Literal["conversation", "token"] = "conversation"
+    exceptions: tuple[RuleException, ...] = ()
+    private: StrictBool = False  # a helper rule: other rules name it; it is never reported
+    action: ActionText = "log"   # `log`, `alert "text"`, `block "reply"`, `name(key=value, ...)`
+    message: str | None = None   # older spelling of alert's text
+    reply: str | None = None     # older spelling of block's text
+    _context: _Context = PrivateAttr(default_factory=_Context)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _level_is_severity(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("level") is not None:
+            if "severity" in data:
+                raise FieldError(("level",), "give `severity` or Sigma's `level`, not both")
+            if data["level"] in typing.get_args(LevelName):
+                data = {**data, "severity": "low" if data["level"] == "informational" else data["level"]}
+        return data
 
-class _YamlScalars(Mapping):
-    """Per string value of a YAML document (by path): the index of each of its characters, where they align;
-    computed on first use, since only errors and `fmt` need them."""
+    @model_validator(mode="after")
+    def _consistent(self) -> RuleSpec:
+        call = parse_action(self.action)
+        if self.reply is not None and call.name != "block":
+            raise FieldError(("reply",), "`reply` is only used by action `block`",
+                             hint="or write the reply in the action: `action: block \"...\"`")
+        for old in ("message", "reply"):
+            if getattr(self, old) is not None and (call.text is not None or call.args):
+                raise FieldError((old,), f"the action already says what it does: drop `{old}`, or write "
+                                         f"`action: {call.name}` and keep `{old}`")
+        names = [e.name for e in self.exceptions]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise FieldError(("exceptions", i, "name"), f"two exceptions are named '{name}'")
+        return self
 
-    def __init__(self, text: str, node: yaml.Node | None) -> None:
-        self.text = text
-        self.nodes: dict[PathKey, yaml.ScalarNode] = {}
-        self._found: dict[PathKey, tuple[int, ...] | None] = {}
-        self._collect(node, ())
+    def model_post_init(self, context: Any) -> None:
+        self.attach(None, None, {})
 
-    def _collect(self, node: yaml.Node | None, path: PathKey) -> None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
-            self.nodes[path] = node
-        elif isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    self._collect(value, (*path, key.value))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._collect(item, (*path, i))
+    def attach(self, source: RuleSource | None, pack: Pack | None, values: Mapping[str, float]) -> None:
+        """Set where the rule was read from, its pack and the parameter values in force (the loader calls this)."""
+        self._context = _Context(source, pack, values)
+        for i, exception in enumerate(self.exceptions):
+            exception._text = self._string(("exceptions", i, "condition"), exception.condition,
+                                         f"rule '{self.name}': exception '{exception.name}'")
+            exception._values = values
 
-    def _chars(self, path: PathKey) -> tuple[int, ...] | None:
-        if path not in self._found:
-            node = self.nodes.get(path)
-            self._found[path] = None if node is None else _char_indices(self.text, node, node.value)
-        return self._found[path]
+    def _string(self, path: PathKey, text: str, label: str | None = None) -> SourceText:
+        return SourceText(label or f"rule '{self.name}'", text, self._context.source, path, f"<rule {self.name}>")
 
-    def __getitem__(self, path: PathKey) -> tuple[int, ...]:
-        chars = self._chars(path)
-        if chars is None:
-            raise KeyError(path)
-        return chars
+    def _cached(self, key: str, make: typing.Callable[[], object]) -> Any:
+        cache = self._context.cache
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
-    def __iter__(self):
-        return (path for path in self.nodes if self._chars(path) is not None)
+    # --- what the compiler reads ---------------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+    @property
+    def expr(self) -> Expr:
+        """The parsed condition, with its parameters bound (raises RuleErrors, located, for unset ones)."""
+        return self._cached("expr", lambda: bind_condition(parse_condition(self.condition), self._context.values,
+                                                           self.error))
 
+    @property
+    def pack(self) -> Pack | None:
+        """The pack the rule was loaded from, if any."""
+        return self._context.pack
 
-def _read(path: Path, errors: list[RuleError]) -> _Document | None:
-    """A YAML or .gvl rule file, or None with its errors recorded."""
-    try:
-        if path.suffix == ".gvl":
-            from gavel.rules.gvl import read_gvl
+    @property
+    def lists(self) -> Mapping[str, tuple[str, ...]]:
+        """The pack's named CE lists (empty outside a pack)."""
+        return self.pack.lists if self.pack else {}
 
-            gvl = read_gvl(path)
-            return _Document(gvl.text, gvl.data, gvl.values, gvl.keys, gvl.scalars)
-        text, node, data = read_yaml(path, RuleError)
-    except RuleErrors as e:
-        errors.extend(e.errors)
-        return None
-    except RuleError as e:
-        errors.append(e)
-        return None
-    values, keys, duplicates = index_document(node)
-    return _Document(text, data, values, keys, _YamlScalars(text, node), tuple(duplicates))
+    @property
+    def macros(self) -> Mapping[str, Macro]:
+        """The pack's macros, parameters bound (empty outside a pack)."""
+        return self.pack.macros if self.pack else {}
 
+    @property
+    def requirements(self) -> Requires:
+        """`requires`, inherited from the pack: own bank and model first, CEs from both."""
+        own = self.requires or Requires()
+        return own.under(self.pack.requires if self.pack else None)
 
-# --- validation errors, located ---------------------------------------------------------------------------------
+    @property
+    def action_call(self) -> Action:
+        """The parsed action, parameters bound, with the older `message` (alert) / `reply` (block) folded in."""
+        def make() -> Action:
+            call = bind_action(parse_action(self.action), self._context.values, self.action_error)
+            folded = {"alert": self.message, "block": self.reply}.get(call.name)
+            return dataclasses.replace(call, text=folded) if call.text is None and folded is not None else call
+        return self._cached("action", make)
 
-def _literal_hint(err: Mapping) -> str | None:
-    """"did you mean" for a value outside a Literal (a misspelt severity, status, match, ...)."""
-    allowed = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
-    guess = did_you_mean(str(err.get("input")), allowed) if allowed else None
-    return f"did you mean '{guess}'?" if guess else f"one of: {', '.join(allowed)}" if allowed else None
+    @property
+    def param_names(self) -> set[str]:
+        """The `${...}` parameters the condition, exceptions and action use."""
+        exprs = [parse_condition(self.condition), *(parse_condition(e.condition) for e in self.exceptions)]
+        return {p.name for e in exprs for p in params(e)} | {p.name for p in action_params(parse_action(self.action))}
 
+    @property
+    def ce_names(self) -> tuple[str, ...]:
+        """The CEs the condition and exceptions read: members of the groups and lists they use, through macros;
+        names that are neither (nor rules of the pack) are CE names. Wildcards are left out."""
+        found: dict[str, None] = {}
+        rules = self.pack.rule_names if self.pack else ()
+        seen_macros: set[str] = set()
 
-def _pydantic_error(err: Mapping, source: RuleSource, model: type[BaseModel], prefix: str) -> RuleError:
-    """One pydantic error, as a RuleError at its place in the file (at the very character for conditions)."""
-    loc = tuple(err["loc"])
-    path = tuple(p for p in loc if p != "[key]")
-    cause = err.get("ctx", {}).get("error")
-    if isinstance(cause, ConditionSyntaxError):  # a condition, macro or action: at the very character
-        label = f"{prefix}macro '{path[1]}'" if path[:1] == ("macros",) and len(path) > 1 else prefix.rstrip(": ")
-        text = SourceText(label, cause.condition, source, path, "")
-        return RuleError(f"{label}: {cause.message}" if label else cause.message, location=text.location(cause.offset),
-                         excerpt=text.excerpt(cause.offset), hint=cause.hint)
-    if isinstance(cause, FieldError):
-        return source.error(cause.path, prefix + cause.message, hint=cause.hint)
-    dotted = ".".join(map(str, path))
-    hint = None
-    if err["type"] == "extra_forbidden":
-        message, i = f"unknown field '{dotted}'", source.index(path, key=True)
-        guess = did_you_mean(str(path[-1]), field_names(model, path[:-1]))
-        hint = f"did you mean '{guess}'?" if guess else None
-    elif err["type"] == "missing":
-        message, i = f"missing required field '{dotted}'", source.index(path[:-1])
-    else:
-        msg = err["msg"].removeprefix("Value error, ")
-        message, i = (f"{dotted}: {msg}" if dotted else msg), source.index(path, key="[key]" in loc)
-        hint = _literal_hint(err) if err["type"] == "literal_error" else None
-    return RuleError(prefix + message, location=source.location(i), excerpt=excerpt(source.text, i), hint=hint)
+        def visit(expr: Expr) -> None:
+            for name, _, _ in references(expr):
+                kind = resolve(name, groups=self.groups, lists=self.lists, macros=self.macros, rules=rules)
+                if kind == "group":
+                    found.update(dict.fromkeys(self.groups[name]))
+                elif kind == "list":
+                    found.update(dict.fromkeys(self.lists[name]))
+                elif kind == "macro" and name not in seen_macros:
+                    seen_macros.add(name)
+                    visit(self.macros[name].expr)
+                elif kind == "ce":
+                    found[name] = None
 
+        for expr in (self.expr, *(e.expr for e in self.exceptions)):
+            visit(expr)
+        return tuple(found)
 
-def _validate(model: type[BaseModel], data: object, source: RuleSource, prefix: str,
-              errors: list[RuleError]) -> BaseModel | None:
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        errors.extend(_pydantic_error(err, source, model, prefix) for err in e.errors())
-        return None
+    # --- where things are ----------------------------------------------------------------------------------------
 
+    @property
+    def source(self) -> RuleSource | None:
+        """The file the rule was loaded from, if any (seen from the rule's node)."""
+        return self._context.source
 
-# --- rules and packs --------------------------------------------------------------------------------------------
+    def field_location(self, *path: str | int, key: bool = False) -> Location:
+        """Location of a field (e.g. `"groups", "tax"`): in the file, or the rule name when built in Python."""
+        if self.source is None:
+            return Location(f"<rule {self.name}>")
+        return self.source.location(self.source.index(path, key=key))
 
-def _bound(make, errors: list[RuleError]) -> bool:
-    """Run `make` (a binding); record its RuleErrors; True when it worked."""
-    try:
-        make()
-    except RuleErrors as e:
-        errors.extend(e.errors)
-        return False
-    except RuleError as e:
-        errors.append(e)
-        return False
-    return True
+    def condition_location(self, offset: int) -> Location:
+        """Location of a character of the condition, mapped back into the file when there is one."""
+        return self._string(("condition",), self.condition).location(offset)
 
+    def condition_excerpt(self, offset: int) -> str:
+        """The source line around a condition character, with a caret under it."""
+        return self._string(("condition",), self.condition).excerpt(offset)
 
-def _rule(source: RuleSource, data: object, pack: Pack | None, load: _Load, *, bind: bool = True) -> RuleSpec | None:
-    """Validate one rule mapping (at `source.base`) and, with `bind`, its parameters; errors go to `load.errors`."""
-    name = data.get("name") if isinstance(data, dict) else None
-    spec = _validate(RuleSpec, data, source, f"rule '{name}': " if isinstance(name, str) else "", load.errors)
-    if spec is None or not bind:
-        return spec
-    spec.attach(source, pack, pack.values if pack else load.params)
-    load.used_params |= spec.param_names
-    checks = [lambda: spec.expr, *(lambda e=e: e.expr for e in spec.exceptions), lambda: spec.action_call]
-    return spec if all([_bound(check, load.errors) for check in checks]) else None
+    def error(self, message: str, offset: int, hint: str | None = None) -> RuleError:
+        """A RuleError pointing at a character of this rule's condition."""
+        return self._string(("condition",), self.condition).error(message, offset, hint)
 
+    def action_error(self, message: str, offset: int = 0, hint: str | None = None) -> RuleError:
+        """A RuleError at a character of the `action` string (its field when the action is the default)."""
+        return self._string(("action",), self.action).error(message, offset, hint)
 
-def _pack(top: RuleSource, data: dict, load: _Load) -> tuple[Pack | None, bool]:
-    """The pack's own fields, macros bound and checked for cycles, and whether all is well (errors recorded).
-    The pack is None when its fields are wrong; a macro's problem leaves it usable for checking its rules."""
-    header = {k: v for k, v in data.items() if k != "rules"}
-    spec = _validate(PackSpec, header, top, "", load.errors)
-    if spec is None:
-        return None, False
-    values = {**spec.params, **load.params}
-    load.used_params |= set(spec.params)
-    macros: dict[str, Macro] = {}
-    ok = True
-    for name, condition in spec.macros.items():
-        text = SourceText(f"macro '{name}'", condition, top, ("macros", name), f"<macro {name}>")
-        expr = parse_condition(condition)
-        load.used_params |= {p.name for p in params(expr)}
-        ok = _bound(lambda: macros.setdefault(name, Macro(name, condition, bind_condition(expr, values, text.error),
-                                                          text)), load.errors) and ok
-    for cycle, offset in macro_cycles({n: m.expr for n, m in macros.items()}, spec.lists):
-        message = "refers to itself" if len(cycle) == 2 else f"is in a cycle of macros: {' -> '.join(cycle)}"
-        load.errors.append(macros[cycle[-2]].error(message, offset, hint="a macro is expanded in place, so it "
-                                                                         "cannot contain itself"))
-        ok = False
-    rules = data["rules"] if isinstance(data.get("rules"), list) else []
-    names = tuple(r["name"] for r in rules if isinstance(r, dict) and isinstance(r.get("name"), str))
-    return Pack(spec, values, macros, names, top), ok
-
-
-def _load_file(path: Path, load: _Load, *, rulesets: bool = True) -> list[RuleSpec]:
-    """Every rule a file holds: one rule, a pack `{rules: [...]}` (YAML or .gvl), or a ruleset of library rules."""
-    doc = _read(path, load.errors)
-    if doc is None:
-        return []
-    top = RuleSource(str(path), doc.text, line_starts(doc.text), doc.values, doc.keys, doc.scalars)
-    load.errors.extend(RuleError(f"duplicate key '{k}' (YAML would silently keep the last one)",
-                                 location=top.location(i), excerpt=excerpt(doc.text, i)) for k, i in doc.duplicates)
-    data = doc.data
-    if data is None:
-        load.errors.append(top.error((), "empty rule file"))
-        return []
-    if isinstance(data, list) or (isinstance(data, dict) and "ruleset" in data):
-        if rulesets:
-            return _load_ruleset(path, data, load, top)
-        load.errors.append(top.error((), "a ruleset cannot be used as a library rule"))
-        return []
-    if not (isinstance(data, dict) and "rules" in data and "condition" not in data):
-        spec = _rule(top, data, None, load)
-        return [spec] if spec else []
-    pack, ok = _pack(top, data, load)
-    if not isinstance(data["rules"], list):
-        load.errors.append(top.error(("rules",), "a pack's `rules` must be a list of rules", key=False))
-        return []
-    # a pack whose own fields are wrong still has its rules' errors reported; their parameters are unknown
-    specs = [_rule(top.at(("rules", i)), item, pack, load, bind=pack is not None)
-             for i, item in enumerate(data["rules"])]
-    return [spec for spec in specs if spec is not None] if ok else []
+    def action_text_error(self, message: str, offset: int, hint: str | None = None) -> RuleError:
+        """A RuleError at a character of the action's text: inside the action's quotes, or in `message`/`reply`."""
+        written = parse_action(self.action)
+        if written.text is None:
+            old = "message" if written.name == "alert" else "reply"
+            return self._string((old,), getattr(self, old) or "").error(message, offset, hint)
+        return self.action_error(message, _raw_offset(self.action, offset), hint)
 
 
-def _unknown_keys(data: dict, allowed: tuple[str, ...], kind: str, top: RuleSource) -> list[RuleError]:
-    guesses = {key: did_you_mean(str(key), list(allowed)) for key in data if key not in allowed}
-    return [top.error((key,), f"unknown {kind} field '{key}'", hint=f"did you mean '{guess}'?" if guess else None)
-            for key, guess in guesses.items()]
+def _raw_offset(action: str, offset: int) -> int:
+    """Where character `offset` of an action's unquoted text is in the action string (escapes take two)."""
+    i = action.index('"') + 1
+    for _ in range(offset):
+        i += 2 if action[i] == "\\" else 1
+    return i
 
 
-def _library_rules(library: Path) -> dict[str, Path]:
-    """GAVEL library rules by directory name: `<library>/rules/<name>/rule.yaml` (or `<library>/<name>/rule.yaml`)."""
-    root = library / "rules" if (library / "rules").is_dir() else library
-    return {p.parent.name: p for p in sorted(root.glob("*/rule.yaml"))}
-
-
-def _find_library(start: Path) -> Path | None:
-    return next((d for d in (start, *start.parents) if (d / "rules").is_dir()), None)
-
-
-def _load_ruleset(path: Path, data: object, load: _Load, top: RuleSource) -> list[RuleSpec]:
-    """The library rules a ruleset names, in its order."""
-    base: PathKey = ()
-    library = load.library
-    if isinstance(data, dict):
-        load.errors.extend(_unknown_keys(data, _RULESET_KEYS, "ruleset", top))
-        if library is None and isinstance(data.get("library"), str):
-            library = path.parent / data["library"]
-        base, data = ("rules",), data.get("rules")
-    if not isinstance(data, list):
-        load.errors.append(top.error(base, "a ruleset's `rules` must be a list of rule names", key=False))
-        return []
-    library = library or _find_library(path.parent)
-    known = _library_rules(library) if library is not None and library.is_dir() else {}
-    if not known:
-        looked = library or "the parent folders"
-        load.errors.append(top.error((), f"no rule library found for this ruleset (looked in {looked})", key=False,
-                                     hint="pass library= or add `library: <folder>` to the ruleset"))
-        return []
-    out = []
-    for i, name in enumerate(data):
-        if not isinstance(name, str) or name not in known:
-            guess = did_you_mean(str(name), list(known))
-            load.errors.append(top.error((*base, i), f"ruleset names unknown rule '{name}'", key=False,
-                                         hint=f"did you mean '{guess}'?" if guess else None))
+def field_names(model: type[BaseModel], path: PathKey) -> list[str]:
+    """The field names allowed at `path` below `model` (for "did you mean" on a misspelt nested field)."""
+    for part in path:
+        if isinstance(part, int):
             continue
-        out += _load_file(known[name], load, rulesets=False)
-    return out
+        info = model.model_fields.get(part)
+        inner = _model_in(info.annotation) if info else None
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
 
 
-def _expand(path: Path, errors: list[RuleError]) -> list[Path]:
-    """The files a path stands for: itself; in a folder every `rule.yaml` below it (else its *.yaml files), and
-    its *.gvl files."""
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(path.rglob("rule.yaml")) or sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
-        found += sorted(path.glob("*.gvl"))
-        if found:
-            return found
-        errors.append(RuleError("no rule files in this folder", location=Location(str(path))))
-        return []
-    errors.append(RuleError("no such rule file or folder", location=Location(str(path))))
-    return []
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in typing.get_args(annotation) if (m := _model_in(a)) is not None), None)
 
-
-def _same_source(a: RuleSpec, b: RuleSpec) -> bool:
-    sa, sb = a.source, b.source
-    return (sa is not None and sb is not None and Path(sa.path).resolve() == Path(sb.path).resolve()
-            and sa.base == sb.base)
-
-
-def _check_params(given: Mapping[str, float], used: set[str]) -> list[RuleError]:
-    """The caller's parameters must be numbers that some loaded rule, macro or pack uses."""
-    errors = []
-    for name, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(RuleError(f"parameter '{name}' must be a number, not {value!r}"))
-        elif name not in used:
-            guess = did_you_mean(name, sorted(used))
-            errors.append(RuleError(f"parameter '{name}' is set, but no loaded rule or pack uses it",
-                                    hint=f"did you mean '{guess}'?" if guess else None))
-    return errors
-
-
-def collect_rules(paths: StrPath | Iterable[StrPath], *, library: StrPath | None = None,
-                  params: Mapping[str, float] | None = None) -> tuple[list[RuleSpec], list[RuleError]]:
-    """Load every rule under `paths` and every error, so one bad rule never hides another.
-
-    A path is a `rule.yaml`, a pack `{rules: [...]}` (YAML, or a .gvl file), a ruleset (a list of names, or
-    `{ruleset: name, rules: [names]}`) resolved against `library` (default: the nearest folder above the
-    ruleset with a `rules/` folder), or a folder of any of these. `params` set `${name}` parameters, over the
-    values packs give.
-    """
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    load = _Load(Path(library) if library is not None else None, dict(params or {}))
-    rules: dict[str, RuleSpec] = {}
-    for item in items:
-        for file in _expand(Path(item), load.errors):
-            for spec in _load_file(file, load):
-                first = rules.get(spec.name)
-                if first is None:
-                    rules[spec.name] = spec
-                elif not _same_source(first, spec):
-                    message = f"duplicate rule name '{spec.name}' (first defined at {first.field_location()})"
-                    load.errors.append(RuleError(message, location=spec.field_location("name")))
-    return list(rules.values()), load.errors + _check_params(load.params, load.used_params)
-
-
-def load_rules(paths: StrPath | Iterable[StrPath], *, library: StrPath | None = None,
-               params: Mapping[str, float] | None = None) -> list[RuleSpec]:
-    """Like `collect_rules`, but raise one RuleErrors listing every error if there is any."""
-    rules, errors = collect_rules(paths, library=library, params=params)
-    if errors:
-        raise RuleErrors(errors)
-    return rules
-
-
-def load_rule_file(path: StrPath, *, library: StrPath | None = None,
-                   params: Mapping[str, float] | None = None) -> list[RuleSpec]:
-    """The rules of one file (a rule, a pack or a ruleset); raises RuleErrors."""
-    return load_rules([path], library=library, params=params)

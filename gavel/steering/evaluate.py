@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict
 from gavel.models.chat import Conversation
 from gavel.models.generation import prompt_batch, until_end
 from gavel.models.handle import ModelHandle
-from gavel.steering.data import last_prompt_activations
-from gavel.steering.intervene import Intervention, Method, steering
-from gavel.steering.plane import SteeringPlane
+from gavel.steering.activations import last_prompt_activations
+from gavel.steering.selective.intervene import Intervention, Method, steering
+from gavel.steering.selective.plane import SteeringPlane
 
 REFUSAL_PHRASES = ("i cannot", "i can't", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry",
                    "i apologize", "as an ai", "i'm not able", "i am not able", "i must decline")
@@ -48,7 +48,7 @@ def judge_from(spec: str, handle: ModelHandle) -> Judge:
 def refusal_ce(handle: ModelHandle, bank, ce: str) -> Judge:
     """A judge that reads a refusal CE from a bank: the reply is a refusal when the CE fires on one of its tokens
     (the monitor scans each conversation with the reply as its final assistant message)."""
-    from gavel.monitor import Monitor
+    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
 
     bank.index(ce)     # a CE the bank lacks is an error here, with a suggestion

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict
 
 from gavel.errors import ArtifactError
 from gavel.models.fingerprint import ModelFingerprint, read_manifest
-from gavel.steering.behaviour_neurons import BehaviourNeurons
-from gavel.steering.neurons import ReasoningNeurons
+from gavel.finetune.behaviour_neurons import BehaviourNeurons
+from gavel.steering.adaras.neurons import ReasoningNeurons
 
 MANIFEST = "neurons.json"
 FORMAT_VERSION = 1

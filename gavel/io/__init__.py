@@ -1,0 +1,1 @@
+"""Reading files people write: YAML with the position of every value, conversation and prompt files."""

@@ -1,0 +1,224 @@
+"""GAVEL library CEs: `ces/<name>/ce.yaml` metadata and the `excitation.json` / `calibration.json` sample files.
+
+A bare conversation sample carries its folder's CE on every chosen-role token; a labelled sample is a
+record in the labelled-span format (see docs/data.md). Formats and choices are documented in docs/data.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
+
+from gavel.errors import DataError, Location, did_you_mean
+from gavel.probes.data.dataset import CEDataset, CEInfo
+from gavel.probes.data.spans import Parsed, assemble, parse_record, read_text, role_codes
+from gavel.rules.parser import excerpt, line_column
+from gavel.rules.load import RuleSource
+from gavel.io.yamlsource import index_document, line_starts, read_yaml
+
+GavelRole = Literal["directive_to_user", "llm_task", "llm_behavior", "topic"]
+GAVEL_ROLES: tuple[str, ...] = get_args(GavelRole)
+_ENVELOPE_KEYS = ("conversations", "samples", "type", "ce", "ce_public_id", "sample_count")
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+class SeedExample(BaseModel):
+    """A YES/NO seed statement of a CE (GAVEL's `{input, output}` form)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    output: Literal["YES", "NO"]
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class CEDefinition(BaseModel):
+    """One `ce.yaml`: GAVEL's fields (schema versions 1 and 2); unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    title: str = ""
+    role: GavelRole | None = None
+    definition: str = ""
+    examples: tuple[SeedExample, ...] = ()
+    schema_version: Literal[1, 2] = 1
+    public_id: str | None = None
+    provenance: dict[str, Any] = {}
+
+    @field_validator("examples", mode="before")
+    @classmethod
+    def _yes_no_mapping(cls, value: object) -> object:
+        """Also accept `{yes: [...], no: [...]}` (unquoted yes/no read as booleans under YAML 1.1)."""
+        if not isinstance(value, dict):
+            return value
+        out = []
+        for key, items in value.items():
+            answer = {True: "YES", False: "NO"}.get(key) if isinstance(key, bool) else str(key).upper()
+            if answer not in ("YES", "NO"):
+                raise ValueError(f"example groups are `yes` and `no`, not {key!r}")
+            if not isinstance(items, list):
+                raise ValueError(f"`{key}` examples must be a list of strings")
+            out += [{"input": text, "output": answer} for text in items]
+        return out
+
+    def info(self) -> CEInfo:
+        return CEInfo(self.name, self.title, self.role, self.definition)
+
+
+def read_ce_yaml(path: str | os.PathLike[str]) -> CEDefinition:
+    """A `ce.yaml` file, validated; DataError at the file, line and column of the first problem."""
+    path = Path(path)
+    text, node, data = read_yaml(path, DataError)
+    values, keys, duplicates = index_document(node)
+    source = RuleSource(str(path), text, line_starts(text), values, keys, None)
+
+    def fail(message: str, i: int, hint: str | None = None) -> DataError:
+        return DataError(message, location=source.location(i), excerpt=excerpt(text, i), hint=hint)
+
+    if duplicates:
+        key, i = duplicates[0]
+        raise fail(f"duplicate key '{key}' (YAML would silently keep the last one)", i)
+    if not isinstance(data, dict):
+        raise fail("a ce.yaml must be a mapping of fields (name, title, role, definition, examples)", 0)
+    try:
+        spec = CEDefinition.model_validate(data)
+    except ValidationError as e:
+        raise min((_pydantic_error(err, source, fail) for err in e.errors()), key=lambda x: x[0])[1] from None
+    if spec.name != path.parent.name:
+        raise fail(f"CE name {spec.name!r} differs from its folder name {path.parent.name!r}",
+                   source.index(("name",)))
+    return spec
+
+
+def _pydantic_error(err: dict, source: RuleSource, fail: Callable[..., DataError]) -> tuple[int, DataError]:
+    """A pydantic error as (position in the file, DataError at that field)."""
+    path = tuple(p for p in err["loc"] if p != "[key]")
+    dotted = ".".join(map(str, path))
+    if err["type"] == "extra_forbidden":
+        i = source.index(path, key=True)
+        guess = did_you_mean(str(path[-1]), list(CEDefinition.model_fields)) if len(path) == 1 else None
+        return i, fail(f"unknown field '{dotted}'", i, f"did you mean '{guess}'?" if guess else None)
+    if err["type"] == "missing":
+        i = source.index(path[:-1])
+        return i, fail(f"missing required field '{dotted}'", i)
+    i = source.index(path)
+    return i, fail(f"{dotted}: {err['msg'].removeprefix('Value error, ')}", i)
+
+
+def _item_offsets(text: str, key: str) -> list[int]:
+    """Character offset of each element of the list under top-level `key` of a JSON object known to parse."""
+    decoder, found = json.JSONDecoder(), []
+    i = _WS.match(text, text.index("{") + 1).end()
+    while text[i] != "}":
+        name, i = decoder.raw_decode(text, i)
+        i = _WS.match(text, _WS.match(text, i).end() + 1).end()  # past the colon
+        if name == key and text[i] == "[":
+            found, i = [], _WS.match(text, i + 1).end()
+            while text[i] != "]":
+                found.append(i)
+                _, i = decoder.raw_decode(text, i)
+                i = _WS.match(text, i).end()
+                i = _WS.match(text, i + 1).end() if text[i] == "," else i
+            i += 1
+        else:
+            _, i = decoder.raw_decode(text, i)
+        i = _WS.match(text, i).end()
+        i = _WS.match(text, i + 1).end() if text[i] == "," else i
+    return found
+
+
+def read_samples(path: Path, which: str, ce: str) -> list[tuple[object, Location]]:
+    """The samples of one CE's `excitation.json` / `calibration.json`, each with the place it starts."""
+    if not path.is_file():
+        raise DataError(f"missing {which}.json for CE {ce!r}", location=Location(str(path)))
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e.msg}", location=Location(str(path), e.lineno, e.colno),
+                        excerpt=excerpt(text, e.pos)) from None
+    top = Location(str(path), 1)
+    if not isinstance(data, dict):
+        raise DataError('expected an object {"conversations": [...]} (or {"samples": [...]})', location=top)
+    for name in data:
+        if name not in _ENVELOPE_KEYS:
+            guess = did_you_mean(name, _ENVELOPE_KEYS)
+            raise DataError(f"unknown field {name!r}; allowed: {', '.join(_ENVELOPE_KEYS)}", location=top,
+                            hint=f"did you mean {guess!r}?" if guess else None)
+    if ("conversations" in data) == ("samples" in data):
+        raise DataError("expected exactly one of `conversations` or `samples`", location=top)
+    key = "conversations" if "conversations" in data else "samples"
+    samples = data[key]
+    if not isinstance(samples, list):
+        raise DataError(f"`{key}` must be a list", location=top)
+    for field, expected in (("type", which), ("ce", ce), ("sample_count", len(samples))):
+        if field in data and data[field] != expected:
+            raise DataError(f"`{field}` is {data[field]!r} but should be {expected!r}", location=top)
+    return [(s, Location(str(path), line_column(text, i)[0])) for s, i in zip(samples, _item_offsets(text, key))]
+
+
+def load_gavel_ces(ces_dir: str | os.PathLike[str], tokenizer, *,
+                   which: Literal["excitation", "calibration"] = "excitation", roles: Sequence[str] = ("assistant",),
+                   names: Iterable[str] | None = None) -> CEDataset:
+    """The CEs of a GAVEL `ces/` folder (or a library holding one), from their excitation or calibration samples.
+
+    A CE's samples are negatives for every other loaded CE; `names` picks CEs (default: all, sorted).
+    """
+    if which not in ("excitation", "calibration"):
+        raise DataError(f"which must be 'excitation' or 'calibration', not {which!r}")
+    codes = role_codes(roles)
+    root = Path(ces_dir)
+    root = root / "ces" if (root / "ces").is_dir() else root
+    if not root.is_dir():
+        raise DataError("no such CE folder", location=Location(str(root)))
+    found = {p.parent.name: p for p in sorted(root.glob("*/ce.yaml"))}
+    if not found:
+        raise DataError("no CEs here: expected <name>/ce.yaml folders", location=Location(str(root)))
+    selected = list(found) if names is None else [names] if isinstance(names, str) else list(names)
+    if not selected:
+        raise DataError("names selects no CE", location=Location(str(root)))
+    for name in selected:
+        if name not in found:
+            guess = did_you_mean(str(name), list(found))
+            raise DataError(f"unknown CE {name!r}; {root} has {', '.join(found)}",
+                            hint=f"did you mean {guess!r}?" if guess else None)
+    infos = [read_ce_yaml(found[name]).info() for name in selected]
+    parsed: list[Parsed] = []
+    sources, declared = [], {}
+    for name in selected:
+        path = found[name].parent / f"{which}.json"
+        declared[name] = Location(str(path))
+        for i, (sample, where) in enumerate(read_samples(path, which, name)):
+            parsed.append(_sample(sample, i, name, found, tokenizer, codes, where))
+            sources.append(f"{path}#{i}")
+    return assemble(parsed, infos, declared, sources)
+
+
+def _sample(sample: object, i: int, ce: str, known: dict[str, Path], tokenizer, codes: frozenset[int],
+            where: Location) -> Parsed:
+    """One sample: a bare conversation (labelled `ce` throughout) or a labelled record naming library CEs."""
+    try:
+        if isinstance(sample, list):
+            sample = {"conversation": sample, "labels": [ce]}
+        elif not isinstance(sample, dict):
+            raise DataError("must be a conversation (a list of messages) or a labelled record (an object)",
+                            location=where)
+        parsed = parse_record(sample, tokenizer, codes, where)
+    except DataError as e:
+        raise DataError(f"sample {i}: {e.message}", location=e.location, hint=e.hint) from None
+    for name in parsed.mentioned:
+        if name not in known:
+            guess = did_you_mean(name, list(known))
+            raise DataError(f"sample {i}: unknown CE {name!r} (not in this library)", location=where,
+                            hint=f"did you mean {guess!r}?" if guess else None)
+    return parsed

@@ -1,0 +1,498 @@
+"""The runtime monitor: hooks score CEs per token inside the model's own forward passes and step rules.
+
+Everything per token stays a tensor on the model's device (scores, rule state, the blocked flags that
+generate()'s stopping check reads); events are copied to the host once, when a batch is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import string
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from gavel.errors import GavelError, RuleError, did_you_mean
+from gavel.models.batching import pad_sequences
+from gavel.models.chat import Conversation, encode_conversation
+from gavel.models.generation import PromptBatch, prompt_batch
+from gavel.models.handle import ModelHandle
+from gavel.plugins.actions import PRECEDENCE
+from gavel.plugins.registry import registry
+from gavel.probes.bank import CEBank
+from gavel.rules import compile_rules
+from gavel.rules.actions import check_actions
+from gavel.rules.compile.program import RESPONSE
+from gavel.rules.source import RuleErrors
+from gavel.rules.testing.run import ces_read
+from gavel.runtime.interventions import Artifacts, PerturbationRule, Steerer, SteeringRule, steering_rules
+
+Policy = Literal["fail_open", "fail_closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A rule firing: which rule, where (sequence, token), the CE values that made it fire, the action."""
+
+    rule: str
+    title: str
+    severity: str
+    action: str
+    sequence: int
+    token_index: int
+    token: str
+    ces: dict[str, float]
+    message: str | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    """One monitored sequence: its tokens, per-token CE scores and roles, events and verdict."""
+
+    tokens: list[str]
+    token_ids: torch.Tensor       # [T] long
+    scores: torch.Tensor          # [T, n_ce] on the host
+    roles: torch.Tensor           # [T] role codes (generated tokens are assistant)
+    events: list[Event] = field(default_factory=list)
+    blocked: bool = False
+    failed: bool = False          # non-finite activations or a hook error (see the monitor's policy)
+    prompt_length: int = 0
+    reply: str = ""               # what the user gets: the rule's reply when blocked
+    generated: str = ""           # what the model produced (up to the blocking token)
+
+    @property
+    def fired(self) -> list[str]:
+        return [e.rule for e in self.events]
+
+
+class Monitor:
+    """CE bank + rules over a model. `watch()` attaches hooks; `generate()` and `scan()` use it."""
+
+    def __init__(self, handle: ModelHandle, bank: CEBank, rules: Sequence, *, policy: Policy = "fail_open",
+                 score: Literal["rules", "all"] = "rules", artifacts: Artifacts | None = None) -> None:
+        """`artifacts` names the steering artifacts rules may steer with (fitted planes or directories); a name
+        not given is read as a directory relative to the rule's file."""
+        if policy not in ("fail_open", "fail_closed"):
+            raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {policy!r}")
+        self.handle, self.bank, self.policy = handle, bank, policy
+        # torch.compile does not by default guard graphs on module hooks, so a decode step traced without hooks
+        # would run without them later: from now on every trace guards on them (a retrace when they change)
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        rules = list(rules)
+        self.program = compile_rules(rules, bank.names).to(handle.device)
+        problems = check_actions(rules, registry(), runnable=True) + _missing_requirements(rules, bank.names)
+        if problems:
+            raise RuleErrors(problems)
+        self.rules = [r for r in rules if not r.private]   # what the program reports
+        # the CEs an event shows: those its rule reads, also through the rules (private ones too) it refers to
+        by_name = {r.name: r for r in rules}
+        self.event_ces = [[n for n in dict.fromkeys([*r.ce_names, *sorted(ces_read(r, by_name))]) if n in bank.names]
+                          for r in self.rules]
+        self.calls = [r.action_call for r in self.rules]
+        actions = [registry().get("actions", c.name) for c in self.calls]
+        device = handle.device
+        self.scoring = bank.to(device)
+        self.heads = (list(range(len(bank.heads))) if score == "all"
+                      else bank.heads_for(self.program.ce_indices))      # only the heads the rules read
+        self.sites = list(dict.fromkeys(s for h in self.heads for s in bank.heads[h].sites))
+        self.thresholds = self.scoring.thresholds
+        # per step the monitor keeps calibrated logits and compares them with logit thresholds: the same
+        # decision as sigmoid(logit) > threshold, without a sigmoid per token (probabilities come in results())
+        read = set(range(len(bank.names)) if score == "all" else self.program.ce_indices)
+        self.plan = [self._scoring_step(h, [c for c in bank.columns[h] if c in read]) for h in self.heads]
+        thr = self.thresholds
+        self.logit_thresholds = torch.where(thr <= 0, -torch.inf, torch.where(thr >= 1, torch.inf, torch.logit(thr)))
+        # action plugins with a `handle(events, arguments)` get each batch's events of their rules on the host
+        instances: dict[type, object] = {}
+        self.handlers = {r: (instances.setdefault(a, a()), a.params.model_validate(dict(c.args)) if a.params else None)
+                         for r, (a, c) in enumerate(zip(actions, self.calls)) if callable(getattr(a, "handle", None))}
+        self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
+        self.can_block = any(a.stops_generation for a in actions)
+        self.action_names = [a.name for a in actions]
+        resolved = steering_rules(self.rules, actions, handle, artifacts)
+        self.steering = [r for r in resolved if isinstance(r, SteeringRule)]
+        self.perturbations = [r for r in resolved if isinstance(r, PerturbationRule)]
+        self.eos_ids = torch.tensor(handle.end_token_ids, dtype=torch.long, device=device)
+        self.special_ids = torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long, device=device)
+
+    def _scoring_step(self, h: int, columns: list[int]) -> tuple:
+        """(head, bank columns, calibration) scoring only `columns` of head h: a head with CEs the rules never read
+        is narrowed to the rest (a linear head to their weight columns, an SAE head to the latents they use)."""
+        head = self.scoring.heads[h]
+        if len(columns) < len(self.bank.columns[h]):
+            head = head.select([self.bank.columns[h].index(c) for c in columns])
+        # a model split across devices (device_map): each head scores where its site's module runs
+        device = self.handle.site_device(head.sites[0])
+        spread = {self.handle.site_device(s) for s in head.sites} != {device}
+        return (head.to(device), _as_index(columns), self.scoring.scale[columns].to(device),
+                self.scoring.shift[columns].to(device), device if spread else None)
+
+    @contextmanager
+    def watch(self, batch_size: int, classes: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> Iterator["Session"]:
+        """Hooks for one batch of sequences; each sequence keeps its own rule state. `classes` [B, T] are the
+        token class codes (role + 4 for response tokens) of the first forward's tokens and `mask` [B, T] its
+        real (unpadded) tokens; later tokens are generated ones (assistant response)."""
+        session = Session(self, batch_size, classes, mask)
+        model = self.handle.hf_model   # what every forward goes through: a TransformerBridge runs its HF model
+        handles = []
+        try:
+            # the model-level hooks keep Python state per forward, so torch.compile must not trace them (it
+            # would recompile on every step); the site hooks only hand tensors over and run inside the graph
+            handles.append(model.register_forward_pre_hook(torch.compiler.disable(session.before_forward),
+                                                           with_kwargs=True))
+            handles.append(model.register_forward_hook(torch.compiler.disable(session.after_forward),
+                                                       with_kwargs=True))
+            # steering first: a CE read where a rule steers sees the steered activation
+            with self.handle.hooks(session.steerer.hooks() + [(s, session.site_hook(s)) for s in self.sites]):
+                yield session
+        finally:
+            for h in reversed(handles):
+                h.remove()
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 64,
+                 **generate_kwargs) -> list[Result]:
+        """Guarded generation: rules run on the prompt and every new token; `block` stops a sequence."""
+        if self.handle.backend == "lens":
+            # TransformerLens 3.9's bridge under transformers 5 loses the KV cache and the positions of left-padded
+            # rows (its replies diverge after the first token): one sequence at a time, the whole prefix each step
+            return [r for i, c in enumerate(conversations)
+                    for r in self._generate([c], max_new_tokens, i, {**generate_kwargs, "use_cache": False})]
+        return self._generate(conversations, max_new_tokens, 0, generate_kwargs)
+
+    def _generate(self, conversations: Sequence[Conversation], max_new_tokens: int, first_sequence: int,
+                  generate_kwargs: dict) -> list[Result]:
+        from transformers import StoppingCriteriaList
+
+        batch = prompt_batch(self.handle, conversations)
+        for attempt in range(2):
+            with self.perturbed_prompts(batch) as early, self.watch_prompts(batch) as session:
+                out = self.handle.hf_model.generate(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                    pad_token_id=self.handle.tokenizer.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([session.stopping_criterion()]), **generate_kwargs)
+            if not session.blind or attempt:
+                break
+            # the model's compiled decode step was traced before any monitor existed, without guards on
+            # hooks, so it does not notice the hooks added since: retrace with them
+            warnings.warn(f"{self.handle.name}: the model's compiled forward was traced without gavel's hooks; "
+                          "clearing torch.compile's caches (torch._dynamo.reset()) to retrace it with them",
+                          stacklevel=2)
+            torch._dynamo.reset()
+        return self.generation_results(session, batch, out, first_sequence, early)
+
+    @contextmanager
+    def perturbed_prompts(self, batch: PromptBatch) -> Iterator[list[list[Event]]]:
+        """`perturb` rules (DeconIEP): one more forward over the prompts decides which sequences a perturb rule holds
+        on while its prompt is read; inside the block those sequences' prompt embeddings carry the rule's trained
+        bounded perturbation (the first such rule of a sequence wins). Yields, per sequence, the events of the
+        perturb rules that fired (the perturbed prompt may no longer make them fire; the results keep them)."""
+        b = len(batch.encoded)
+        if not self.perturbations:
+            yield [[] for _ in range(b)]
+            return
+        with torch.no_grad(), self.watch_prompts(batch) as probe:
+            self.handle.forward(batch.input_ids, batch.attention_mask)
+        holds = torch.cat(probe.holds, 1).any(1)                                   # [B, R]
+        early = probe.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])
+        taken = torch.zeros(b, dtype=torch.bool, device=holds.device)
+        with ExitStack() as stack:
+            for rule in self.perturbations:
+                rows = holds[:, rule.index] & ~taken
+                taken |= rows
+                stack.enter_context(rule.perturbation.perturbing(self.handle, zeta=rule.zeta, rows=rows,
+                                                                 attention_mask=batch.attention_mask))
+            names = {self.rules[rule.index].name for rule in self.perturbations}
+            yield [[e for e in r.events if e.rule in names] for r in early]
+
+    @contextmanager
+    def watch_prompts(self, batch: PromptBatch) -> Iterator["Session"]:
+        """`watch` for a left-padded prompt batch (its token classes from the chat encoding)."""
+        classes, _ = pad_sequences([e.roles.long() for e in batch.encoded], 0, "left")
+        with self.watch(len(batch.encoded), classes.to(self.handle.device), batch.attention_mask) as session:
+            yield session
+
+    def generation_results(self, session: "Session", batch: PromptBatch, output_ids: torch.Tensor | None = None,
+                           first_sequence: int = 0, early: Sequence[Sequence[Event]] = ()) -> list[Result]:
+        """Per-sequence results of a generation from `batch`: the generated text is `output_ids` past the
+        prompt (default, and always for a blocked sequence: the tokens the monitor saw past each prompt, which end
+        at the blocking token; generate() samples one more before it stops), the reply what the user gets; `early`
+        (from `perturbed_prompts`) adds the events of perturb rules that the perturbed prompt no longer fires."""
+        results = session.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded],
+                                  first_sequence)
+        width = batch.input_ids.shape[1]
+        for i, (r, events) in enumerate(zip(results, early)):
+            missing = [dataclasses.replace(e, sequence=first_sequence + i) for e in events if e.rule not in r.fired]
+            if missing:
+                r.events = sorted(r.events + missing, key=lambda e: e.token_index)
+        for i, r in enumerate(results):
+            generated = r.token_ids[r.prompt_length:] if output_ids is None or r.blocked else output_ids[i, width:]
+            r.generated = self.handle.tokenizer.decode(generated, skip_special_tokens=True).strip()
+            r.reply = self.reply_for(r)
+        self.dispatch(results)
+        return results
+
+    @torch.no_grad()
+    def scan(self, conversations: Sequence[Conversation], batch_size: int = 16) -> list[Result]:
+        """Detection only on existing conversations: one forward pass per batch, no generation. A final assistant
+        message is the response: it is each result's `generated`, and its `reply` unless a rule blocked it."""
+        results: list[Result] = []
+        pad = self.handle.tokenizer.pad_token_id or 0
+        for start in range(0, len(conversations), batch_size):
+            encoded = [encode_conversation(self.handle.tokenizer, c) for c in conversations[start:start + batch_size]]
+            ids, mask = pad_sequences([e.input_ids for e in encoded], pad, "right")
+            classes, _ = pad_sequences([token_classes(e.roles) for e in encoded], 0, "right")
+            with self.watch(len(encoded), classes.to(self.handle.device), mask.to(self.handle.device)) as session:
+                self.handle.forward(ids.to(self.handle.device), mask.long().to(self.handle.device))
+            batch_results = session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded],
+                                            first_sequence=start)
+            for conversation, r in zip(conversations[start:start + batch_size], batch_results):
+                last = conversation[-1] if conversation else {}
+                r.generated = last.get("content", "") if last.get("role") == "assistant" else ""   # the response
+                r.reply = self.reply_for(r)
+            self.dispatch(batch_results)
+            results += batch_results
+        return results
+
+    def dispatch(self, results: Sequence[Result]) -> None:
+        """Hand a batch's events to the action plugins that handle them; a plugin that raises is reported
+        (a warning) and never stops the monitor: the events stay in the results either way."""
+        for r, (handler, arguments) in self.handlers.items():
+            events = [e for result in results for e in result.events if e.rule == self.rules[r].name]
+            if not events:
+                continue
+            try:
+                handler.handle(events, arguments)
+            except Exception as e:   # noqa: BLE001 - a third-party plugin's failure is reported, not raised
+                origin = registry().origins.get(("actions", self.action_names[r]), "?")
+                warnings.warn(f"action plugin {self.action_names[r]!r} ({origin}) failed on {len(events)} event(s) "
+                              f"of rule {self.rules[r].name!r}: {type(e).__name__}: {e}", stacklevel=3)
+
+    def reply_for(self, result: Result) -> str:
+        """The generated text, or for a blocked sequence the blocking rule's reply."""
+        if not result.blocked:
+            return result.generated
+        block = next((e for e in result.events if e.action == "block"), None)
+        if block is None:
+            return "[blocked: the monitor failed on this sequence (policy fail_closed)]"
+        r = next(i for i, rule in enumerate(self.rules) if rule.name == block.rule)
+        return self.calls[r].text or f"[blocked by rule {block.rule}]"
+
+
+class Session:
+    """Per-batch monitor state, all tensors on the model's device until `results()`."""
+
+    def __init__(self, monitor: Monitor, batch_size: int, classes: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> None:
+        self.m = monitor
+        device = monitor.handle.device
+        self.classes = classes   # [B, T_prompt] token class codes of the first forward, padded like its ids
+        self.mask = mask         # [B, T_prompt] its real tokens (a static cache gives forwards 4-d masks)
+        self.state = monitor.program.init_state(batch_size, device)
+        self.steerer = Steerer(monitor.steering, batch_size, device)
+        self.alive = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.blocked = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.failed = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.forwards = 0
+        self.width = 0           # token positions seen so far (a forward with a KV cache feeds only new ones)
+        self.offset = 0          # of this forward's positions, how many were seen before
+        self.blind = 0           # forwards in which site hooks did not run (see `after_forward`)
+        self.errors: list[str] = []
+        self.scores: list[torch.Tensor] = []
+        self.valid: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.holds: list[torch.Tensor] = []
+
+    # ---- hooks
+    def before_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise GavelError("the monitor needs input_ids (inputs_embeds-only forwards are not supported yet)")
+        # a forward without a KV cache feeds every token again: only the ones past those already seen are new
+        self.offset = self.width if self.forwards and ids.shape[1] > self.width else 0
+        ids = ids[:, self.offset:]
+        b, t = ids.shape
+        self.width += t
+        mask = kwargs.get("attention_mask")
+        first = self.forwards == 0 and self.classes is not None and self.classes.shape[1] == t
+        if first and self.mask is not None:
+            valid = self.mask.bool()
+        elif mask is not None and mask.ndim == 2:
+            valid = mask[:, -t:].bool()
+        else:   # no mask, or a 4-d one built for a static cache: only generated tokens come after the prompt
+            valid = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        if self.forwards > 0 and len(self.m.eos_ids):
+            # a generated end-of-turn token ends the sequence; it is not scored (a sequence generated
+            # alone never feeds it back), so batched and single runs see the same tokens
+            self.alive &= ~torch.isin(ids[:, -1], self.m.eos_ids)
+        self.cur_valid = valid & self.alive[:, None]
+        self.cur_ids = ids
+        if first:
+            self.cur_classes = self.classes
+        else:   # generated tokens: the assistant's response
+            self.cur_classes = torch.full((b, t), 3 + RESPONSE, dtype=torch.long, device=ids.device)
+        self.cur = torch.full((b, t, len(self.m.bank.names)), -torch.inf, device=self.alive.device)  # logits
+        self.cur_bad = torch.zeros(b, t, dtype=torch.bool, device=self.alive.device)
+        self.stash: dict[str, torch.Tensor] = {}
+
+    def site_hook(self, site: str):
+        def hook(act: torch.Tensor) -> None:
+            self.stash[site] = act
+        return hook
+
+    def after_forward(self, module, args, kwargs, output):
+        missing = [s for s in self.m.sites if s not in self.stash]
+        if missing:   # a compiled graph traced before these hooks existed runs without them: never silently
+            self.blind += 1
+            self.errors.append(f"forward {self.forwards}: the hooks on {', '.join(missing)} did not run")
+        acts = {site: act[:, self.offset:] for site, act in self.stash.items()} if self.offset else self.stash
+        for head, columns, scale, shift, gather in self.m.plan if not missing else ():
+            try:
+                read = {s: acts[s].to(gather) for s in head.sites} if gather is not None else acts
+                logits = (head.score(read).float() * scale + shift).to(self.cur.device, non_blocking=True)
+                self.cur[..., columns] = logits
+                self.cur_bad |= ~torch.isfinite(logits).all(-1)  # NaN/inf activations make the scores non-finite
+            except Exception as e:  # the policy decides: every sequence of the batch is marked failed
+                self.errors.append(f"head on {', '.join(head.sites)}: {type(e).__name__}: {e}")
+                self.cur_bad |= True
+        self.stash.clear()
+        valid = self.cur_valid
+        bad = (self.cur_bad & valid).any(1) | bool(missing)
+        self.failed |= bad
+        if self.m.policy == "fail_closed":
+            self.blocked |= bad
+        content = valid & ~torch.isin(self.cur_ids, self.m.special_ids)   # template tokens never fire CEs
+        fired = (self.cur > self.m.logit_thresholds) & content[..., None]
+        program = self.m.program
+        scores = torch.sigmoid(self.cur) * content[..., None] if program.needs_scores else None
+        holds, self.state = program.advance(fired, self.state, valid, scores=scores,
+                                            roles=self.cur_classes if program.needs_roles else None)
+        holds = holds & valid[..., None]
+        self.steerer.update(holds)
+        if self.m.can_block:
+            self.blocked |= (holds & self.m.stops).any(-1).any(-1)
+        self.alive &= ~self.blocked
+        self.scores.append(self.cur)
+        self.valid.append(valid)
+        self.ids.append(self.cur_ids)
+        self.holds.append(holds)
+        self.forwards += 1
+
+    def stopping_criterion(self):
+        """A generate() stopping criterion that ends blocked sequences (reads a device tensor, no sync)."""
+        from transformers import StoppingCriteria
+
+        session = self
+
+        class _Blocked(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                if session.blind:   # nothing more to learn from this generation: stop every sequence
+                    return torch.ones_like(session.blocked)
+                return session.blocked.clone()
+        return _Blocked()
+
+    # ---- results, one host copy per batch
+    def results(self, prompt_lengths: Sequence[int], prompt_roles: Sequence[torch.Tensor],
+                first_sequence: int = 0) -> list[Result]:
+        """Per-sequence results; the last token of a generation is absent (generate() never runs it)."""
+        if self.blind:
+            warnings.warn(f"the monitor's site hooks did not run in {self.blind} of {self.forwards} forwards, so "
+                          "every sequence is marked failed: a compiled graph traced before the hooks were attached "
+                          "runs without them; attach the guard before the first compiled generate(), or call "
+                          "torch._dynamo.reset() first", stacklevel=3)
+        valid = torch.cat(self.valid, 1).cpu()
+        scores = torch.sigmoid(torch.cat(self.scores, 1)).cpu()
+        ids = torch.cat(self.ids, 1).cpu()
+        special = self.m.special_ids.cpu()
+        holds = torch.cat(self.holds, 1).cpu()
+        blocked, failed = self.blocked.cpu(), self.failed.cpu()
+        tok = self.m.handle.tokenizer
+        names, rules = self.m.bank.names, self.m.rules
+        thresholds = self.m.thresholds.cpu()
+        out = []
+        for i in range(valid.shape[0]):
+            v = valid[i]
+            h = holds[i][v]                                     # [T_i, R]
+            row_scores = scores[i][v]
+            row_ids = ids[i][v]
+            seen = row_scores * ~torch.isin(row_ids, special).unsqueeze(-1)   # as the rules saw them
+            tokens = tok.convert_ids_to_tokens(row_ids.tolist())
+            roles = torch.full((len(tokens),), 3, dtype=torch.uint8)
+            roles[: prompt_lengths[i]] = prompt_roles[i][: len(tokens)]
+            events = []
+            for r, rule in enumerate(rules):
+                hits = h[:, r].nonzero()
+                if len(hits) == 0:
+                    continue
+                t = int(hits[0])
+                ces = {n: round(float(seen[t, j]), 4) for n in self.m.event_ces[r]
+                       if seen[t, j := names.index(n)] > thresholds[j]}
+                event = Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
+                              severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
+                              sequence=first_sequence + i, token_index=t, token=tokens[t], ces=ces)
+                text = self.m.calls[r].text if self.m.action_names[r] != "block" else None
+                text = text if text is not None else rule.message   # a note kept with any action's events
+                if text is not None:
+                    scores_now = {n: round(float(seen[t, j]), 4) for j, n in enumerate(names)}
+                    event = dataclasses.replace(event, message=render_message(text, event, scores_now))
+                events.append(event)
+            events.sort(key=lambda e: (e.token_index, -PRECEDENCE.get(e.action, 0)))
+            out.append(Result(tokens=tokens, token_ids=row_ids, scores=row_scores, roles=roles, events=events,
+                              blocked=bool(blocked[i]), failed=bool(failed[i]), prompt_length=prompt_lengths[i]))
+        return out
+
+
+class _Placeholders(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def render_message(text: str, event: Event, scores: dict[str, float]) -> str:
+    """An alert's text with {rule}, {title}, {severity}, {token}, {token_index}, {sequence}, {ces} and
+    {<ce name>} (its score at the firing token) filled in; unknown placeholders stay as written."""
+    fields = _Placeholders(scores)
+    fields.update(rule=event.rule, title=event.title, severity=event.severity, token=event.token,
+                  token_index=event.token_index, sequence=event.sequence,
+                  ces=", ".join(f"{n}={v:.2f}" for n, v in event.ces.items()))
+    try:
+        return string.Formatter().vformat(text, (), fields)
+    except (ValueError, IndexError, AttributeError):   # braces that are not placeholders: keep the text as written
+        return text
+
+
+def token_classes(roles: torch.Tensor) -> torch.Tensor:
+    """Token class codes of a stored conversation: role codes, + RESPONSE on its final assistant message."""
+    classes = roles.long().clone()
+    speaking = (classes > 0).nonzero().squeeze(1)
+    if len(speaking) and classes[speaking[-1]] == 3:
+        others = ((classes == 1) | (classes == 2)).nonzero().squeeze(1)
+        start = int(others[-1]) + 1 if len(others) else 0
+        classes[start:] += RESPONSE * (classes[start:] == 3)
+    return classes
+
+
+def _missing_requirements(rules: Sequence, ce_names: Sequence[str]) -> list[RuleError]:
+    """`requires.ces` (a rule's own, or its pack's) the bank lacks, as located errors: those rules were written for
+    CEs this bank cannot score."""
+    known, errors = set(ce_names), {}
+    for rule in rules:
+        owners = [(rule, rule.requires)] + ([(rule.pack, rule.pack.requires)] if rule.pack else [])
+        for owner, requires in owners:
+            for i, ce in enumerate(requires.ces if requires else ()):
+                if ce not in known:
+                    location = owner.field_location("requires", "ces", i)
+                    guess = did_you_mean(ce, list(ce_names))
+                    errors.setdefault((str(location), ce), RuleError(
+                        f"rule '{rule.name}' requires CE '{ce}', which the bank lacks", location=location,
+                        hint=f"did you mean '{guess}'?" if guess
+                        else "fit it into the bank, or load a bank that has it"))
+    return list(errors.values())
+
+
+def _as_index(columns: list[int]) -> slice | list[int]:
+    """A slice when the columns are contiguous (cheap to assign through), else the list."""
+    return slice(columns[0], columns[-1] + 1) if columns == list(range(columns[0], columns[-1] + 1)) else columns

@@ -1,0 +1,91 @@
+"""Steering as hooks: a fitted plane (or direction) and a method applied to the activations at its sites.
+
+An `Intervention` is pure data (method, sites, tensors, strength); `hooks(active)` turns it into hook functions for
+`ModelHandle.hooks`. `active` is an optional bool [batch] tensor that the caller may change between forward passes:
+only those sequences are steered, so a rule can steer the one sequence that fired and leave the rest of its batch
+untouched. The math lives in `geometry`; this module only moves tensors and gates rows.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from gavel.errors import DataError
+from gavel.models.handle import ModelHandle
+from gavel.models.hooks import HookFn
+from gavel.steering.selective.geometry import add_direction, angular_steer, project_out, rotate_in_plane
+from gavel.steering.selective.plane import SteeringPlane
+
+Method = Literal["rotate", "angular", "angular_adaptive", "add", "ablate"]
+METHODS: tuple[str, ...] = ("rotate", "angular", "angular_adaptive", "add", "ablate")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """`rotate` / `angular` / `angular_adaptive` by `strength` degrees in the plane, `add` `strength` times each
+    site's difference of class means, or `ablate` the plane's first axis (b1), at `sites`."""
+
+    method: Method
+    sites: tuple[str, ...]
+    strength: float
+    plane: torch.Tensor                 # [d, 2]: b1, b2
+    vectors: torch.Tensor               # [n_sites, d]: per-site mean_pos - mean_neg (for `add`)
+
+    @classmethod
+    def from_plane(cls, plane: SteeringPlane, method: Method, strength: float = 0.0,
+                   sites: Sequence[str] | None = None) -> "Intervention":
+        """An intervention at the plane's selected sites (or the given ones, which it must have been fitted on)."""
+        if method not in METHODS:
+            raise DataError(f"unknown steering method {method!r}; known: {', '.join(METHODS)}")
+        chosen = list(plane.selected_sites if sites is None else sites)
+        unknown = [s for s in chosen if s not in plane.sites_]
+        if unknown:
+            raise DataError(f"the plane was not fitted on site(s) {', '.join(unknown)}",
+                            hint=f"its sites: {', '.join(plane.sites_)}")
+        rows = [plane.sites_.index(s) for s in chosen]
+        vectors = (plane.mean_pos_ - plane.mean_neg_)[rows] if rows else plane.mean_pos_[:0]
+        return cls(method, tuple(chosen), float(strength), plane.plane_, vectors)
+
+    def to(self, device: torch.device | str) -> "Intervention":
+        return replace(self, plane=self.plane.to(device), vectors=self.vectors.to(device))
+
+    def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:
+        """The steered activation [..., d] at one of the intervention's sites (on a model spread over devices, the
+        tensors follow the activation; a no-op on one device)."""
+        plane = self.plane.to(act.device)
+        if self.method == "rotate":
+            return rotate_in_plane(act, plane, self.strength)
+        if self.method in ("angular", "angular_adaptive"):
+            return angular_steer(act, plane, self.strength, adaptive=self.method == "angular_adaptive")
+        if self.method == "add":
+            return add_direction(act, self.vectors[self.sites.index(site)].to(act.device), self.strength)
+        return project_out(act, plane[:, 0])      # the plane's columns are unit vectors
+
+    def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
+        """(site, hook) pairs; with `active` (bool [batch]), rows where it is False pass through unchanged."""
+        return gated_hooks(self.sites, self.apply, active)
+
+
+def gated_hooks(sites: Sequence[str], apply: Callable[[torch.Tensor, str], torch.Tensor],
+                active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
+    """Hooks that replace each site's activation by `apply(act, site)`, only in the rows where `active` (bool
+    [batch], read at every call, so the caller may update it in place) is True; every row without it."""
+    def hook_for(site: str) -> HookFn:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            changed = apply(act, site)
+            if active is None:
+                return changed
+            return torch.where(active.to(act.device).view(-1, *([1] * (act.ndim - 1))), changed, act)
+        return hook
+    return [(site, hook_for(site)) for site in sites]
+
+
+@contextmanager
+def steering(handle: ModelHandle, intervention: Intervention, active: torch.Tensor | None = None) -> Iterator[None]:
+    """Steer every forward pass inside the block (the hooks are always removed after)."""
+    with handle.hooks(intervention.to(handle.device).hooks(active)):
+        yield
