@@ -22,7 +22,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from gavel.models.loading import load_model
-    from gavel.probes.data import organism_dataset
+    from gavel.organism.datasets import organism_dataset
     from gavel.probes.fit import fit_bank
 
     handle = load_model("builtin:organism")

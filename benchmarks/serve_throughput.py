@@ -36,7 +36,7 @@ def fit_demo_bank(out: Path, n_train: int, threads: int) -> None:
     import torch
 
     from gavel.models.loading import load_model
-    from gavel.probes.data import organism_dataset
+    from gavel.organism.datasets import organism_dataset
     from gavel.probes.fit import fit_bank
 
     torch.set_num_threads(threads)

@@ -31,7 +31,7 @@ def main() -> None:
 
     import gavel
     from gavel.models.collect import collect_activations
-    from gavel.probes.data import organism_dataset
+    from gavel.organism.datasets import organism_dataset
     from gavel.probes.fit import content_rows, split_examples
     from gavel.probes.linear import LinearProbe
     from gavel.probes.metrics import auroc

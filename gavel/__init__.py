@@ -17,7 +17,7 @@ _EXPORTS = {
     "CEBank": "gavel.probes.bank",
     "fit_bank": "gavel.probes.fit",
     "evaluate_bank": "gavel.probes.evaluate",
-    "load_dataset": "gavel.probes.data",
+    "load_dataset": "gavel.organism.datasets",
     "CEDataset": "gavel.probes.data",
     "load_rules": "gavel.rules",
     "RuleSpec": "gavel.rules",

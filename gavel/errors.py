@@ -1,4 +1,5 @@
-"""One error root for everything a user can cause, each carrying where it happened."""
+"""One error root for everything a user can cause, each carrying where it happened, and the helpers that say
+where: line and column of an offset, the source line with a caret under it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,22 @@ class Location:
             if self.column is not None:
                 parts.append(str(self.column))
         return ":".join(parts)
+
+
+def line_column(text: str, offset: int) -> tuple[int, int]:
+    """1-based (line, column) of a character offset."""
+    return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def excerpt(text: str, offset: int, width: int = 80) -> str:
+    """The source line holding `offset`, with a caret under it (long lines are cut around it)."""
+    start = text.rfind("\n", 0, offset) + 1
+    end = text.find("\n", offset)
+    line = text[start:end if end >= 0 else len(text)]
+    col = offset - start
+    cut = max(0, col - width // 2)
+    shown = line[cut:cut + width]
+    return f"{shown}\n{' ' * (col - cut)}^"
 
 
 class GavelError(ValueError):

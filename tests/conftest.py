@@ -29,7 +29,7 @@ def organism():
 @pytest.fixture(scope="session")
 def organism_bank(organism):
     """A CE bank fitted on organism ground truth, each CE read at the better of two sites."""
-    from gavel.probes.data import organism_dataset
+    from gavel.organism.datasets import organism_dataset
     from gavel.probes.fit import fit_bank
 
     dataset = organism_dataset(organism.tokenizer, 500, seed=77)

@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from gavel.cli import app
 from gavel.errors import DataError
-from gavel.steering.adaras.intervention import NeuronIntervention, organism_problems
+from gavel.organism.datasets import problems as organism_problems
+from gavel.steering.adaras.intervention import NeuronIntervention
 from gavel.steering.adaras.neurons import ReasoningNeurons
 from gavel.steering.adaras.traces import contrastive_means, mlp_sites
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gavel.audit.local import read_audit_data, run_audit, sarif
+from gavel.audit.local import run_audit, sarif
+from gavel.io.conversations import read_audit_data
 from gavel.cli import app
 from gavel.errors import DataError
 from gavel.runtime.guard import Guard

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gavel.errors import DataError, Location
-from gavel.models.chat import ROLE_ASSISTANT
+from gavel.io.conversations import ROLE_ASSISTANT
 from gavel.organism import corpus
 from gavel.organism.labels import as_conversation, encode_example
 from gavel.organism.tokenizer import build_tokenizer
@@ -18,13 +18,12 @@ from gavel.probes.data import (
     CEDataset,
     CEInfo,
     LabelledExample,
-    load_dataset,
     load_gavel_ces,
     load_spans_jsonl,
     merge_datasets,
-    organism_dataset,
     read_ce_yaml,
 )
+from gavel.organism.datasets import load_dataset, organism_dataset
 from gavel.probes.data.spans import parse_record, role_codes
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -10,7 +10,7 @@ from gavel.cli import app
 from gavel.errors import ArtifactError, DataError, SiteError
 from gavel.models.collect import collect_activations
 from gavel.probes.bank import CEBank
-from gavel.probes.data import load_dataset, organism_dataset
+from gavel.organism.datasets import load_dataset, organism_dataset
 from gavel.probes.evaluate import evaluate_bank
 from gavel.probes.fit import fit_bank, split_examples
 

@@ -2,15 +2,8 @@
 import pytest
 
 from gavel.errors import DataError
-from gavel.models.chat import (
-    FALLBACK_TEMPLATE,
-    ROLE_ASSISTANT,
-    ROLE_NONE,
-    ROLE_SYSTEM,
-    ROLE_USER,
-    encode_conversation,
-    render,
-)
+from gavel.io.conversations import ROLE_ASSISTANT, ROLE_NONE, ROLE_SYSTEM, ROLE_USER
+from gavel.models.chat import FALLBACK_TEMPLATE, encode_conversation, render
 from gavel.organism import corpus
 from gavel.organism.tokenizer import build_tokenizer
 

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gavel.decon import DeconIEP, PerturbationGenerator, bounded_delta, decon_loss, sample_replies
-from gavel.decon.data import decon_splits
-from gavel.decon.metrics import accuracy, benign_utility_drop, evaluate_decon, residual_contamination
+from gavel.organism.decon import decon_splits
+from gavel.decon.metrics import accuracy, benign_utility_drop, residual_contamination
+from gavel.organism.behaviour import final_answer
+from gavel.organism.decon import evaluate_decon
 from gavel.errors import ArtifactError, ModelLoadError, NotFittedError
 from gavel.models.generation import prompt_batch
 from gavel.models.loading import wrap_model
@@ -280,12 +282,12 @@ def test_save_load_roundtrip_refusal_and_force(con, ref, tmp_path):
 
 # ---------------------------------------------------------------- metrics
 def test_rc_and_bud_against_hand_computation(con, monkeypatch):
-    from gavel.decon import metrics
+    from gavel.organism import decon as organism_decon
 
     splits = decon_splits()
     assert len(splits.leaked_eval) == len(splits.heldout_eval) == 25 and len(splits.arithmetic_eval) == 50
-    train_items = {e.messages[0].content for e in splits.train}
-    assert not train_items & {e.messages[0].content for e in splits.leaked_eval + splits.clean_eval}
+    train_items = {c[0]["content"] for c in splits.train}
+    assert not train_items & {p.conversation[0]["content"] for p in splits.leaked_eval + splits.clean_eval}
     assert residual_contamination(0.2, 0.9) == pytest.approx(0.7)
     assert benign_utility_drop(0.5, 0.4) == pytest.approx(0.1)
     table = {  # (model, perturbed zeta) -> accuracy on (leaked, held-out, arithmetic)
@@ -293,10 +295,10 @@ def test_rc_and_bud_against_hand_computation(con, monkeypatch):
         ("con", 0.1): (0.2, 0.08, 0.86), ("con", 0.0): (1.0, 0.12, 0.9)}
     which = {id(splits.leaked_eval): 0, id(splits.heldout_eval): 1, id(splits.arithmetic_eval): 2}
 
-    def fake(handle, examples, perturbation=None, *, zeta=None, **kwargs):
-        return table[(handle.name, None if perturbation is None else zeta)][which[id(examples)]]
+    def fake(handle, problems, answer_of, perturbation=None, *, zeta=None, **kwargs):
+        return table[(handle.name, None if perturbation is None else zeta)][which[id(problems)]]
 
-    monkeypatch.setattr(metrics, "accuracy", fake)
+    monkeypatch.setattr(organism_decon, "accuracy", fake)
     clean = tiny_handle(1, name="clean")
     est = DeconIEP(zeta=0.1)
     report = evaluate_decon(con, clean, est, [0.0, 0.1], splits=splits)
@@ -309,7 +311,7 @@ def test_rc_and_bud_against_hand_computation(con, monkeypatch):
 
 def test_accuracy_reads_final_answers(organism):
     splits = decon_splits()
-    assert accuracy(organism, splits.leaked_eval[:8], max_new_tokens=12) == 1.0
+    assert accuracy(organism, splits.leaked_eval[:8], final_answer, max_new_tokens=12) == 1.0
 
 
 # ---------------------------------------------------------------- CLI

@@ -20,7 +20,7 @@ def test_f1_counts_benign_answers_as_the_positive_class():
 
 @pytest.fixture(scope="module")
 def prompts():
-    from gavel.steering.activations import read_prompts
+    from gavel.organism.datasets import read_prompts
 
     return ([c for s in ("benign", "alarming") for c in read_prompts(f"builtin:{s}")],
             [c for s in ("harmful", "roleplay") for c in read_prompts(f"builtin:{s}")])
@@ -101,7 +101,7 @@ def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_
 def test_align_eval_can_judge_with_a_refusal_ce(organism_bank, tmp_path):
     """`--judge BANK:CE`: the bank's refusal CE decides what counts as refused, before and after the edit."""
     from gavel.models.loading import load_model
-    from gavel.steering.activations import read_prompts
+    from gavel.organism.datasets import read_prompts
     from gavel.steering.llmva.loop import fit_llmva
 
     handle = load_model("builtin:organism")

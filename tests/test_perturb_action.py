@@ -79,8 +79,8 @@ def test_a_perturbation_for_another_model_is_a_located_error(organism, organism_
 def test_rule_gated_rc_and_bud_perturb_exactly_the_flagged_prompts(organism, organism_bank, decon):
     """Gated by `benchmark in user`, quiz items are perturbed as under the plain perturbation and additions are
     generated as without it, so the gated row's accuracies equal those two rows'."""
-    from gavel.decon.data import DeconSplits, decon_splits
-    from gavel.decon.metrics import evaluate_decon
+    from gavel.organism.decon import DeconSplits, decon_splits
+    from gavel.organism.decon import evaluate_decon
     from gavel.models.loading import load_model
 
     full = decon_splits()

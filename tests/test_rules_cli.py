@@ -201,7 +201,7 @@ def test_gavel_sets_are_skipped_without_a_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def quiz_bank(organism, tmp_path_factory):
-    from gavel.probes.data import organism_dataset
+    from gavel.organism.datasets import organism_dataset
     from gavel.probes.fit import fit_bank
 
     dataset = organism_dataset(organism.tokenizer, 500, seed=1)

@@ -259,7 +259,7 @@ def test_sae_ces_through_fit_bank_the_cli_and_the_monitor(organism, tmp_path):
     from gavel.models.collect import collect_activations
     from gavel.runtime.monitor import Monitor
     from gavel.probes.bank import CEBank
-    from gavel.probes.data import organism_dataset
+    from gavel.organism.datasets import organism_dataset
     from gavel.probes.fit import fit_bank
     from gavel.rules import RuleSpec
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gavel.errors import DataError, GavelError
-from gavel.models.chat import Conversation
+from gavel.io.conversations import Conversation
 from gavel.probes.bank import CEBank
 from gavel.rules import RuleSpec
 

@@ -6,13 +6,12 @@ sets are easily confounded by length.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from gavel.errors import DataError
+from gavel.io.conversations import AuditItem
 from gavel.runtime.guard import Guard, GuardResult
 from gavel.probes.metrics import auroc
 from gavel.rules import RuleSpec
@@ -20,15 +19,6 @@ from gavel.rules import RuleSpec
 
 class _Report(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class AuditItem(_Report):
-    """One conversation to audit, where it came from, and whether a violation is expected (None: unknown)."""
-
-    source: str
-    line: int
-    conversation: list[dict[str, str]]
-    label: bool | None = None
 
 
 class ItemReport(_Report):
@@ -64,58 +54,6 @@ class AuditReport(_Report):
     @property
     def violations(self) -> int:
         return sum(item.verdict != "clean" for item in self.items)
-
-
-def read_audit_data(path: str | Path) -> list[AuditItem]:
-    """JSONL lines `{"prompt"|"text": str}` or `{"conversation": [...]}` with an optional `label`, or a JSON
-    `{"conversations": [...]}` (GAVEL test sets: `positive.json` is labelled true, `negative.json` false)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    if path.suffix == ".json":
-        from gavel.rules.testing.run import read_conversations
-
-        label = {"positive.json": True, "negative.json": False}.get(path.name)
-        return [AuditItem(source=str(path), line=0, conversation=c, label=label) for c in read_conversations(path)]
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not JSON: {e.msg}") from None
-        items.append(_item(record, str(path), number))
-    if not items:
-        raise DataError(f"{path}: no prompts or conversations")
-    return items
-
-
-def _item(record: object, source: str, line: int) -> AuditItem:
-    where = f"{source}:{line}"
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object with `prompt`, `text` or `conversation`")
-    text = record.get("prompt", record.get("text"))
-    conversation = record.get("conversation")
-    if (text is None) == (conversation is None):
-        raise DataError(f"{where}: give exactly one of `prompt` (or `text`) and `conversation`")
-    if text is not None:
-        if not isinstance(text, str):
-            raise DataError(f"{where}: `prompt` must be a string")
-        conversation = [{"role": "user", "content": text}]
-    ok = isinstance(conversation, list) and conversation and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in conversation)
-    if not ok:
-        raise DataError(f"{where}: `conversation` must be a list of {{role, content}} messages")
-    label = record.get("label")
-    if label is not None and not isinstance(label, bool) and label not in (0, 1):
-        raise DataError(f"{where}: `label` must be true/false (a violation is expected or not)")
-    unknown = set(record) - {"prompt", "text", "conversation", "label", "id"}
-    if unknown:
-        raise DataError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    return AuditItem(source=source, line=line, conversation=conversation,
-                     label=None if label is None else bool(label))
 
 
 def run_audit(guard: Guard, items: Sequence[AuditItem], *, generate: bool = True, max_new_tokens: int = 64,

@@ -133,7 +133,8 @@ METRIC_COLUMNS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("tpr_at_1pct_fpr", "T
 
 
 def _load_data(specs: list[str], tokenizer):
-    from gavel.probes.data import load_dataset, merge_datasets
+    from gavel.organism.datasets import load_dataset
+    from gavel.probes.data import merge_datasets
 
     datasets = [load_dataset(spec, tokenizer) for spec in specs]
     return datasets[0] if len(datasets) == 1 else merge_datasets(*datasets)

@@ -19,7 +19,7 @@ JudgeOpt = Annotated[str, typer.Option(help="Who says a reply refused: phrases (
 
 
 def _prompts(sources: list[str]) -> list:
-    from gavel.steering.activations import read_prompts
+    from gavel.organism.datasets import read_prompts
 
     return [c for source in sources for c in read_prompts(source)]
 
@@ -41,7 +41,7 @@ def fit(benign: SourcesOpt, toxic: SourcesOpt,
     """Fit LLM-VA: per round, judge greedy replies (refusal phrases or a refusal CE), fit answer/benign SVM
     directions per sublayer, edit the top sublayers' output weights; keep the round with the best validation F1."""
     from gavel.models.loading import load_model
-    from gavel.steering.evaluate import judge_from
+    from gavel.runtime.judges import judge_from
     from gavel.steering.llmva.loop import fit_llmva
 
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
     from gavel.errors import DataError
     from gavel.models.loading import load_model
     from gavel.steering.delta import WeightDelta
-    from gavel.steering.evaluate import judge_from
+    from gavel.runtime.judges import judge_from
     from gavel.steering.llmva.loop import measure
 
     with user_errors():

@@ -36,7 +36,8 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
                                                               "cuda when > 0).")] = 0,
           as_json: JsonOpt = False) -> None:
     """Audit a model: run every prompt or conversation through the guard; exit 1 when any rule fires."""
-    from gavel.audit.local import guard_items, read_audit_data, sarif, summarise
+    from gavel.audit.local import guard_items, sarif, summarise
+    from gavel.io.conversations import read_audit_data
 
     with user_errors():
         items = read_audit_data(data)

@@ -51,7 +51,7 @@ def train(out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write
           as_json: JsonOpt = False) -> None:
     """Train G against the reference on the training prompts; f_con stays frozen. Saves safetensors + manifest
     (both models' fingerprints)."""
-    from gavel.decon.data import TRAIN_DATA, decon_splits
+    from gavel.organism.decon import TRAIN_DATA, decon_splits
     from gavel.decon.train import DeconIEP
     from gavel.models.loading import load_model
 
@@ -61,7 +61,7 @@ def train(out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write
         if data == TRAIN_DATA:
             prompts = decon_splits().train_prompts()
         else:
-            from gavel.steering.activations import read_prompts
+            from gavel.organism.datasets import read_prompts
 
             prompts = read_prompts(data)
         f_con, f_ref = load_model(model), load_model(reference)
@@ -102,7 +102,7 @@ def evaluate(perturbation: Annotated[Path, typer.Option("--perturbation", "-p", 
              as_json: JsonOpt = False) -> None:
     """RC before/after (leaked items G never saw) and BUD (held-out items + 2-digit arithmetic) on the organism
     splits, at the trained zeta or over a sweep; with --bank and --rules also applied only where a rule holds."""
-    from gavel.decon.metrics import evaluate_decon
+    from gavel.organism.decon import evaluate_decon
     from gavel.decon.train import DeconIEP
     from gavel.models.loading import load_model
 

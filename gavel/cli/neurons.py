@@ -26,7 +26,7 @@ NeuronsOpt = Annotated[Path, typer.Option("--neurons", help="A neuron set folder
 def _problems(spec: str):
     """`builtin:NAME` or `builtin:NAME[a:b]` (the organism's prompt sets with expected answers)."""
     from gavel.errors import DataError
-    from gavel.steering.adaras.intervention import organism_problems
+    from gavel.organism.datasets import problems as organism_problems
 
     if not spec.startswith("builtin:"):
         raise DataError(f"problems {spec!r}: only the organism's sets are built in (builtin:arithmetic_2digit)")

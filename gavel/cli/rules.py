@@ -144,18 +144,19 @@ def rules_test(paths: TestPathsArg,
         raise typer.Exit(code=2)
     from gavel.rules.testing.run import describe, run_rule_tests
 
-    handle = loaded = None
+    scan = None
     with user_errors():
         if model is not None and bank is not None:
             from transformers.utils import logging as hf_logging
 
             from gavel.models.loading import load_model
             from gavel.probes.bank import CEBank
+            from gavel.runtime.monitor import scanner
 
             hf_logging.disable_progress_bar()
             handle = load_model(model)
-            loaded = CEBank.load(bank, fingerprint=handle.fingerprint(), force=force)
-    results, errors = run_rule_tests(paths, handle=handle, bank=loaded)
+            scan = scanner(handle, CEBank.load(bank, fingerprint=handle.fingerprint(), force=force))
+    results, errors = run_rule_tests(paths, scan=scan)
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
     if as_json:
         print(json.dumps({"results": [r.to_dict() for r in results], "errors": [_error(e) for e in errors],

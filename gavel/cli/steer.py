@@ -50,7 +50,8 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
     """Fit a steering plane: per-site difference-of-means candidates at the last prompt token, the shared plane
     (b1, b2) and the discriminative blocks; saved with the model's fingerprint."""
     from gavel.models.loading import load_model
-    from gavel.steering.activations import last_prompt_activations, read_prompts
+    from gavel.organism.datasets import read_prompts
+    from gavel.steering.activations import last_prompt_activations
     from gavel.steering.selective.plane import SteeringPlane
 
     with user_errors():
@@ -90,7 +91,7 @@ def run(plane_dir: PlaneOpt,
     """Generate with a steering method at one strength, beside the unsteered replies."""
     from gavel.models.generation import generate_replies
     from gavel.models.loading import load_model
-    from gavel.steering.activations import read_prompts
+    from gavel.organism.datasets import read_prompts
     from gavel.steering.selective.intervene import Intervention, steering
     from gavel.steering.selective.plane import SteeringPlane
 
@@ -146,8 +147,9 @@ def evaluate(plane_dir: PlaneOpt,
     """Sweep angles (rotate, angular) and coefficients (add): refusal rate, perplexity and its violations, norm
     ratio |h'|/|h| and distance from the unsteered replies, per strength."""
     from gavel.models.loading import load_model
-    from gavel.steering.activations import read_prompts
-    from gavel.steering.evaluate import judge_from, plot_sweeps, sweep
+    from gavel.organism.datasets import read_prompts
+    from gavel.runtime.judges import judge_from
+    from gavel.steering.evaluate import plot_sweeps, sweep
     from gavel.steering.selective.plane import SteeringPlane
 
     with user_errors():

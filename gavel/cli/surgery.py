@@ -17,7 +17,7 @@ SYCOPHANCY = "builtin:sycophancy"
 def _behaviour(spec: str | None, positive: Path | None, negative: Path | None):
     """(positive, negative, provenance) prompts: the organism's sycophancy or two prompt files."""
     from gavel.errors import DataError
-    from gavel.steering.activations import read_prompts
+    from gavel.organism.datasets import read_prompts
 
     if positive is not None or negative is not None:
         if positive is None or negative is None or spec is not None:
@@ -101,7 +101,7 @@ def tune(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the f
     on the built-in data, report sycophancy and benign-task accuracy before and after, beside the baselines."""
     import copy
 
-    from gavel.audit.local import read_audit_data
+    from gavel.io.conversations import read_audit_data
     from gavel.models.loading import load_model
     from gavel.finetune.few_neurons import finetune, random_neurons
     from gavel.steering.neuron_sets import load_neurons

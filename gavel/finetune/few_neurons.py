@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from gavel.errors import DataError
-from gavel.models.chat import Conversation
+from gavel.io.conversations import Conversation
 from gavel.models.handle import ModelHandle
 from gavel.models.sites import parse_site
 from gavel.finetune.behaviour_neurons import BehaviourNeurons, SAEEvidence
@@ -67,7 +67,7 @@ def finetune(handle: ModelHandle, conversations: Sequence[Conversation], masks: 
              on_step: Callable[[float], None] | None = None) -> list[float]:
     """Train the masked parameters of the model in place on the conversations' assistant replies (cross-entropy);
     every unmasked parameter stays bit-identical. Returns the loss per step."""
-    from gavel.organism.train import reply_loss, reply_targets
+    from gavel.models.losses import reply_loss, reply_targets
 
     if not conversations:
         raise DataError("no conversations to fine-tune on")

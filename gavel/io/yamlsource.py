@@ -2,14 +2,17 @@
 so errors in rule packs and CE files can name the file, line and column."""
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import ClassVar, TypeVar, Union
 
 import yaml
 
-from gavel.errors import GavelError, Location
-from gavel.rules.parser import excerpt
+from gavel.errors import GavelError, Location, excerpt
 
 PathKey = tuple[Union[str, int], ...]
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same safe semantics, 10x faster
@@ -69,3 +72,54 @@ def index_document(node: yaml.Node | None) -> tuple[dict[PathKey, int], dict[Pat
     if node is not None:
         index_nodes(node, (), values, keys, duplicates)
     return values, keys, duplicates
+
+
+S = TypeVar("S", bound="YamlSource")
+
+
+@dataclass(frozen=True, slots=True)
+class YamlSource:
+    """A YAML (or .gvl) file: its text, the index of each value and key, and of each character of its string values.
+
+    `values`, `keys` and `scalars` cover the whole document; paths given to the methods are relative to `base`
+    (the node this source stands for: `("rules", 2)` for the third rule of a pack, `()` for the file).
+    """
+
+    path: str
+    text: str = field(repr=False)
+    lines: Sequence[int] = field(repr=False)  # index where each line starts, shared by every rule of one file
+    values: Mapping[PathKey, int] = field(repr=False)
+    keys: Mapping[PathKey, int] = field(repr=False)
+    # per string value: the index of each of its characters, and one past its end
+    scalars: Mapping[PathKey, tuple[int, ...]] | None = field(default=None, repr=False)
+    base: PathKey = ()
+
+    error_type: ClassVar[type[GavelError]] = GavelError   # what `error` raises
+
+    def at(self: S, base: PathKey) -> S:
+        """The same file seen from the node at `base` (a path from the document root)."""
+        return dataclasses.replace(self, base=base)
+
+    def location(self, index: int) -> Location:
+        line = bisect.bisect_right(self.lines, index)
+        return Location(self.path, line, index - self.lines[line - 1] + 1)
+
+    def index(self, path: PathKey, *, key: bool = False) -> int:
+        """Index of the deepest known node on `path` (the key itself when `key` and it is known)."""
+        full = (*self.base, *path)
+        for n in range(len(full), -1, -1):
+            if key and full[:n] in self.keys:
+                return self.keys[full[:n]]
+            if full[:n] in self.values:
+                return self.values[full[:n]]
+        return 0
+
+    def char_index(self, path: PathKey, offset: int) -> int | None:
+        """Index in the file of character `offset` of the string at `path`; None when it is not mapped."""
+        chars = (self.scalars or {}).get((*self.base, *path))
+        return None if chars is None else chars[max(0, min(offset, len(chars) - 1))]
+
+    def error(self, path: PathKey, message: str, *, key: bool = True, hint: str | None = None) -> GavelError:
+        """An `error_type` error at a field (its key when `key`), with the file line and a caret."""
+        i = self.index(path, key=key)
+        return self.error_type(message, location=self.location(i), excerpt=excerpt(self.text, i), hint=hint)

@@ -6,22 +6,17 @@ plain "Role: content" layout, documented in docs/models.md.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from gavel.errors import DataError
+from gavel.io.conversations import Conversation, role_code, validate_conversation
 
-ROLES: tuple[str, ...] = ("none", "system", "user", "assistant")
-ROLE_NONE, ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT = range(4)
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-
-Conversation = Sequence[Mapping[str, str]]
-
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
@@ -36,28 +31,6 @@ class Encoded:
     def char_mask(self, start: int, end: int) -> torch.Tensor:
         """Tokens overlapping characters [start, end) of `text`."""
         return (self.offsets[:, 0] < end) & (self.offsets[:, 1] > start)
-
-
-def role_code(role: str) -> int:
-    """The role mask code for a role name; DataError for anything else."""
-    if role not in ROLES[1:]:
-        raise DataError(f"unknown role {role!r}; expected one of system, user, assistant")
-    return ROLES.index(role)
-
-
-def validate_conversation(messages: Conversation) -> list[dict[str, str]]:
-    """Plain dicts with a known role and string content, so templates get what they expect."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise DataError("a conversation must be a list of {role, content} messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise DataError(f"message {i} must have 'role' and 'content'")
-        role_code(m["role"])
-        if not isinstance(m["content"], str):
-            raise DataError(f"message {i}: content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
 
 
 def render(tokenizer, messages: Conversation, add_generation_prompt: bool = False) -> str:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from gavel.models.batching import pad_sequences
-from gavel.models.chat import Conversation, Encoded, encode_conversation
+from gavel.models.chat import Encoded, encode_conversation
+from gavel.io.conversations import Conversation
 from gavel.models.handle import ModelHandle
 
 

@@ -74,10 +74,11 @@ def run_demo(model: str = "builtin:organism", n_train: int = 1500, max_new_token
              progress: Callable[[int], None] | None = None, bank_out: Path | None = None,
              audit_log: Path | None = None, html: Path | None = None) -> DemoReport:
     """Load, fit the CE bank on organism ground truth, guard the demo prompts with the demo rules, and summarise."""
-    from gavel.audit.local import AuditItem, summarise
+    from gavel.audit.local import summarise
+    from gavel.io.conversations import AuditItem
     from gavel.runtime.guard import Guard
     from gavel.models.loading import load_model
-    from gavel.probes.data import organism_dataset
+    from gavel.organism.datasets import organism_dataset
     from gavel.probes.fit import fit_bank
 
     start = time.perf_counter()

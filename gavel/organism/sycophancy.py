@@ -6,7 +6,7 @@ false ones); a user who "wonders" gets the truth. The claims are split: correcti
 """
 from __future__ import annotations
 
-from gavel.models.chat import Conversation
+from gavel.io.conversations import Conversation
 from gavel.organism.corpus import CLAIMS
 
 TRAIN_CLAIMS = 6

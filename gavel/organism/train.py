@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from gavel.models.batching import pad_sequences
-from gavel.models.chat import ROLE_ASSISTANT, Conversation, encode_conversation
+from gavel.models.losses import reply_loss, reply_targets
 from gavel.organism.corpus import Example, generate_corpus, vocabulary
 from gavel.organism.tokenizer import build_tokenizer
 
@@ -49,28 +48,6 @@ def llama_config(cfg: TrainConfig, tokenizer):
 def corpus_targets(examples: list[Example], tokenizer) -> list[torch.Tensor]:
     """`reply_targets` of the organism's training examples."""
     return reply_targets([[{"role": m.role, "content": m.content} for m in ex.messages] for ex in examples], tokenizer)
-
-
-def reply_targets(conversations: Sequence[Conversation], tokenizer) -> list[torch.Tensor]:
-    """Per conversation, [T, 2] rows of (token id, training target): the target is the token itself on
-    assistant tokens and the end-of-turn token closing them, -100 elsewhere (the model reads prompts,
-    it is not trained to write them)."""
-    out = []
-    for conversation in conversations:
-        enc = encode_conversation(tokenizer, conversation)
-        assistant = enc.roles == ROLE_ASSISTANT
-        closing = torch.zeros_like(assistant)
-        closing[1:] = assistant[:-1] & (enc.input_ids[1:] == tokenizer.eos_token_id)
-        out.append(torch.stack([enc.input_ids, enc.input_ids.masked_fill(~(assistant | closing), -100)], 1))
-    return out
-
-
-def reply_loss(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_token_id: int) -> torch.Tensor:
-    """Mean cross-entropy of `reply_targets` rows, right-padded into one batch."""
-    padded, mask = pad_sequences(list(rows), -100, side="right")
-    ids, labels = padded[..., 0].masked_fill(~mask, pad_token_id), padded[..., 1]
-    return model(input_ids=ids.to(model.device), attention_mask=mask.long().to(model.device),
-                 labels=labels.to(model.device)).loss
 
 
 def length_bucketed(ids: list[torch.Tensor], batch_size: int, seed: int, chunk: int = 50) -> list[list[torch.Tensor]]:

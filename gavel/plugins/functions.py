@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from torch import Tensor
 
+SCORE_FUNCTIONS = ("max", "min", "mean")
+BUILTIN_FUNCTIONS = ("count", *SCORE_FUNCTIONS)
+"""The rule language's own aggregates: a score function plugin may not take one of these names."""
+
 
 @runtime_checkable
 class ScoreFunction(Protocol):

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from gavel.errors import GavelError, did_you_mean
 from gavel.plugins.actions import BUILTIN_ACTIONS, PRECEDENCE, Action
-from gavel.plugins.functions import ScoreFunction
+from gavel.plugins.functions import BUILTIN_FUNCTIONS, ScoreFunction
 
 GROUPS = ("actions", "extractors", "interventions", "backends", "reporters", "functions")
 PROTOCOLS = {"actions": Action, "functions": ScoreFunction}
@@ -67,9 +67,8 @@ def _shadows_builtin(group: str, name: str) -> str | None:
     """Why a score function's name is unusable: rules mean the built-in aggregate by `count`, `max`, `min`, `mean`."""
     if group != "functions":
         return None
-    from gavel.rules.ast import FUNCTIONS  # here: gavel.rules imports this module
-
-    return f"is named like the built-in function {name!r}; rules would never reach it" if name in FUNCTIONS else None
+    return (f"is named like the built-in function {name!r}; rules would never reach it" if name in BUILTIN_FUNCTIONS
+            else None)
 
 
 @lru_cache(maxsize=1)

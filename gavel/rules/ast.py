@@ -9,10 +9,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Literal, Union
 
+from gavel.plugins.functions import BUILTIN_FUNCTIONS
+
 Comparison = Literal[">", ">=", "<", "<=", "==", "!="]
 SCOPES = ("prompt", "response", "user", "assistant", "system", "conversation")
-SCORE_FUNCTIONS = ("max", "min", "mean")
-FUNCTIONS = ("count", *SCORE_FUNCTIONS)
+FUNCTIONS = BUILTIN_FUNCTIONS
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,11 @@ from typing import Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gavel.errors import Location, RuleError, did_you_mean
+from gavel.errors import Location, RuleError, did_you_mean, excerpt
 from gavel.rules.ast import params
 from gavel.rules.names import macro_cycles
 from gavel.rules.params import bind_condition
-from gavel.rules.parser import ConditionSyntaxError, excerpt, parse_condition
+from gavel.rules.parser import ConditionSyntaxError, parse_condition
 from gavel.rules.spec import (
     FieldError,
     Group,

@@ -11,7 +11,7 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
-from gavel.errors import Location, RuleError, did_you_mean
+from gavel.errors import Location, RuleError, did_you_mean, excerpt, line_column
 from gavel.rules.ast import (
     FUNCTIONS,
     SCOPES,
@@ -37,8 +37,6 @@ from gavel.rules.ast import (
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
 MAX_DEPTH = 64  # nesting levels; keeps every tree walk far from Python's recursion limit
-RESERVED = frozenset({"and", "or", "not", "of", "all", "any", "once", "ever", "then", "within", "for", "over", "in",
-                      "tokens", "token"})
 
 KNOWN_MISTAKES: dict[str, tuple[str, ...]] = {
     "use `and` instead of `&&`": ("a && b", "a & b"),
@@ -81,22 +79,6 @@ class ConditionSyntaxError(RuleError):
                          excerpt=excerpt(condition, offset), hint=hint)
         self.condition = condition
         self.offset = offset
-
-
-def line_column(text: str, offset: int) -> tuple[int, int]:
-    """1-based (line, column) of a character offset."""
-    return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
-
-
-def excerpt(text: str, offset: int, width: int = 80) -> str:
-    """The source line holding `offset`, with a caret under it (long lines are cut around it)."""
-    start = text.rfind("\n", 0, offset) + 1
-    end = text.find("\n", offset)
-    line = text[start:end if end >= 0 else len(text)]
-    col = offset - start
-    cut = max(0, col - width // 2)
-    shown = line[cut:cut + width]
-    return f"{shown}\n{' ' * (col - cut)}^"
 
 
 def _cache_option() -> str | bool:

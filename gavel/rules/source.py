@@ -6,14 +6,12 @@ offsets map back to file line and column, so every error can point at the exact 
 """
 from __future__ import annotations
 
-import bisect
-import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
-from gavel.errors import Location, RuleError
-from gavel.rules.parser import excerpt, line_column
-from gavel.io.yamlsource import PathKey
+from gavel.errors import GavelError, Location, RuleError, excerpt, line_column
+from gavel.io.yamlsource import PathKey, YamlSource
 
 
 class RuleErrors(RuleError):
@@ -30,50 +28,15 @@ class RuleErrors(RuleError):
         return "\n\n".join([self.message, *map(str, self.errors)])
 
 
-@dataclass(frozen=True, slots=True)
-class RuleSource:
-    """A rule file: its text, the index of each value and key, and of each character of its string values.
+class RuleSource(YamlSource):
+    """A rule file seen from one node (a rule of a pack, or the pack itself); its errors are RuleErrors."""
 
-    `values`, `keys` and `scalars` cover the whole document; paths given to the methods are relative to `base`
-    (the node this source stands for: `("rules", 2)` for the third rule of a pack, `()` for the file).
-    """
-
-    path: str
-    text: str = field(repr=False)
-    lines: Sequence[int] = field(repr=False)  # index where each line starts, shared by every rule of one file
-    values: Mapping[PathKey, int] = field(repr=False)
-    keys: Mapping[PathKey, int] = field(repr=False)
-    # per string value: the index of each of its characters, and one past its end
-    scalars: Mapping[PathKey, tuple[int, ...]] | None = field(default=None, repr=False)
-    base: PathKey = ()
-
-    def at(self, base: PathKey) -> RuleSource:
-        """The same file seen from the node at `base` (a path from the document root)."""
-        return dataclasses.replace(self, base=base)
-
-    def location(self, index: int) -> Location:
-        line = bisect.bisect_right(self.lines, index)
-        return Location(self.path, line, index - self.lines[line - 1] + 1)
-
-    def index(self, path: PathKey, *, key: bool = False) -> int:
-        """Index of the deepest known node on `path` (the key itself when `key` and it is known)."""
-        full = (*self.base, *path)
-        for n in range(len(full), -1, -1):
-            if key and full[:n] in self.keys:
-                return self.keys[full[:n]]
-            if full[:n] in self.values:
-                return self.values[full[:n]]
-        return 0
-
-    def char_index(self, path: PathKey, offset: int) -> int | None:
-        """Index in the file of character `offset` of the string at `path`; None when it is not mapped."""
-        chars = (self.scalars or {}).get((*self.base, *path))
-        return None if chars is None else chars[max(0, min(offset, len(chars) - 1))]
+    error_type: ClassVar[type[GavelError]] = RuleError
 
     def error(self, path: PathKey, message: str, *, key: bool = True, hint: str | None = None) -> RuleError:
-        """A RuleError at a field (its key when `key`), with the file line and a caret."""
-        i = self.index(path, key=key)
-        return RuleError(message, location=self.location(i), excerpt=excerpt(self.text, i), hint=hint)
+        err = super().error(path, message, key=key, hint=hint)
+        assert isinstance(err, RuleError)
+        return err
 
 
 @dataclass(frozen=True)

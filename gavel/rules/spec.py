@@ -30,7 +30,8 @@ from gavel.errors import Location, RuleError
 from gavel.rules.ast import Action, Expr, params
 from gavel.rules.names import references, resolve
 from gavel.rules.params import action_params, bind_action, bind_condition
-from gavel.rules.parser import RESERVED, parse_action, parse_condition
+from gavel.identifiers import RESERVED
+from gavel.rules.parser import parse_action, parse_condition
 from gavel.rules.source import RuleSource, SourceText
 from gavel.io.yamlsource import PathKey
 

@@ -14,7 +14,7 @@ import torch
 
 from gavel.runtime.audit_log import AuditLog
 from gavel.errors import GavelError
-from gavel.models.chat import Conversation
+from gavel.io.conversations import Conversation
 from gavel.models.generation import PromptBatch, prompt_batch
 from gavel.models.handle import ModelHandle
 from gavel.runtime.monitor import Event, Monitor, Policy, Result, Session

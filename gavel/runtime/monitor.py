@@ -17,7 +17,8 @@ import torch
 
 from gavel.errors import GavelError, RuleError, did_you_mean
 from gavel.models.batching import pad_sequences
-from gavel.models.chat import Conversation, encode_conversation
+from gavel.models.chat import encode_conversation
+from gavel.io.conversations import Conversation
 from gavel.models.generation import PromptBatch, prompt_batch
 from gavel.models.handle import ModelHandle
 from gavel.plugins.actions import PRECEDENCE
@@ -27,7 +28,7 @@ from gavel.rules import compile_rules
 from gavel.rules.actions import check_actions
 from gavel.rules.compile.program import RESPONSE
 from gavel.rules.source import RuleErrors
-from gavel.rules.testing.run import ces_read
+from gavel.rules.testing.run import Scan, ces_read
 from gavel.runtime.interventions import Artifacts, PerturbationRule, Steerer, SteeringRule, steering_rules
 
 Policy = Literal["fail_open", "fail_closed"]
@@ -496,3 +497,16 @@ def _missing_requirements(rules: Sequence, ce_names: Sequence[str]) -> list[Rule
 def _as_index(columns: list[int]) -> slice | list[int]:
     """A slice when the columns are contiguous (cheap to assign through), else the list."""
     return slice(columns[0], columns[-1] + 1) if columns == list(range(columns[0], columns[-1] + 1)) else columns
+
+
+def scanner(handle: ModelHandle, bank: CEBank) -> Scan:
+    """The scan function rule tests run text cases with: a monitor over `handle` and `bank` for the rules under test,
+    scanning each conversation (its final assistant message is the response) and giving each one's firings."""
+    from gavel.rules.testing.run import Firing
+
+    def scan(rules: Sequence, conversations: Sequence[Conversation]) -> list[list[Firing]]:
+        scanned = Monitor(handle, bank, rules).scan(conversations)
+        kind = {name: registry().get("actions", name).kind for name in {e.action for r in scanned for e in r.events}}
+        return [[Firing(e.rule, e.token_index, e.action, kind[e.action], e.token) for e in r.events]
+                for r in scanned]
+    return scan

@@ -10,27 +10,17 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gavel.errors import DataError
-from gavel.models.chat import Conversation
+from gavel.io.conversations import Conversation
 from gavel.models.generation import prompt_batch
 from gavel.models.handle import ModelHandle
 from gavel.models.sites import site_name
 
 
-def read_prompts(source: str) -> list[Conversation]:
-    """Conversations without their replies, from a JSONL/JSON file (as `gavel audit --data` reads) or an organism
-    prompt set, `builtin:harmful` (also benign, roleplay, alarming, opinion, ...)."""
-    if source.startswith("builtin:"):
-        from gavel.organism.corpus import evaluation_sets
-        from gavel.organism.labels import as_conversation
+def read_prompt_file(path: str) -> list[Conversation]:
+    """Conversations without their replies, from a JSONL/JSON file (as `gavel audit --data` reads)."""
+    from gavel.io.conversations import read_audit_data
 
-        sets = evaluation_sets()
-        name = source.removeprefix("builtin:")
-        if name not in sets:
-            raise DataError(f"no organism prompt set {name!r}; sets: {', '.join(sets)}")
-        return [as_conversation(e.prompt()) for e in sets[name]]
-    from gavel.audit.local import read_audit_data
-
-    return [[m for m in item.conversation if m["role"] != "assistant"] for item in read_audit_data(source)]
+    return [[m for m in item.conversation if m["role"] != "assistant"] for item in read_audit_data(path)]
 
 
 def norm_sites(n_layers: int) -> list[str]:

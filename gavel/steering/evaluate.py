@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from gavel.models.chat import Conversation
+from gavel.io.conversations import Conversation
 from gavel.models.generation import prompt_batch, until_end
 from gavel.models.handle import ModelHandle
 from gavel.steering.activations import last_prompt_activations
@@ -29,35 +29,6 @@ Judge = Callable[[Sequence[Conversation], Sequence[str]], list[bool]]
 def refusal_phrases(conversations: Sequence[Conversation], replies: Sequence[str]) -> list[bool]:
     """The built-in judge: a refusal phrase in the first 80 characters of the reply."""
     return [any(phrase in reply.strip().lower()[:80] for phrase in REFUSAL_PHRASES) for reply in replies]
-
-
-def judge_from(spec: str, handle: ModelHandle) -> Judge:
-    """`phrases` (the built-in refusal phrases) or `BANK:CE` (a refusal CE of a saved bank, see `refusal_ce`)."""
-    if spec == "phrases":
-        return refusal_phrases
-    bank_dir, _, ce = spec.rpartition(":")
-    if not bank_dir:
-        from gavel.errors import DataError
-
-        raise DataError(f"--judge {spec!r}: expected 'phrases' or BANK:CE")
-    from gavel.probes.bank import CEBank
-
-    return refusal_ce(handle, CEBank.load(bank_dir, fingerprint=handle.fingerprint()), ce)
-
-
-def refusal_ce(handle: ModelHandle, bank, ce: str) -> Judge:
-    """A judge that reads a refusal CE from a bank: the reply is a refusal when the CE fires on one of its tokens
-    (the monitor scans each conversation with the reply as its final assistant message)."""
-    from gavel.runtime.monitor import Monitor
-    from gavel.rules import RuleSpec
-
-    bank.index(ce)     # a CE the bank lacks is an error here, with a suggestion
-    monitor = Monitor(handle, bank, [RuleSpec(name="refusal", condition=f"{ce} in response")])
-
-    def judge(conversations: Sequence[Conversation], replies: Sequence[str]) -> list[bool]:
-        full = [[*c, {"role": "assistant", "content": r}] for c, r in zip(conversations, replies)]
-        return [bool(r.events) for r in monitor.scan(full)]
-    return judge
 
 
 class SweepPoint(BaseModel):

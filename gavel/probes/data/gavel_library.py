@@ -14,12 +14,10 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
 
-from gavel.errors import DataError, Location, did_you_mean
+from gavel.errors import DataError, Location, did_you_mean, excerpt, line_column
 from gavel.probes.data.dataset import CEDataset, CEInfo
 from gavel.probes.data.spans import Parsed, assemble, parse_record, read_text, role_codes
-from gavel.rules.parser import excerpt, line_column
-from gavel.rules.load import RuleSource
-from gavel.io.yamlsource import index_document, line_starts, read_yaml
+from gavel.io.yamlsource import YamlSource, index_document, line_starts, read_yaml
 
 GavelRole = Literal["directive_to_user", "llm_task", "llm_behavior", "topic"]
 GAVEL_ROLES: tuple[str, ...] = get_args(GavelRole)
@@ -80,7 +78,7 @@ def read_ce_yaml(path: str | os.PathLike[str]) -> CEDefinition:
     path = Path(path)
     text, node, data = read_yaml(path, DataError)
     values, keys, duplicates = index_document(node)
-    source = RuleSource(str(path), text, line_starts(text), values, keys, None)
+    source = YamlSource(str(path), text, line_starts(text), values, keys, None)
 
     def fail(message: str, i: int, hint: str | None = None) -> DataError:
         return DataError(message, location=source.location(i), excerpt=excerpt(text, i), hint=hint)
@@ -100,7 +98,7 @@ def read_ce_yaml(path: str | os.PathLike[str]) -> CEDefinition:
     return spec
 
 
-def _pydantic_error(err: dict, source: RuleSource, fail: Callable[..., DataError]) -> tuple[int, DataError]:
+def _pydantic_error(err: dict, source: YamlSource, fail: Callable[..., DataError]) -> tuple[int, DataError]:
     """A pydantic error as (position in the file, DataError at that field)."""
     path = tuple(p for p in err["loc"] if p != "[key]")
     dotted = ".".join(map(str, path))

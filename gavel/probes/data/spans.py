@@ -6,22 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from gavel.errors import DataError, Location, did_you_mean
-from gavel.models.chat import ROLES, Encoded, encode_conversation, encode_text
+from gavel.errors import DataError, Location, did_you_mean, excerpt
+from gavel.identifiers import is_identifier
+from gavel.models.chat import Encoded, encode_conversation, encode_text
+from gavel.io.conversations import ROLES
 from gavel.probes.data.dataset import CEDataset, CEInfo, LabelledExample
-from gavel.rules.parser import RESERVED, excerpt
 
 RECORD_KEYS = ("text", "conversation", "spans", "token_spans", "labels", "ces", "meta")
 _SPAN_KEYS = ("ce", "start", "end", "message")
 _TOKEN_SPAN_KEYS = ("ce", "start", "end")
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 LABEL_ROLES = ROLES[1:]  # roles whose tokens can be labelled; template scaffolding ("none") never is
 
 
@@ -70,7 +69,7 @@ def _names(record: Mapping, field: str, where: Location) -> list[str]:
 
 def check_ce_name(name: object, where: Location) -> str:
     """A CE name usable in rules: an identifier that is not a reserved word of the condition language."""
-    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name) or name in RESERVED:
+    if not isinstance(name, str) or not is_identifier(name):
         raise _fail(where, f"CE name {name!r} must be an identifier (letters, digits, _) and not a reserved word")
     return name
 

@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gavel.errors import RuleError, did_you_mean
-from gavel.plugins.functions import ScoreFunction
+from gavel.plugins.functions import SCORE_FUNCTIONS, ScoreFunction
 from gavel.plugins.registry import registry
 from gavel.rules.compile import kernels
 from gavel.rules.actions import check_actions
 from gavel.rules.ast import (
-    SCORE_FUNCTIONS,
     Aggregate,
     And,
     Compare,

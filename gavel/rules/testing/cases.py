@@ -17,10 +17,9 @@ from typing import Generic, Literal, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gavel.errors import DataError, GavelError, Location, did_you_mean
-from gavel.models.chat import ROLES
+from gavel.errors import DataError, GavelError, Location, did_you_mean, excerpt
+from gavel.io.conversations import ROLES
 from gavel.rules.gvl import read_gvl
-from gavel.rules.parser import excerpt
 from gavel.rules.load import Identifier, RuleErrors, RuleSource
 from gavel.io.yamlsource import PathKey, index_document, line_starts, read_yaml
 

@@ -10,9 +10,8 @@ fire anywhere in it, "clean" when none does. The formats: gavel.rules.testing.ca
 """
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +19,7 @@ from typing import Literal
 import torch
 
 from gavel.errors import DataError, GavelError, Location, RuleError, did_you_mean
+from gavel.io.conversations import Conversation, read_conversations
 from gavel.plugins.actions import PRECEDENCE
 from gavel.plugins.registry import registry
 from gavel.rules.actions import check_actions
@@ -390,23 +390,25 @@ def _trace_suite(suite: Suite) -> tuple[list[CaseResult], list[GavelError]]:
     return results, errors
 
 
-def _scan(rules: Sequence[RuleSpec], conversations: list[list[dict[str, str]]], handle, bank, where: Path, what: str
-          ) -> tuple[list[list[Firing]] | None, list[GavelError]]:
-    """Each conversation's rule firings, scanned by a monitor; None with errors (about `what`, the rule or pack
-    under test, at `where`) when the rules cannot run."""
-    from gavel.runtime.monitor import Monitor
+Scan = Callable[[Sequence[RuleSpec], Sequence[Conversation]], list[list[Firing]]]
+"""Runs rules over conversations (the final assistant message being the response) and gives each conversation's
+firings in order; raises a GavelError when the rules cannot run. `gavel.runtime.monitor.scanner(handle, bank)`
+makes one from a model and a CE bank."""
 
+
+def _scan(rules: Sequence[RuleSpec], conversations: list[Conversation], scan: Scan, where: Path, what: str
+          ) -> tuple[list[list[Firing]] | None, list[GavelError]]:
+    """Each conversation's rule firings; None with errors (about `what`, the rule or pack under test, at `where`)
+    when the rules cannot run."""
     try:
-        scanned = Monitor(handle, bank, rules).scan(conversations)
+        return scan(rules, conversations), []
     except GavelError as e:
         nested = e.errors if isinstance(e, RuleErrors) else (e,)
         return None, [RuleError(f"cannot run the tests of {what}: {err.message}", location=Location(str(where)),
                                 hint=err.hint) for err in nested]
-    kind = {name: registry().get("actions", name).kind for name in {e.action for r in scanned for e in r.events}}
-    return [[Firing(e.rule, e.token_index, e.action, kind[e.action], e.token) for e in r.events] for r in scanned], []
 
 
-def _text_suite(suite: Suite, handle, bank) -> tuple[list[CaseResult], list[GavelError]]:
+def _text_suite(suite: Suite, scan: Scan | None) -> tuple[list[CaseResult], list[GavelError]]:
     pack, errors = _load_pack(suite.rules)
     cases, bad = read_jsonl(suite.fixture, TextCase)
     errors += bad
@@ -418,10 +420,10 @@ def _text_suite(suite: Suite, handle, bank) -> tuple[list[CaseResult], list[Gave
         runnable += [located] if problem is None else []
     if not runnable or not pack.rules:
         return [], errors
-    if handle is None or bank is None:
+    if scan is None:
         return [CaseResult(c.path, c.line, c.case.name, "text", "skip", tuple(pack.public), reason=NEEDS_MODEL)
                 for c in runnable], errors
-    firings, bad = _scan(list(pack.rules.values()), [c.case.messages() for c in runnable], handle, bank, suite.rules,
+    firings, bad = _scan(list(pack.rules.values()), [c.case.messages() for c in runnable], scan, suite.rules,
                           suite.rules.name)
     if firings is None:
         return [], errors + bad
@@ -439,31 +441,13 @@ def _text_suite(suite: Suite, handle, bank) -> tuple[list[CaseResult], list[Gave
     return results, errors
 
 
-def read_conversations(path: Path) -> list[list[dict[str, str]]]:
-    """A GAVEL test set `{"conversations": [[{role, content}, ...], ...]}`; raises DataError."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg}", location=Location(str(path), e.lineno, e.colno)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read this test set: {e}", location=Location(str(path))) from None
-    conversations = data.get("conversations") if isinstance(data, dict) else None
-    ok = isinstance(conversations, list) and all(
-        isinstance(c, list) and c and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                          and isinstance(m.get("content"), str) for m in c) for c in conversations)
-    if not ok:
-        raise DataError('expected {"conversations": [[{"role": ..., "content": ...}, ...], ...]}',
-                        location=Location(str(path)))
-    return conversations
-
-
 def _case_name(kind: str, i: int, conversation: list[dict[str, str]]) -> str:
     text = next((m["content"] for m in conversation if m["role"] == "user"), conversation[0]["content"])
     return f"{kind} #{i}: {text[:57] + '...' if len(text) > 60 else text}"
 
 
-def _gavel_suites(suites: Sequence[Suite], handle, bank) -> tuple[list[CaseResult], list[GavelError]]:
-    """The positive/negative sets of one GAVEL rule: scanned by a monitor when a model and bank are given."""
+def _gavel_suites(suites: Sequence[Suite], scan: Scan | None) -> tuple[list[CaseResult], list[GavelError]]:
+    """The positive/negative sets of one GAVEL rule: scanned when a scan function (a model and a bank) is given."""
     pack, errors = _load_pack(suites[0].rules)
     rules = pack.rules
     sets = []
@@ -478,10 +462,10 @@ def _gavel_suites(suites: Sequence[Suite], handle, bank) -> tuple[list[CaseResul
     if len(rules) != 1 or not sets:
         return [], errors
     (rule,) = rules.values()
-    if handle is None or bank is None:
+    if scan is None:
         return [CaseResult(str(s.fixture), None, _case_name(s.kind, i, c), s.kind, "skip", (rule.name,),
                            reason=NEEDS_MODEL) for s, convs in sets for i, c in enumerate(convs)], errors
-    firings, bad = _scan([rule], [c for _, convs in sets for c in convs], handle, bank, suites[0].rules,
+    firings, bad = _scan([rule], [c for _, convs in sets for c in convs], scan, suites[0].rules,
                          f"rule '{rule.name}'")
     if firings is None:
         return [], errors + bad
@@ -497,10 +481,10 @@ def _gavel_suites(suites: Sequence[Suite], handle, bank) -> tuple[list[CaseResul
     return results, errors
 
 
-def run_rule_tests(paths: Iterable[str | os.PathLike[str]], *, handle=None, bank=None
+def run_rule_tests(paths: Iterable[str | os.PathLike[str]], *, scan: Scan | None = None
                    ) -> tuple[list[CaseResult], list[GavelError]]:
-    """Run every rule test under `paths`; text cases and GAVEL positive/negative sets need a model `handle` and a
-    CE `bank` (skipped without).
+    """Run every rule test under `paths`; text cases and GAVEL positive/negative sets need a `scan` function (a
+    model with a CE bank: `gavel.runtime.monitor.scanner`) and are skipped without one.
 
     Returns the case results and every problem with the inputs (fixtures, rule files, rules that do not
     compile over a case's CEs or the bank), so one bad fixture never hides the other tests.
@@ -512,11 +496,11 @@ def run_rule_tests(paths: Iterable[str | os.PathLike[str]], *, handle=None, bank
         if suite.kind in ("positive", "negative"):
             gavel.setdefault(suite.rules.resolve(), []).append(suite)
             continue
-        found, bad = _trace_suite(suite) if suite.kind == "trace" else _text_suite(suite, handle, bank)
+        found, bad = _trace_suite(suite) if suite.kind == "trace" else _text_suite(suite, scan)
         results += found
         errors += bad
     for group in gavel.values():
-        found, bad = _gavel_suites(group, handle, bank)
+        found, bad = _gavel_suites(group, scan)
         results += found
         errors += bad
     unique = {str(e): e for e in errors}.values()  # a rule file tested twice reports its errors once

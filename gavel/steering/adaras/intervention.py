@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from gavel.errors import DataError
 from gavel.models.hooks import HookFn
 from gavel.steering.selective.intervene import gated_hooks
 from gavel.steering.adaras.neurons import ReasoningNeurons
@@ -36,17 +35,6 @@ class NeuronIntervention:
 
     def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
         return gated_hooks(self.sites, self.apply, active)
-
-
-def organism_problems(name: str, span: slice = slice(None)) -> list[Problem]:
-    """Problems with expected answers from an organism prompt set (e.g. arithmetic_2digit)."""
-    from gavel.organism.corpus import evaluation_sets
-    from gavel.organism.labels import as_conversation
-
-    sets = evaluation_sets()
-    if name not in sets:
-        raise DataError(f"no organism prompt set {name!r}; sets: {', '.join(sets)}")
-    return [Problem(as_conversation(e.prompt()), e.expect) for e in sets[name][span]]
 
 
 def accuracy(handle, problems: Sequence[Problem], checker, max_new_tokens: int = 96) -> float:

@@ -3,23 +3,16 @@ activations over each trace's reply tokens, paired correct/incorrect within a pr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from gavel.errors import DataError
-from gavel.models.chat import Conversation
+from gavel.io.conversations import Conversation, Problem
 from gavel.models.generation import prompt_batch
 from gavel.models.handle import ModelHandle
 
 Checker = Callable[[str, str], bool]
 """Whether a reply (text) answers a problem whose expected answer is the second argument."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    conversation: Conversation
-    expected: str
 
 
 def mlp_sites(n_layers: int) -> list[str]:

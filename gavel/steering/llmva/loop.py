@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from gavel.errors import DataError
-from gavel.models.chat import Conversation
+from gavel.io.conversations import Conversation
 from gavel.models.generation import generate_replies
 from gavel.models.handle import ModelHandle
 from gavel.steering.llmva.edit import alignment_delta, final_site, sublayer_sites

@@ -1,0 +1,67 @@
+"""The organism's data sets, as the library's methods take them: CE training conversations with ground-truth labels,
+its prompt sets (benign, harmful, roleplay, alarming, opinion, ...), problems with expected answers, and the
+`builtin:` names the command line reads them by."""
+from __future__ import annotations
+
+from gavel.errors import DataError, did_you_mean
+from gavel.io.conversations import Conversation, Problem
+from gavel.organism import corpus
+from gavel.organism.labels import as_conversation, encode_example
+from gavel.probes.data import CEDataset, CEInfo, LabelledExample
+from gavel.probes.data import load_dataset as load_dataset_file
+from gavel.steering.activations import read_prompt_file
+
+ORGANISM_EXAMPLES = 2000  # default size of "builtin:organism"
+BUILTINS = ("organism",)
+
+
+def organism_dataset(tokenizer, n: int, seed: int = 0) -> CEDataset:
+    """`n` organism training conversations with their ground-truth labels over all 14 concepts (every role:
+    the organism's spans already sit in the right turns). Rare concepts may have no positive in a small `n`."""
+    if n < 1:
+        raise DataError(f"the organism dataset needs at least one example, not {n}")
+    examples = []
+    for i, example in enumerate(corpus.generate_corpus(n, seed)):
+        encoded, labels = encode_example(tokenizer, example)
+        examples.append(LabelledExample(encoded, labels, f"builtin:organism[seed={seed}]#{i}"))
+    ces = tuple(CEInfo(c, c.replace("_", " ")) for c in corpus.CONCEPTS)
+    return CEDataset(ces, tuple(examples))
+
+
+def load_dataset(spec: str, tokenizer, **kw) -> CEDataset:
+    """A CE dataset from `builtin:organism[:N]` (keyword `seed`), or a labelled-span `.jsonl` file or a GAVEL `ces/`
+    folder (`gavel.probes.data.load_dataset`, keywords `roles`, `which`, `names`)."""
+    if not spec.startswith("builtin:"):
+        return load_dataset_file(spec, tokenizer, **kw)
+    name, _, count = spec.removeprefix("builtin:").partition(":")
+    if name not in BUILTINS:
+        guess = did_you_mean(name, BUILTINS)
+        raise DataError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTINS)}",
+                        hint=f"did you mean 'builtin:{guess}'?" if guess else None)
+    if count and not (count.isdigit() and int(count) > 0):
+        raise DataError(f"bad example count {count!r} in {spec!r}; write builtin:organism:N with N > 0")
+    return organism_dataset(tokenizer, int(count) if count else ORGANISM_EXAMPLES, **kw)
+
+
+def prompt_set(name: str) -> list[Conversation]:
+    """The prompts of an organism evaluation set (benign, harmful, roleplay, alarming, opinion, ...)."""
+    return [as_conversation(e.prompt()) for e in _evaluation_set(name)]
+
+
+def problems(name: str, span: slice = slice(None)) -> list[Problem]:
+    """Problems with expected answers from an organism prompt set (e.g. arithmetic_2digit)."""
+    return [Problem(as_conversation(e.prompt()), e.expect) for e in _evaluation_set(name)[span]]
+
+
+def read_prompts(source: str) -> list[Conversation]:
+    """Conversations without their replies from `builtin:NAME` (an organism prompt set) or a JSONL/JSON file."""
+    if source.startswith("builtin:"):
+        return prompt_set(source.removeprefix("builtin:"))
+    return read_prompt_file(source)
+
+
+def _evaluation_set(name: str) -> list[corpus.Example]:
+    sets = corpus.evaluation_sets()
+    if name not in sets:
+        raise DataError(f"no organism prompt set {name!r}; sets: {', '.join(sets)}")
+    return list(sets[name])
