@@ -77,7 +77,7 @@ def test_neurons_find_eval_and_steer_from_the_command_line(tmp_path):
     assert found.exit_code == 0, found.output
     report = json.loads(found.stdout)
     assert report["problems"] == 10 and sum(report["kept_per_site"].values()) <= 10
-    assert json.loads((out / "neurons.json").read_text())["kind"] == "reasoning_neurons"
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "reasoning_neuron_set"
     gated = runner.invoke(app, ["neurons", "gate", "--neurons", str(out), "--problems",
                                 "builtin:arithmetic_2digit[0:20]", "--out", str(out / "gate"), "--epochs", "50",
                                 "--json"])

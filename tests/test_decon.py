@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from gavel.decon import DeconIEP, PerturbationGenerator, bounded_delta, decon_loss, sample_replies
+from gavel.decon.generator import PerturbationGenerator, bounded_delta
+from gavel.decon.train import DeconIEP, decon_loss, sample_replies
 from gavel.organism.decon import decon_splits
 from gavel.decon.metrics import accuracy, benign_utility_drop, residual_contamination
 from gavel.organism.behaviour import final_answer
@@ -262,20 +263,21 @@ def test_save_load_roundtrip_refusal_and_force(con, ref, tmp_path):
     est = DeconIEP(zeta=0.2, width=16, n_layers=2, n_heads=2, lr=1e-2, steps=3, batch_size=2, max_new_tokens=4)
     est.fit(con, ref, PROMPTS, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2, data="tiny prompts")
     est.save(tmp_path / "p")
-    manifest = json.loads((tmp_path / "p" / "perturbation.json").read_text())
-    assert manifest["kind"] == "input_perturbation" and manifest["provenance"]["steps"] == 3
-    assert manifest["fingerprint"]["name"] == "con" and manifest["reference_fingerprint"]["name"] == "ref"
-    assert manifest["hyperparameters"]["zeta"] == 0.2 and manifest["provenance"]["data"] == "tiny prompts"
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["kind"] == "input_perturbation" and manifest["learned"]["provenance_"]["steps"] == 3
+    assert manifest["fingerprint"]["name"] == "con" and manifest["learned"]["reference_fingerprint_"]["name"] == "ref"
+    assert manifest["params"]["zeta"] == 0.2 and manifest["learned"]["provenance_"]["data"] == "tiny prompts"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000002"]
     loaded = DeconIEP.load(tmp_path / "p", fingerprint=con.fingerprint())
-    assert loaded.get_params() == est.get_params()
+    assert loaded.get_params() == est.get_params() and loaded.reference_fingerprint_ == ref.fingerprint()
+    assert loaded.provenance_ == est.provenance_ and loaded.losses_ == est.losses_
     embeds = torch.randn(2, 5, con.d_model)
     assert torch.equal(loaded.delta(embeds), est.delta(embeds))
     assert torch.equal(loaded.delta(embeds, zeta=0.1), est.delta(embeds) / 2)   # zeta rescales, no refit
     with pytest.raises(ArtifactError, match="weights_sha256"):
         DeconIEP.load(tmp_path / "p", fingerprint=ref.fingerprint())
     assert DeconIEP.load(tmp_path / "p", fingerprint=ref.fingerprint(), force=True).zeta == 0.2
-    (tmp_path / "p" / "perturbation.json").write_text(json.dumps({**manifest, "typo": 1}))
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps({**manifest, "typo": 1}))
     with pytest.raises(ArtifactError, match="typo"):
         DeconIEP.load(tmp_path / "p")
 

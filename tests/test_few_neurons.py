@@ -146,17 +146,17 @@ def test_random_control_keeps_the_counts():
 
 
 def test_neuron_sets_round_trip_by_kind(organism, tmp_path):
-    from gavel.steering.neuron_sets import load_neurons, save_neurons
+    from gavel.steering.adaras.neurons import ReasoningNeurons
 
     pos, neg = planted(width=512, plant=((0, 5),))
     pos = {f"blocks.{i}.mlp.hook_post": pos[SITES[min(i, 2)]] for i in range(4)}
     neg = {f"blocks.{i}.mlp.hook_post": neg[SITES[min(i, 2)]] for i in range(4)}
     est = BehaviourNeurons().fit(pos, neg)
-    save_neurons(est, tmp_path / "set", organism.fingerprint())
-    again = load_neurons(tmp_path / "set", organism.fingerprint(), kind="behaviour_neurons")
+    est.save(tmp_path / "set", fingerprint=organism.fingerprint())
+    again = BehaviourNeurons.load(tmp_path / "set", organism.fingerprint())
     assert torch.equal(again.kept_, est.kept_) and again.get_params() == est.get_params()
-    with pytest.raises(ArtifactError, match="holds behaviour neurons, not reasoning neurons"):
-        load_neurons(tmp_path / "set", organism.fingerprint())
+    with pytest.raises(ArtifactError, match="holds a behaviour neuron set, not a reasoning neuron set"):
+        ReasoningNeurons.load(tmp_path / "set", organism.fingerprint())
 
 
 def test_select_with_an_sae_on_the_organism(organism):
@@ -211,9 +211,7 @@ def test_select_and_tune_cli_move_only_the_selected_neurons(organism, tmp_path):
     assert report["neurons"]["parameters_trained"] == 62 * 3 * 128 and report["before"] == {}
     before = load_file(BUILTINS["organism"] / "model.safetensors")
     after = load_file(tmp_path / "tuned" / "model.safetensors")
-    from gavel.steering.neuron_sets import load_neurons
-
-    chosen = load_neurons(tmp_path / "set", kind="behaviour_neurons").neurons()
+    chosen = BehaviourNeurons.load(tmp_path / "set").neurons()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {f"model.layers.{layer}.mlp.{p}_proj.weight" for layer in chosen for p in ("gate", "up", "down")}
     for layer, index in chosen.items():
@@ -224,4 +222,4 @@ def test_select_and_tune_cli_move_only_the_selected_neurons(organism, tmp_path):
     bad = runner.invoke(app, ["neurons", "select", "--out", str(tmp_path / "x"), "--behaviour", "builtin:nope"])
     assert bad.exit_code == 2 and "unknown behaviour" in bad.output
     wrong_kind = runner.invoke(app, ["neurons", "steer", "--neurons", str(tmp_path / "set"), "--prompt", "hi"])
-    assert wrong_kind.exit_code == 2 and "not reasoning neurons" in wrong_kind.output
+    assert wrong_kind.exit_code == 2 and "not a reasoning neuron set" in wrong_kind.output

@@ -49,7 +49,7 @@ def test_align_fit_eval_and_apply_from_the_command_line(tmp_path):
     assert fitted.exit_code == 0, fitted.output
     assert json.loads(fitted.stdout)["best_iteration"] == 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
-    assert (out / "alignment" / "estimator.json").is_file() and (out / "delta" / "delta.json").is_file()
+    assert (out / "alignment" / "manifest.json").is_file() and (out / "delta" / "manifest.json").is_file()
     evaluated = runner.invoke(app, ["align", "eval", "--delta", str(out), *SETS, "--max-new-tokens", "16", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
@@ -92,10 +92,10 @@ def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_
         torch.testing.assert_close(aligned[0].scores[:n], plain[0].scores[:n])
     other = organism.fingerprint().model_copy(update={"weights_sha256": "0" * 64})
     from gavel.errors import ArtifactError
-    from gavel.runtime.interventions import _load_alignment
+    from gavel.steering.llmva.loop import load_alignment
 
     with pytest.raises(ArtifactError, match="weights_sha256"):
-        _load_alignment(out, type("H", (), {"fingerprint": lambda self: other})())
+        load_alignment(out, other)
 
 
 def test_align_eval_can_judge_with_a_refusal_ce(organism_bank, tmp_path):

@@ -7,7 +7,9 @@ from pydantic import BaseModel, ValidationError
 
 from gavel.errors import GavelError
 from gavel.plugins import registry as registry_module
-from gavel.plugins.actions import BUILTIN_ACTIONS, PRECEDENCE, Action, BlockAction, RotateAction
+from gavel.plugins.actions import PRECEDENCE, Action, BlockAction
+from gavel.plugins.interventions import InterventionMethod
+from gavel.steering.selective.actions import RotateMethod
 
 
 class WebhookArgs(BaseModel):
@@ -47,19 +49,23 @@ def test_builtins_are_registered():
     reg = registry_module.load_registry()
     assert set(reg.plugins["actions"]) == {"log", "alert", "block", "rotate", "add", "ablate", "align",
                                            "steer_neurons", "perturb"}
-    assert reg.get("actions", "block") is BlockAction
+    assert set(reg.plugins["interventions"]) == {"rotate", "add", "ablate", "align", "steer_neurons", "perturb"}
+    assert all(reg.get("actions", n) is m for n, m in reg.plugins["interventions"].items())
+    assert reg.get("actions", "block") is BlockAction and reg.get("interventions", "rotate") is RotateMethod
+    assert set(reg.plugins) == {"actions", "interventions", "functions"}   # every declared group is used
     assert reg.problems == []
 
 
 def test_builtin_actions_declare_arguments_and_text():
-    by_name = {a.name: a for a in BUILTIN_ACTIONS}
-    assert all(isinstance(a, type) and isinstance(a(), Action) for a in BUILTIN_ACTIONS)
+    by_name = registry_module.load_registry().plugins["actions"]
+    assert all(isinstance(a, type) and isinstance(a(), Action) for a in by_name.values())
+    assert all(isinstance(m(), InterventionMethod) for m in registry_module.load_registry().plugins["interventions"].values())
     assert {n for n, a in by_name.items() if a.takes_text} == {"alert", "block"}
     assert {n for n, a in by_name.items() if a.params is None} == {"log", "alert", "block"}
     assert {n for n, a in by_name.items() if a.stops_generation} == {"block"}
     steering = {n for n, a in by_name.items() if a.kind == "steer"}
     assert steering == {"rotate", "add", "ablate", "align", "steer_neurons", "perturb"}
-    assert all(a.implemented for a in BUILTIN_ACTIONS)
+    assert all(a.implemented for a in by_name.values())
     assert PRECEDENCE["block"] > PRECEDENCE["steer"] > PRECEDENCE["alert"] > PRECEDENCE["log"]
     required = {n: [f for f, info in a.params.model_fields.items() if info.is_required()]
                 for n, a in by_name.items() if a.params is not None}
@@ -71,13 +77,13 @@ def test_builtin_actions_declare_arguments_and_text():
 
 
 def test_steering_arguments_are_checked_strictly():
-    args = RotateAction.params.model_validate({"plane": "refusal", "angle": 30})
+    args = RotateMethod.params.model_validate({"plane": "refusal", "angle": 30})
     assert (args.plane, args.angle) == ("refusal", 30.0)
     for bad in ({"plane": "refusal"}, {"plane": "refusal", "angle": "30"}, {"plane": 3, "angle": 30},
                 {"plane": "refusal", "angle": 30, "axis": 1}, {"plane": "refusal", "angle": float("inf")}):
         with pytest.raises(ValidationError):
-            RotateAction.params.model_validate(bad)
-    perturb = {a.name: a for a in BUILTIN_ACTIONS}["perturb"].params
+            RotateMethod.params.model_validate(bad)
+    perturb = registry_module.load_registry().get("interventions", "perturb").params
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         perturb.model_validate({"perturbation": "decon", "zeta": -1})
 
@@ -103,6 +109,38 @@ def test_third_party_broken_and_duplicate_plugins(monkeypatch):
             in problems)
     assert "'odd' has kind 'shout'; an action's kind is one of log, alert, steer, block" in problems
     assert "'bad_params' has `params` that is not a pydantic model class" in problems
+
+
+class HalfIntervention:
+    """Declares an action but cannot build an intervention."""
+
+    name = "half_steer"
+    kind = "steer"
+    stops_generation = False
+    params = WebhookArgs
+    takes_text = False
+    implemented = True
+    artifact = "url"
+    reads_prompt = False
+
+
+class BlockingIntervention(RotateMethod):
+    name = "block"
+
+
+def test_intervention_plugins_must_build_and_may_not_take_an_action_name(monkeypatch):
+    here = __name__
+    monkeypatch.setattr("importlib.metadata.entry_points", fake_entry_points(**{"gavel.interventions": [
+        ("half_steer", f"{here}:HalfIntervention"), ("block", f"{here}:BlockingIntervention"),
+        ("spin", f"{here}:BlockingIntervention")]}))
+    with pytest.warns(UserWarning):
+        reg = registry_module.load_registry()
+    assert not {"half_steer", "spin"} & set(reg.plugins["actions"]) and reg.plugins["interventions"] == {}
+    assert reg.get("actions", "block") is BlockAction
+    problems = "\n".join(reg.problems)
+    assert "'half_steer' does not implement InterventionMethod (it lacks load, accepts, build)" in problems
+    assert "'block' has the name of the action 'block' from gavel (built-in)" in problems
+    assert "'spin' is named 'block' but registered as 'spin'" in problems
 
 
 def test_unknown_plugin_suggests_a_name():

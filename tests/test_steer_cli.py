@@ -63,7 +63,7 @@ def test_eval_writes_json_and_a_plot_and_run_shows_both_replies(plane_dir, tmp_p
 
 def test_bad_inputs_exit_2_with_a_reason(plane_dir, tmp_path):
     missing = runner.invoke(app, ["steer", "eval", "--plane", str(tmp_path), "--data", "builtin:harmful"])
-    assert missing.exit_code == 2 and "not a steering artifact" in missing.output
+    assert missing.exit_code == 2 and "not a steering plane" in missing.output
     unknown = runner.invoke(app, ["steer", "fit", "--pos", "builtin:harmfull", "--neg", "builtin:benign",
                                   "--out", str(tmp_path / "x")])
     assert unknown.exit_code == 2 and "no organism prompt set 'harmfull'" in unknown.output

@@ -3,10 +3,14 @@ steer exactly the rows asked for and leave no trace."""
 import pytest
 import torch
 
+from gavel.artifacts import read_manifest
+from gavel.base import EstimatorManifest
+
 from gavel.errors import ArtifactError, DataError
 from gavel.models.hooks import count_hooks
 from gavel.steering.activations import last_prompt_activations, norm_sites
-from gavel.steering.selective.intervene import Intervention, steering
+from gavel.steering.selective.intervene import PlaneIntervention
+from gavel.steering.intervention import steering
 from gavel.steering.selective.plane import SteeringPlane
 
 D, LAYERS = 16, 6
@@ -53,16 +57,17 @@ def test_fitting_refuses_mismatched_or_empty_classes():
 def test_the_artifact_round_trips_and_refuses_another_model(organism, tmp_path):
     plane = SteeringPlane().fit(*planted())
     fingerprint = organism.fingerprint()
-    plane.save_artifact(tmp_path / "plane", fingerprint, {"positive": 40, "negative": 40}, {"data": "planted"})
-    loaded, manifest = SteeringPlane.load_artifact(tmp_path / "plane", fingerprint)
+    plane.save(tmp_path / "plane", fingerprint=fingerprint, provenance={"data": "planted"})
+    loaded = SteeringPlane.load(tmp_path / "plane", fingerprint)
     assert torch.equal(loaded.plane_, plane.plane_) and loaded.selected_sites == plane.selected_sites
-    assert manifest.layers == [2, 4] and manifest.samples == {"positive": 40, "negative": 40}
+    assert loaded.selected_layers == [2, 4] and loaded.fingerprint_ == fingerprint
+    assert read_manifest(tmp_path / "plane", EstimatorManifest, kind="steering_plane").provenance == {"data": "planted"}
     other = fingerprint.model_copy(update={"weights_sha256": "0" * 64})
     with pytest.raises(ArtifactError, match="weights_sha256"):
-        SteeringPlane.load_artifact(tmp_path / "plane", other)
-    assert SteeringPlane.load_artifact(tmp_path / "plane", other, force=True)[1].layers == [2, 4]
-    with pytest.raises(ArtifactError, match="not a steering artifact"):
-        SteeringPlane.load_artifact(tmp_path)
+        SteeringPlane.load(tmp_path / "plane", other)
+    assert SteeringPlane.load(tmp_path / "plane", other, force=True).selected_layers == [2, 4]
+    with pytest.raises(ArtifactError, match="is not a steering plane"):
+        SteeringPlane.load(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +110,10 @@ def test_last_prompt_activations_read_the_end_of_the_generation_prompt(organism)
 def test_rotation_by_zero_and_hooks_leave_the_model_as_it_was(organism, organism_plane):
     base, before = logits(organism, PROMPTS), count_hooks(organism.model)
     assert organism_plane.selected_sites                  # the organism's refusal plane is discriminative somewhere
-    with steering(organism, Intervention.from_plane(organism_plane, "rotate", 0.0)):
+    with steering(organism, PlaneIntervention.from_plane(organism_plane, "rotate", 0.0)):
         assert count_hooks(organism.model) == before + len(organism_plane.selected_sites)
         torch.testing.assert_close(logits(organism, PROMPTS), base, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError), steering(organism, Intervention.from_plane(organism_plane, "rotate", 90.0)):
+    with pytest.raises(RuntimeError), steering(organism, PlaneIntervention.from_plane(organism_plane, "rotate", 90.0)):
         raise RuntimeError("boom")
     assert count_hooks(organism.model) == before
     torch.testing.assert_close(logits(organism, PROMPTS), base)
@@ -116,7 +121,7 @@ def test_rotation_by_zero_and_hooks_leave_the_model_as_it_was(organism, organism
 
 @pytest.mark.parametrize("method,strength", [("rotate", 120.0), ("angular", 30.0), ("add", -1.0), ("ablate", 0.0)])
 def test_only_the_active_rows_are_steered(organism, organism_plane, method, strength):
-    intervention = Intervention.from_plane(organism_plane, method, strength)
+    intervention = PlaneIntervention.from_plane(organism_plane, method, strength)
     base = logits(organism, PROMPTS)
     with steering(organism, intervention):
         steered = logits(organism, PROMPTS)
@@ -129,9 +134,9 @@ def test_only_the_active_rows_are_steered(organism, organism_plane, method, stre
 
 def test_interventions_name_what_is_wrong(organism_plane):
     with pytest.raises(DataError, match="unknown steering method 'spin'"):
-        Intervention.from_plane(organism_plane, "spin", 1.0)
+        PlaneIntervention.from_plane(organism_plane, "spin", 1.0)
     with pytest.raises(DataError, match="not fitted on site"):
-        Intervention.from_plane(organism_plane, "rotate", 1.0, sites=["blocks.0.hook_resid_post"])
+        PlaneIntervention.from_plane(organism_plane, "rotate", 1.0, sites=["blocks.0.hook_resid_post"])
 
 
 def test_sites_that_read_the_same_vector_for_every_prompt_take_no_part():
@@ -176,7 +181,7 @@ def test_a_rule_steers_only_the_sequence_that_fired_from_the_next_token_on(organ
     from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
 
-    residual_plane.save_artifact(tmp_path / "refusal", organism.fingerprint(), {"positive": 20, "negative": 40})
+    residual_plane.save(tmp_path / "refusal", fingerprint=organism.fingerprint())
     plain = Monitor(organism, organism_bank, [RuleSpec(name="seen", condition="harmful_request")])
     unsteered = plain.generate(MIXED, max_new_tokens=12)
     rule = RuleSpec(name="derail", condition="harmful_request", action='add(vector="refusal", strength=1.0)')
@@ -216,10 +221,10 @@ def test_steering_rules_name_missing_artifacts_and_blocks(organism, organism_ban
 def test_steerer_starts_on_rising_edges_and_counts_durations_down():
     """Unlimited rules steer from the forward after they start to hold, for good; a limited one for `duration`
     forwards after each start (a latched rule starts once)."""
-    from gavel.runtime.interventions import Steerer, SteeringRule
+    from gavel.runtime.interventions import RuleIntervention, Steerer
 
-    dummy = Intervention("ablate", (), 0.0, torch.eye(4)[:, :2], torch.zeros(0, 4))
-    steerer = Steerer([SteeringRule(0, dummy, None), SteeringRule(1, dummy, 2)], batch_size=2,
+    dummy = PlaneIntervention("ablate", (), 0.0, torch.eye(4)[:, :2], torch.zeros(0, 4))
+    steerer = Steerer([RuleIntervention(0, dummy, None, False), RuleIntervention(1, dummy, 2, False)], batch_size=2,
                       device=torch.device("cpu"))
     def forward(*columns):   # holds [B=2, T, R=2] from per-token (rule0, rule1) pairs of sequence 0; sequence 1 off
         holds = torch.zeros(2, len(columns), 2, dtype=torch.bool)
@@ -243,7 +248,7 @@ def test_phrase_actions_in_gvl_and_yaml_packs_steer_with_an_artifact_beside_them
     from gavel.runtime.guard import Guard
     from gavel.rules import RuleSpec, load_rules
 
-    residual_plane.save_artifact(tmp_path / "refusal", organism.fingerprint(), {"positive": 20, "negative": 40})
+    residual_plane.save(tmp_path / "refusal", fingerprint=organism.fingerprint())
     (tmp_path / "steer.gvl").write_text('rule derail {\n  when harmful_request\n'
                                         '  action add refusal by 1.0 for 2 tokens\n  severity high\n}\n')
     (tmp_path / "steer.yaml").write_text("rules:\n  - name: derail\n    condition: harmful_request\n"

@@ -24,10 +24,6 @@ def _prompts(sources: list[str]) -> list:
     return [c for source in sources for c in read_prompts(source)]
 
 
-def _delta_dir(path: Path) -> Path:
-    return path / "delta" if (path / "delta").is_dir() else path
-
-
 @align_app.command("fit")
 def fit(benign: SourcesOpt, toxic: SourcesOpt,
         out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the alignment, its delta and the log.")],
@@ -57,8 +53,7 @@ def fit(benign: SourcesOpt, toxic: SourcesOpt,
         result = fit_llmva(handle, _prompts(benign), _prompts(toxic), iterations=iterations, l_select=l_select,
                            sample=sample or None, max_new_tokens=max_new_tokens, seed=seed, log=log,
                            judge=judge_from(judge, handle))
-        result.alignment.save(out / "alignment")
-        result.delta.save(out / "delta")
+        result.save(out)
     report = {"out": str(out), "best_iteration": result.best, "history": [h.model_dump() for h in result.history]}
     if as_json:
         print(json.dumps(report, indent=2))
@@ -83,15 +78,14 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
     """ASR on the toxic prompts, over-refusal on the benign ones, F1 and utility, before and after the edit."""
     from gavel.errors import DataError
     from gavel.models.loading import load_model
-    from gavel.steering.delta import WeightDelta
     from gavel.runtime.judges import judge_from
-    from gavel.steering.llmva.loop import measure
+    from gavel.steering.llmva.loop import load_delta, measure
 
     with user_errors():
         if utility not in ("none", "builtin:arithmetic"):
             raise DataError(f"unknown utility {utility!r}; expected none or builtin:arithmetic")
         handle = load_model(model)
-        edit = WeightDelta.load(_delta_dir(delta), handle.fingerprint())
+        edit = load_delta(delta, handle.fingerprint())
         if utility == "builtin:arithmetic":
             from gavel.organism.behaviour import arithmetic_accuracy as task
         else:
@@ -119,11 +113,11 @@ def apply(delta: DeltaOpt, out: Annotated[Path, typer.Option("--out", "-o", help
           model: ModelOpt = "builtin:organism") -> None:
     """Write the model with the edit applied (save_pretrained, tokenizer included)."""
     from gavel.models.loading import load_model
-    from gavel.steering.delta import WeightDelta
+    from gavel.steering.llmva.loop import load_delta
 
     with user_errors():
         handle = load_model(model)
-        WeightDelta.load(_delta_dir(delta), handle.fingerprint()).apply(handle.hf_model)
+        load_delta(delta, handle.fingerprint()).apply(handle.hf_model)
         handle.hf_model.save_pretrained(out)
         handle.tokenizer.save_pretrained(out)
     console.print(f"edited model -> {out}")

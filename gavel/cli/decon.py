@@ -125,8 +125,8 @@ def evaluate(perturbation: Annotated[Path, typer.Option("--perturbation", "-p", 
     if as_json:
         print(report.model_dump_json(indent=2))
         return
-    table = Table(title=f"DeconIEP {perturbation} on {model} (clean: {clean}); RC before "
-                        f"{report.rc_before:.3f} = |{report.acc_leaked:.3f} - {report.clean_acc_leaked:.3f}|")
+    console.print(f"DeconIEP {perturbation} on {model} (clean: {clean})", soft_wrap=True, markup=False)
+    table = Table(title=f"RC before {report.rc_before:.3f} = |{report.acc_leaked:.3f} - {report.clean_acc_leaked:.3f}|")
     for column in ("zeta", "acc leaked", "RC", "acc held-out", "acc arithmetic", "acc clean data", "BUD"):
         table.add_column(column, justify="right")
     table.add_row("none", f"{report.acc_leaked:.3f}", f"{report.rc_before:.3f}", f"{report.acc_heldout:.3f}",

@@ -55,7 +55,6 @@ def find(problems: ProblemsOpt, out: Annotated[Path, typer.Option("--out", "-o",
     """Sample traces per problem, pair correct with incorrect ones, score MLP neurons by their mean activation
     difference (polarity-filtered) and keep the global top K."""
     from gavel.models.loading import load_model
-    from gavel.steering.neuron_sets import save_neurons
     from gavel.steering.adaras.neurons import ReasoningNeurons
     from gavel.steering.adaras.traces import contrastive_means, mlp_sites
 
@@ -67,7 +66,8 @@ def find(problems: ProblemsOpt, out: Annotated[Path, typer.Option("--out", "-o",
                                                            samples=samples, temperature=temperature, seed=seed,
                                                            progress=advance)
         neurons = ReasoningNeurons(k=k, polarity=polarity).fit(correct, incorrect)
-        save_neurons(neurons, out, handle.fingerprint(), counts, {"problems": problems, "samples": str(samples)})
+        neurons.save(out, fingerprint=handle.fingerprint(),
+                     provenance={"problems": problems, "samples": str(samples), **{k: str(v) for k, v in counts.items()}})
     report = {"out": str(out), **counts, "kept_per_site": dict(zip(neurons.sites_, neurons.kept_.sum(1).tolist()))}
     if as_json:
         print(json.dumps(report, indent=2))
@@ -92,13 +92,13 @@ def gate(neurons_dir: NeuronsOpt, problems: ProblemsOpt,
 
     from gavel.models.generation import generate_replies
     from gavel.models.loading import load_model
+    from gavel.steering.adaras.neurons import ReasoningNeurons
     from gavel.steering.adaras.gate import FailureGate
-    from gavel.steering.neuron_sets import load_neurons
     from gavel.steering.adaras.traces import prompt_features
 
     with user_errors():
         handle = load_model(model)
-        neurons = load_neurons(neurons_dir, handle.fingerprint())
+        neurons = ReasoningNeurons.load(neurons_dir, handle.fingerprint())
         chosen, check = _problems(problems), _checker()
         replies = generate_replies(handle, [p.conversation for p in chosen], 96)
         fails = torch.tensor([not check(r, p.expected) for r, p in zip(replies, chosen)])
@@ -128,12 +128,12 @@ def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "
     import torch
 
     from gavel.models.loading import load_model
+    from gavel.steering.adaras.neurons import ReasoningNeurons
     from gavel.steering.adaras.intervention import NeuronIntervention, accuracy, gated_accuracy
-    from gavel.steering.neuron_sets import load_neurons
 
     with user_errors():
         handle = load_model(model)
-        neurons = load_neurons(neurons_dir, handle.fingerprint())
+        neurons = ReasoningNeurons.load(neurons_dir, handle.fingerprint())
         chosen, check = _problems(problems), _checker()
         rows = {"baseline": accuracy(handle, chosen, check), "steered": {}, "random": {}}
         for a in alpha:
@@ -176,12 +176,12 @@ def steer(neurons_dir: NeuronsOpt, prompt: Annotated[list[str], typer.Option(hel
     """Generate with the neurons steered, beside the unsteered replies."""
     from gavel.models.generation import generate_replies
     from gavel.models.loading import load_model
+    from gavel.steering.adaras.neurons import ReasoningNeurons
     from gavel.steering.adaras.intervention import NeuronIntervention
-    from gavel.steering.neuron_sets import load_neurons
 
     with user_errors():
         handle = load_model(model)
-        intervention = NeuronIntervention.from_neurons(load_neurons(neurons_dir, handle.fingerprint()), alpha)
+        intervention = NeuronIntervention.from_neurons(ReasoningNeurons.load(neurons_dir, handle.fingerprint()), alpha)
         conversations = [[{"role": "user", "content": p}] for p in prompt]
         plain = generate_replies(handle, conversations, max_new_tokens)
         with handle.hooks(intervention.to(handle.device).hooks()):

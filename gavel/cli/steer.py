@@ -30,12 +30,6 @@ def site_list(sites: str, n_layers: int) -> list[str]:
     return [s.strip() for s in sites.split(",") if s.strip()]
 
 
-def _layers_sites(plane, layers: str) -> list[str]:
-    from gavel.runtime.interventions import _sites
-
-    return _sites(plane, layers)
-
-
 @steer_app.command("fit")
 def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive class (e.g. harmful): a JSONL or "
                                                          "JSON file, or builtin:harmful.")],
@@ -61,8 +55,9 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
         with progress_bar("reading activations", len(positive) + len(negative), enabled=not as_json) as advance:
             acts = [last_prompt_activations(handle, p, chosen, progress=advance) for p in (positive, negative)]
         plane = SteeringPlane(layers=layers).fit(*acts)
-        plane.save_artifact(out, handle.fingerprint(), {"positive": len(positive), "negative": len(negative)},
-                            {"positive": pos, "negative": neg, "sites": sites})
+        plane.save(out, fingerprint=handle.fingerprint(),
+                   provenance={"positive": pos, "negative": neg, "sites": sites,
+                               "prompts": f"{len(positive)} positive, {len(negative)} negative"})
     report = {"out": str(out), "layers": plane.selected_layers, "sites": plane.selected_sites,
               "per_site": {s: {"mu_pos": round(float(a), 4), "mu_neg": round(float(b), 4), "passes": bool(ok)}
                            for s, a, b, ok in zip(plane.sites_, plane.mu_pos_, plane.mu_neg_, plane.passes_)}}
@@ -92,17 +87,18 @@ def run(plane_dir: PlaneOpt,
     from gavel.models.generation import generate_replies
     from gavel.models.loading import load_model
     from gavel.organism.datasets import read_prompts
-    from gavel.steering.selective.intervene import Intervention, steering
+    from gavel.steering.intervention import steering
+    from gavel.steering.selective.intervene import PlaneIntervention
     from gavel.steering.selective.plane import SteeringPlane
 
     with user_errors():
         if not prompt and not data:
             raise DataError("give --prompt TEXT (repeatable) or --data FILE")
         handle = load_model(model)
-        plane, _ = SteeringPlane.load_artifact(plane_dir, handle.fingerprint())
+        plane = SteeringPlane.load(plane_dir, handle.fingerprint())
         conversations = [[{"role": "user", "content": p}] for p in prompt or []]
         conversations += read_prompts(data) if data else []
-        intervention = Intervention.from_plane(plane, method, strength, _layers_sites(plane, layers))
+        intervention = PlaneIntervention.from_plane(plane, method, strength, plane.sites_in(layers))
         plain = generate_replies(handle, conversations, max_new_tokens)
         with steering(handle, intervention):
             steered = generate_replies(handle, conversations, max_new_tokens)
@@ -154,9 +150,9 @@ def evaluate(plane_dir: PlaneOpt,
 
     with user_errors():
         handle = load_model(model)
-        plane, _ = SteeringPlane.load_artifact(plane_dir, handle.fingerprint())
+        plane = SteeringPlane.load(plane_dir, handle.fingerprint())
         conversations = read_prompts(data)
-        sites = _layers_sites(plane, layers)
+        sites = plane.sites_in(layers)
         judged = judge_from(judge, handle)
         plan = {m: ([0.0] if m == "ablate" else _strengths(coefficients if m == "add" else angles)) for m in methods}
         with progress_bar("sweeping", sum(map(len, plan.values())), enabled=not as_json) as advance:

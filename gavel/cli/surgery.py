@@ -47,7 +47,6 @@ def select(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the
     from gavel.models.loading import load_model
     from gavel.finetune.behaviour_neurons import BehaviourNeurons
     from gavel.finetune.few_neurons import select_neurons
-    from gavel.steering.neuron_sets import save_neurons
 
     if behaviour is None and positive is None and negative is None:
         behaviour = SYCOPHANCY
@@ -62,8 +61,9 @@ def select(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the
         estimator = BehaviourNeurons(fraction=fraction, C=c, sae_latents=sae_latents, sae_weight=sae_weight)
         neurons = select_neurons(handle, pos, neg, estimator=estimator, sae=loaded_sae)
         per_layer = {str(layer): len(index) for layer, index in neurons.neurons().items()}
-        save_neurons(neurons, out, handle.fingerprint(), {"positive": len(pos), "negative": len(neg)},
-                     {"behaviour": source, "sae": str(sae) if sae else ""})
+        neurons.save(out, fingerprint=handle.fingerprint(),
+                     provenance={"behaviour": source, "sae": str(sae) if sae else "", "positive": str(len(pos)),
+                                 "negative": str(len(neg))})
     summary = {"out": str(out), "kept": int(neurons.kept_.sum()), "of": int(neurons.kept_.numel()),
                "per_layer": per_layer, "positive": len(pos), "negative": len(neg),
                "sae_latents": neurons.latents_.tolist()}
@@ -104,13 +104,13 @@ def tune(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the f
     from gavel.io.conversations import read_audit_data
     from gavel.models.loading import load_model
     from gavel.finetune.few_neurons import finetune, random_neurons
-    from gavel.steering.neuron_sets import load_neurons
+    from gavel.finetune.behaviour_neurons import BehaviourNeurons
     from gavel.finetune.surgical import all_parameters, down_projection, neuron_masks
 
     builtin = data == SYCOPHANCY
     with user_errors():
         handle = load_model(model)
-        neurons = load_neurons(neurons_dir, handle.fingerprint(), kind="behaviour_neurons").neurons()
+        neurons = BehaviourNeurons.load(neurons_dir, handle.fingerprint()).neurons()
         if builtin:
             from gavel.organism.sycophancy import corrective_set
 

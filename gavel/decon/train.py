@@ -9,13 +9,11 @@ Only G learns: f_con and the reference are frozen (no grad, eval mode) and their
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,52 +21,19 @@ from pydantic import BaseModel, ConfigDict
 
 from gavel.decon.generator import PerturbationGenerator, bounded_delta
 from gavel.decon.perturb import PromptPerturbation, patch_prompt, prompt_delta
-from gavel.errors import ArtifactError, DataError, ModelLoadError, check_is_fitted
-from gavel.models.fingerprint import ModelFingerprint, read_manifest
+from gavel.artifacts import ModelFingerprint
+from gavel.base import Estimator
+from gavel.errors import DataError, ModelLoadError, check_is_fitted
 from gavel.models.handle import ModelHandle
 
-MANIFEST = "perturbation.json"
-TENSORS = "perturbation.safetensors"
-FORMAT_VERSION = 1
-
-
-class DeconParams(BaseModel):
-    """The estimator's constructor arguments, as saved."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    zeta: float
-    width: int
-    n_layers: int
-    n_heads: int
-    dropout: float
-    max_positions: int
-    lr: float
-    steps: int
-    batch_size: int
-    lambda_kl: float
-    lambda_ce: float
-    temperature: float
-    max_new_tokens: int
-    seed: int
-
-
 class DeconProvenance(BaseModel):
+    """How G was trained: steps taken, the final loss, and what the prompts were."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     steps: int                      # optimizer steps taken (a checkpoint: so far)
     final_loss: float | None
     data: str = ""                  # what the prompts were (e.g. builtin:decon-train)
     n_prompts: int = 0
-
-
-class PerturbationManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    format_version: int = FORMAT_VERSION
-    kind: Literal["input_perturbation"] = "input_perturbation"
-    d_model: int
-    fingerprint: ModelFingerprint            # the evaluated model f_con: the perturbation is refused on others
-    reference_fingerprint: ModelFingerprint  # the reference it was trained towards
-    hyperparameters: DeconParams
-    provenance: DeconProvenance
 
 
 Prompt = str | Sequence[dict]
@@ -182,12 +147,17 @@ def decon_loss(model: ModelHandle, reference: ModelHandle, generator: torch.nn.M
     return loss, {"kl": float(kl.detach()), "ce": float(ce.detach()), "loss": float(loss.detach())}
 
 
-class DeconIEP:
+class DeconIEP(Estimator):
     """Inference-time decontamination by input embedding perturbation (scikit-learn style estimator).
 
     `zeta` bounds the perturbation (|delta|_inf <= zeta); it is read when the perturbation is applied, so
     `set_params(zeta=...)` or `perturbing(..., zeta=...)` rescales a fitted G without refitting (a zeta sweep).
+    Saved as one artifact with the fingerprints of the evaluated model (refused on others) and of the reference.
     """
+
+    artifact_kind = "input_perturbation"
+    artifact_what = "a DeconIEP perturbation"
+    artifact_hint = "train one with 'gavel decon train'"
 
     def __init__(self, zeta: float = 1e-3, width: int = 64, n_layers: int = 4, n_heads: int = 4,
                  dropout: float = 0.2, max_positions: int = 512, lr: float = 1e-5, steps: int = 200,
@@ -207,24 +177,6 @@ class DeconIEP:
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.seed = seed
-
-    # ---- scikit-learn protocol
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict:
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params) -> "DeconIEP":
-        for name, value in params.items():
-            if name not in self._param_names():
-                raise ValueError(f"DeconIEP has no parameter {name!r}")
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        return f"DeconIEP({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
     def _validate(self) -> None:
         if not (math.isfinite(self.zeta) and self.zeta >= 0):
@@ -251,7 +203,8 @@ class DeconIEP:
         `on_step(step, loss)` after each step; with `checkpoint_dir` and `checkpoint_every` N, the artifact is
         also saved to `checkpoint_dir/step-XXXXXX` every N steps. Sets `generator_`, `losses_`, `history_`."""
         self._validate()
-        for attr in ("generator_", "losses_", "history_", "fingerprint_", "reference_fingerprint_", "provenance_"):
+        for attr in ("generator_", "d_model_", "losses_", "history_", "fingerprint_", "reference_fingerprint_",
+                     "provenance_"):
             self.__dict__.pop(attr, None)
         check_same_vocab(model, reference)
         conversations = as_conversations(prompts)
@@ -292,6 +245,7 @@ class DeconIEP:
 
     def _set_fitted(self, generator, losses, history, fingerprint, reference_fingerprint, data, n) -> "DeconIEP":
         self.generator_ = generator
+        self.d_model_ = generator.d_model
         self.losses_ = list(losses)
         self.history_ = list(history)
         self.fingerprint_ = fingerprint
@@ -329,45 +283,11 @@ class DeconIEP:
             state.remove()
 
     # ---- artifact
-    def save(self, directory: str | Path) -> Path:
-        """G's weights (safetensors) and a manifest with both models' fingerprints."""
-        from safetensors.torch import save_file
+    def _build_module(self, name: str) -> torch.nn.Module:
+        if name != "generator_":
+            return super()._build_module(name)
+        return self._new_generator(self.d_model_)
 
-        check_is_fitted(self, ("generator_",))
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.generator_.state_dict().items()},
-                  d / TENSORS)
-        manifest = PerturbationManifest(d_model=self.generator_.d_model, fingerprint=self.fingerprint_,
-                                        reference_fingerprint=self.reference_fingerprint_,
-                                        hyperparameters=DeconParams(**self.get_params()),
-                                        provenance=self.provenance_)
-        (d / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-        return d
-
-    @classmethod
-    def load(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None,
-             force: bool = False) -> "DeconIEP":
-        """A saved perturbation; with the live model's fingerprint, one trained for another model is refused
-        (the differing field named) unless `force`."""
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        manifest = read_manifest(d / MANIFEST, PerturbationManifest, "DeconIEP perturbation", fingerprint=fingerprint,
-                                 force=force, hint="train one with 'gavel decon train'")
-        if not (d / TENSORS).is_file():
-            raise ArtifactError(f"{d} is not a DeconIEP perturbation (no {TENSORS})")
-        est = cls(**manifest.hyperparameters.model_dump())
-        generator = est._new_generator(manifest.d_model)
-        try:
-            generator.load_state_dict(load_file(d / TENSORS))
-        except RuntimeError as e:
-            raise ArtifactError(f"{d / TENSORS} does not match its manifest: {e}") from None
-        generator.eval()
-        est.generator_ = generator
-        est.losses_ = []
-        est.history_ = []
-        est.fingerprint_ = manifest.fingerprint
-        est.reference_fingerprint_ = manifest.reference_fingerprint
-        est.provenance_ = manifest.provenance
-        return est
+    def _restore(self) -> None:
+        self.reference_fingerprint_ = ModelFingerprint.model_validate(self.reference_fingerprint_)
+        self.provenance_ = DeconProvenance.model_validate(self.provenance_)

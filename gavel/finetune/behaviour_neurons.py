@@ -26,7 +26,7 @@ import torch
 
 from gavel.errors import DataError, check_is_fitted
 from gavel.models.sites import parse_site
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 from gavel.steering.adaras.neurons import top_k_mask
 
 
@@ -79,6 +79,9 @@ def _normalised(scores: torch.Tensor) -> torch.Tensor:
 class BehaviourNeurons(Estimator):
     """The top `fraction` of MLP neurons by how well they predict a behaviour (probe, optionally with SAE
     attribution): `fit` on {site: [N, m]} activations of positive and negative prompts, `neurons()` per layer."""
+
+    artifact_kind = "behaviour_neuron_set"
+    artifact_hint = "make one with `gavel neurons select ... --out DIR`"
 
     def __init__(self, fraction: float = 0.03, C: float = 0.1, sae_latents: int = 8, sae_weight: float = 0.5) -> None:
         self.fraction = fraction

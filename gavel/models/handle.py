@@ -8,7 +8,8 @@ from typing import Literal
 
 import torch
 
-from gavel.models.fingerprint import ModelFingerprint, weights_digest
+from gavel.artifacts import ModelFingerprint
+from gavel.models.fingerprint import weights_digest
 from gavel.models.hooks import HookFn, attach
 from gavel.models.sites import HookTarget, d_model, n_layers, resolve_site
 

@@ -10,10 +10,13 @@ from pydantic import BaseModel
 from gavel.errors import GavelError, did_you_mean
 from gavel.plugins.actions import BUILTIN_ACTIONS, PRECEDENCE, Action
 from gavel.plugins.functions import BUILTIN_FUNCTIONS, ScoreFunction
+from gavel.plugins.interventions import METHODS as INTERVENTION_METHODS
+from gavel.plugins.interventions import InterventionMethod
 
-GROUPS = ("actions", "extractors", "interventions", "backends", "reporters", "functions")
-PROTOCOLS = {"actions": Action, "functions": ScoreFunction}
-METHODS = {"functions": ("reduce",)}  # what a protocol's plugins must be able to call (its annotations list the rest)
+GROUPS = ("actions", "interventions", "functions")
+PROTOCOLS = {"actions": Action, "interventions": InterventionMethod, "functions": ScoreFunction}
+# what a protocol's plugins must be able to call (its annotations list the rest)
+METHODS = {"functions": ("reduce",), "interventions": INTERVENTION_METHODS}
 
 
 @dataclass
@@ -25,7 +28,14 @@ class Registry:
     origins: dict[tuple[str, str], str] = field(default_factory=dict)   # (group, name) -> where it came from
 
     def add(self, group: str, name: str, obj: object, origin: str) -> None:
+        """Register `obj`; an intervention also becomes the rule action of its name (kind "steer")."""
         problem = _problem(group, obj) or _shadows_builtin(group, name)
+        if group == "interventions" and problem is None:
+            problem = _problem("actions", obj)
+            if problem is None and getattr(obj, "name", None) != name:
+                problem = f"is named {getattr(obj, 'name', None)!r} but registered as {name!r}"
+            if problem is None and name in self.plugins["actions"]:
+                problem = f"has the name of the action {name!r} from {self.origins.get(('actions', name), '?')}"
         if problem is not None:
             self.problems.append(f"{origin}: {group} plugin {name!r} {problem}")
             return
@@ -34,6 +44,9 @@ class Registry:
             return
         self.plugins[group][name] = obj
         self.origins[(group, name)] = origin
+        if group == "interventions":
+            self.plugins["actions"][name] = obj
+            self.origins[("actions", name)] = origin
 
     def get(self, group: str, name: str) -> object:
         found = self.plugins[group].get(name)
@@ -85,7 +98,8 @@ def load_registry() -> Registry:
     for action in BUILTIN_ACTIONS:
         reg.add("actions", action.name, action, "gavel (built-in)")
     for group in GROUPS:
-        for ep in entry_points(group=f"gavel.{group}"):
+        found = sorted(entry_points(group=f"gavel.{group}"), key=lambda ep: not ep.value.startswith("gavel."))
+        for ep in found:   # gavel's own first
             if ep.name in reg.plugins[group] and ep.value.startswith("gavel."):
                 continue  # our own built-ins, already registered above
             try:

@@ -6,21 +6,17 @@ and support; the manifest also records the model fingerprint and a digest of the
 """
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from gavel.artifacts import Manifest, ModelFingerprint, read_artifact, write_artifact
 from gavel.errors import ArtifactError, did_you_mean
-from gavel.models.fingerprint import ModelFingerprint
 from gavel.probes.heads import Head, head_class
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TENSORS = "bank.safetensors"
 
 
 class CESpec(BaseModel):
@@ -49,15 +45,14 @@ class HeadSpec(BaseModel):
     hyperparameters: dict[str, Any] = {}
 
 
-class BankManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    format_version: int = FORMAT_VERSION
-    kind: str = "ce_bank"
+class BankManifest(Manifest):
+    """A CE bank: its CEs and scoring heads, the model it reads, a digest of the data it was fitted on."""
+
+    kind: Literal["ce_bank"] = "ce_bank"
+    fingerprint: ModelFingerprint
     ces: list[CESpec]
     heads: list[HeadSpec]
-    fingerprint: ModelFingerprint
     data_digest: str | None = None
-    provenance: dict[str, str] = {}
 
 
 class CEBank:
@@ -117,46 +112,20 @@ class CEBank:
             out[..., cols] = self.score_head(h, acts)
         return out
 
-    def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {f"head{h}/{k}": v.detach().cpu().contiguous()
-                   for h, head in enumerate(self.heads) for k, v in head.tensors().items()}
-        save_file(tensors, d / TENSORS)
-        (d / MANIFEST).write_text(self.manifest.model_dump_json(indent=2) + "\n")
-        return d
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """One artifact: the manifest, and every head's tensors under `head{h}/`."""
+        tensors = {f"head{h}/{k}": v for h, head in enumerate(self.heads) for k, v in head.tensors().items()}
+        return write_artifact(directory, self.manifest, tensors)
 
     @classmethod
-    def load(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None,
-             force: bool = False) -> "CEBank":
+    def load(cls, directory: str | os.PathLike[str], fingerprint: ModelFingerprint | None = None,
+             force: bool = False) -> CEBank:
         """Load a bank; with the live model's fingerprint, refuse a bank made for another model."""
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        if not (d / MANIFEST).exists() or not (d / TENSORS).exists():
-            raise ArtifactError(f"{d} is not a CE bank (needs {MANIFEST} and {TENSORS})")
-        try:
-            manifest = BankManifest.model_validate(json.loads((d / MANIFEST).read_text()))
-        except (ValidationError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{d / MANIFEST}: invalid bank manifest: {_first_error(e)}") from None
-        if manifest.format_version != FORMAT_VERSION:
-            raise ArtifactError(f"{d / MANIFEST}: format_version {manifest.format_version} is not supported "
-                                f"(this gavel reads {FORMAT_VERSION})")
-        if fingerprint is not None and not force:
-            manifest.fingerprint.check(fingerprint, what=f"CE bank {d}")
-        tensors = load_file(d / TENSORS)
+        manifest, tensors = read_artifact(directory, BankManifest, fingerprint=fingerprint, force=force,
+                                          hint="fit one with `gavel ce fit`, or save one with `gavel demo --save-bank`")
         heads = []
         for h, spec in enumerate(manifest.heads):
             prefix = f"head{h}/"
             part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             heads.append(head_class(spec.kind).from_tensors(tuple(spec.sites), part))
         return cls(manifest, heads)
-
-
-def _first_error(e: Exception) -> str:
-    if isinstance(e, ValidationError):
-        err = e.errors()[0]
-        return f"field {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-    return str(e)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from gavel.errors import check_is_fitted
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 from gavel.probes.linear import validate_labelled
 
 

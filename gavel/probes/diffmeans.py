@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from gavel.errors import check_is_fitted
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 from gavel.probes.linear import mean_auroc, validate_labelled
 
 

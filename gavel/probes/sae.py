@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from gavel.errors import ArtifactError, DataError, check_is_fitted
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 from gavel.probes.heads import site_features
 from gavel.probes.linear import mean_auroc, validate_labelled
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from gavel.errors import DataError, check_is_fitted
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 from gavel.probes.linear import mean_auroc, validate_labelled
 
 SCORE_CHUNK = 4096  # windows per forward pass when scoring

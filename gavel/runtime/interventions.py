@@ -1,9 +1,12 @@
-"""Steering as a rule action: `rotate(plane=..., angle=...)`, `add(vector=..., strength=...)`, `ablate(direction=...)`
-steer the sequence that fired, from the next forward pass on, for the rest of the generation or `duration` tokens.
+"""Rules that intervene: each steering rule's method (from the `gavel.interventions` registry), its artifact and its
+intervention, and per batch which sequences each one acts on.
 
-`steering_rules` resolves each steering rule's artifact (a name the monitor was given, or a directory, relative to
-the rule's file) into an `Intervention` at its blocks; a `Steerer` holds, per batch, which sequences each rule steers
-(bool tensors the hooks read, updated in place after every forward) so other sequences of the batch are untouched.
+`rule_interventions` resolves each rule whose action is an intervention method: its artifact is an object the
+monitor was given (`artifacts={name: obj}`), a folder the monitor was given by name, or a folder relative to the
+rule's file; the method builds the intervention on the model's device. The monitor knows nothing about any method:
+`rotate`, `align` and a plugin's own action are all resolved here the same way. A `Steerer` holds, per batch, which
+sequences each rule steers (bool tensors the hooks read, updated in place after every forward), so the other
+sequences of the batch are untouched.
 """
 from __future__ import annotations
 
@@ -14,137 +17,82 @@ from pathlib import Path
 
 import torch
 
-from gavel.decon.train import DeconIEP
-from gavel.errors import ArtifactError, GavelError, RuleError
+from gavel.errors import ArtifactError, GavelError
 from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
-from gavel.models.sites import parse_site
-from gavel.steering.adaras.intervention import NeuronIntervention
-from gavel.steering.llmva.edit import AlignmentIntervention
-from gavel.steering.llmva.alignment import VectorAlignment
-from gavel.steering.selective.intervene import Intervention
-from gavel.steering.neuron_sets import load_neurons
-from gavel.steering.adaras.neurons import ReasoningNeurons
-from gavel.steering.selective.plane import SteeringPlane
+from gavel.plugins.interventions import Intervention, InterventionMethod
+from gavel.plugins.registry import registry
+from gavel.rules.source import RuleErrors
 
-Artifacts = Mapping[str, "SteeringPlane | VectorAlignment | ReasoningNeurons | DeconIEP | str | os.PathLike[str]"]
-_ARTIFACT_ARGUMENT = {"rotate": "plane", "add": "vector", "ablate": "direction", "align": "alignment",
-                      "steer_neurons": "neurons", "perturb": "perturbation"}
-_STRENGTH_ARGUMENT = {"rotate": "angle", "add": "strength"}
+Artifacts = Mapping[str, object]
+"""Artifact name (as rules write it) -> a fitted artifact object, or a folder (str or PathLike) holding one."""
 
 
 @dataclass(frozen=True)
-class SteeringRule:
-    """Rule `index` (in the monitor's reported rules) steers with `intervention` (a plane's `Intervention`, an
-    `AlignmentIntervention` or a `NeuronIntervention`), for `duration` forwards or to the end of the generation."""
+class RuleIntervention:
+    """Rule `index` (in the monitor's reported rules) acts through `intervention`: on the prompt of the sequences it
+    holds on while the prompt is read (`reads_prompt`), or from the forward after it fires, for `duration` forwards
+    or to the end of the generation."""
 
     index: int
-    intervention: Intervention | AlignmentIntervention | NeuronIntervention
+    intervention: Intervention
     duration: int | None
+    reads_prompt: bool
 
 
-@dataclass(frozen=True)
-class PerturbationRule:
-    """Rule `index` (in the monitor's reported rules) has the sequences it holds on while the prompt is read
-    generated from prompt embeddings perturbed by `perturbation` (bounded by `zeta`, None: the trained bound)."""
-
-    index: int
-    perturbation: DeconIEP
-    zeta: float | None
-
-
-def steering_rules(rules: Sequence, actions: Sequence[type], handle: ModelHandle,
-                   artifacts: Artifacts | None = None) -> list[SteeringRule | PerturbationRule]:
-    """The rules whose action steers, each with its intervention on the handle's device (or, for `perturb`, its
-    input perturbation); RuleErrors (located at the action) for artifacts that cannot be found or loaded, or blocks
-    the artifact does not cover."""
-    found, errors, cache = [], [], {}
+def rule_interventions(rules: Sequence, actions: Sequence[type], handle: ModelHandle,
+                       artifacts: Artifacts | None = None) -> list[RuleIntervention]:
+    """The rules whose action is an intervention method, each with its intervention on the handle's device; every
+    artifact that cannot be found, loaded or used is a RuleError located at its rule's action (all at once)."""
+    methods = registry().plugins["interventions"]
+    found, errors = [], []
+    cache: dict[tuple[object, Path], object] = {}
     for index, (rule, action) in enumerate(zip(rules, actions)):
-        if getattr(action, "kind", None) != "steer":
+        method = methods.get(rule.action_call.name)
+        if method is None or method is not action:
             continue
-        args = action.params.model_validate(dict(rule.action_call.args))
-        name = getattr(args, _ARTIFACT_ARGUMENT[action.method])
+        args = method.params.model_validate(dict(rule.action_call.args))
         try:
-            if action.method == "perturb":
-                perturbation = _artifact(name, rule, handle, artifacts or {}, cache, kind="perturbation")
-                found.append(PerturbationRule(index, perturbation, args.zeta))
-                continue
-            if action.method == "align":
-                alignment = _artifact(name, rule, handle, artifacts or {}, cache, kind="alignment")
-                intervention = AlignmentIntervention.from_alignment(alignment).to(handle.device)
-            elif action.method == "steer_neurons":
-                neurons = _artifact(name, rule, handle, artifacts or {}, cache, kind="neurons")
-                intervention = NeuronIntervention.from_neurons(neurons, args.strength).to(handle.device)
-            else:
-                plane = _artifact(name, rule, handle, artifacts or {}, cache)
-                sites = _sites(plane, args.layers)
-                strength = getattr(args, _STRENGTH_ARGUMENT.get(action.method, ""), 0.0)
-                intervention = Intervention.from_plane(plane, action.method, strength, sites).to(handle.device)
+            artifact = _artifact(method, str(getattr(args, method.artifact)), rule, handle, artifacts or {}, cache)
+            intervention = method.build(artifact, args, handle)
         except GavelError as e:
             errors.append(rule.action_error(f"rule '{rule.name}': {e.message}", 0, hint=e.hint))
             continue
-        found.append(SteeringRule(index, intervention, args.duration))
+        found.append(RuleIntervention(index, intervention, getattr(args, "duration", None), method.reads_prompt))
     if errors:
-        from gavel.rules.source import RuleErrors
-
         raise RuleErrors(errors)
     return found
 
 
-def _artifact(name: str, rule, handle: ModelHandle, artifacts: Artifacts, cache: dict, kind: str = "plane"):
-    """A named artifact the monitor was given (a fitted plane or alignment, or a directory), else a directory
-    relative to the rule's file (or the working directory); loaded once, refused when fitted on another model."""
+def _artifact(method: InterventionMethod, name: str, rule, handle: ModelHandle, artifacts: Artifacts,
+              cache: dict[tuple[object, Path], object]) -> object:
+    """An artifact object the monitor was given, else a folder (given by name, or relative to the rule's file, or to
+    the working directory) loaded by the method once per monitor."""
     given = artifacts.get(name)
-    if isinstance(given, (SteeringPlane, VectorAlignment, ReasoningNeurons, DeconIEP)):
+    if given is not None and not isinstance(given, (str, os.PathLike)):
+        if not method.accepts(given):
+            raise ArtifactError(f"artifact {name!r} given to the monitor is a {type(given).__name__}, which "
+                                f"'{method.name}' cannot use")
         return given
     path = Path(given if given is not None else name)
     if given is None and not path.is_absolute() and rule.source is not None:
         path = Path(rule.source.path).parent / path
-    if path not in cache:
+    loader = getattr(method.load, "__func__", method.load)   # methods sharing a loader share what it loaded
+    if (loader, path) not in cache:
         if not path.is_dir():
             known = f"; artifacts given: {', '.join(sorted(artifacts))}" if artifacts else ""
             raise ArtifactError(f"steering artifact {name!r} is neither a name the monitor was given nor a "
                                 f"directory ({path} does not exist){known}",
-                                hint="fit one with `gavel steer fit`, or pass Monitor(..., artifacts={name: path})")
-        loaders = {"alignment": lambda: _load_alignment(path, handle),
-                   "neurons": lambda: load_neurons(path, handle.fingerprint()),
-                   "perturbation": lambda: DeconIEP.load(path, handle.fingerprint()),
-                   "plane": lambda: SteeringPlane.load_artifact(path, handle.fingerprint())[0]}
-        cache[path] = loaders[kind]()
-    return cache[path]
-
-
-def _load_alignment(path: Path, handle: ModelHandle) -> VectorAlignment:
-    """A `gavel align fit` folder: its alignment, after its delta's fingerprint says it was fitted on this model."""
-    from gavel.steering.delta import WeightDelta
-
-    if not (path / "alignment").is_dir() or not (path / "delta").is_dir():
-        raise ArtifactError(f"{path} is not an LLM-VA folder (needs alignment/ and delta/ from `gavel align fit`)")
-    WeightDelta.load(path / "delta", handle.fingerprint())
-    return VectorAlignment.load(path / "alignment")
-
-
-def _sites(plane: SteeringPlane, layers: str) -> list[str]:
-    """The artifact's sites in the blocks `layers` names: "auto" (its selected blocks), "all", "L" or "L-M"."""
-    if layers == "auto":
-        chosen = plane.selected_sites
-    elif layers == "all":
-        chosen = list(plane.sites_)
-    else:
-        low, _, high = layers.partition("-")
-        span = range(int(low), int(high or low) + 1)
-        chosen = [s for s in plane.sites_ if parse_site(s).layer in span]
-    if not chosen:
-        fitted = sorted({parse_site(s).layer for s in plane.sites_})
-        raise RuleError(f"the steering artifact has no sites in layers {layers!r} (selected blocks: "
-                        f"{plane.selected_layers or 'none'}; fitted on blocks {fitted})")
-    return chosen
+                                hint="fit one (gavel steer fit, align fit, neurons find, decon train), or pass "
+                                     "Monitor(..., artifacts={name: path})")
+        cache[(loader, path)] = method.load(path, handle)
+    return cache[(loader, path)]
 
 
 class Steerer:
     """Per batch: which sequences each steering rule steers. The hooks read `active[i]`, a view updated in place."""
 
-    def __init__(self, rules: Sequence[SteeringRule], batch_size: int, device: torch.device) -> None:
+    def __init__(self, rules: Sequence[RuleIntervention], batch_size: int, device: torch.device) -> None:
         self.rules = list(rules)
         self.active = torch.zeros(len(self.rules), batch_size, dtype=torch.bool, device=device)
         self.left = torch.zeros(len(self.rules), batch_size, dtype=torch.long, device=device)

@@ -9,7 +9,7 @@ import dataclasses
 import string
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +29,7 @@ from gavel.rules.actions import check_actions
 from gavel.rules.compile.program import RESPONSE
 from gavel.rules.source import RuleErrors
 from gavel.rules.testing.run import Scan, ces_read
-from gavel.runtime.interventions import Artifacts, PerturbationRule, Steerer, SteeringRule, steering_rules
+from gavel.runtime.interventions import Artifacts, Steerer, rule_interventions
 
 Policy = Literal["fail_open", "fail_closed"]
 
@@ -113,9 +113,9 @@ class Monitor:
         self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
         self.can_block = any(a.stops_generation for a in actions)
         self.action_names = [a.name for a in actions]
-        resolved = steering_rules(self.rules, actions, handle, artifacts)
-        self.steering = [r for r in resolved if isinstance(r, SteeringRule)]
-        self.perturbations = [r for r in resolved if isinstance(r, PerturbationRule)]
+        resolved = rule_interventions(self.rules, actions, handle, artifacts)
+        self.steering = [r for r in resolved if not r.reads_prompt]
+        self.prompt_interventions = [r for r in resolved if r.reads_prompt]
         self.eos_ids = torch.tensor(handle.end_token_ids, dtype=torch.long, device=device)
         self.special_ids = torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long, device=device)
 
@@ -188,12 +188,12 @@ class Monitor:
 
     @contextmanager
     def perturbed_prompts(self, batch: PromptBatch) -> Iterator[list[list[Event]]]:
-        """`perturb` rules (DeconIEP): one more forward over the prompts decides which sequences a perturb rule holds
-        on while its prompt is read; inside the block those sequences' prompt embeddings carry the rule's trained
-        bounded perturbation (the first such rule of a sequence wins). Yields, per sequence, the events of the
-        perturb rules that fired (the perturbed prompt may no longer make them fire; the results keep them)."""
+        """Rules whose intervention reads the prompt (`perturb`, DeconIEP): one more forward over the prompts decides
+        which sequences such a rule holds on while its prompt is read; inside the block those sequences' prompts go
+        through the rule's intervention (the first such rule of a sequence wins). Yields, per sequence, the events of
+        those rules (the changed prompt may no longer make them fire; the results keep them)."""
         b = len(batch.encoded)
-        if not self.perturbations:
+        if not self.prompt_interventions:
             yield [[] for _ in range(b)]
             return
         with torch.no_grad(), self.watch_prompts(batch) as probe:
@@ -201,13 +201,13 @@ class Monitor:
         holds = torch.cat(probe.holds, 1).any(1)                                   # [B, R]
         early = probe.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])
         taken = torch.zeros(b, dtype=torch.bool, device=holds.device)
-        with ExitStack() as stack:
-            for rule in self.perturbations:
-                rows = holds[:, rule.index] & ~taken
-                taken |= rows
-                stack.enter_context(rule.perturbation.perturbing(self.handle, zeta=rule.zeta, rows=rows,
-                                                                 attention_mask=batch.attention_mask))
-            names = {self.rules[rule.index].name for rule in self.perturbations}
+        hooks = []
+        for rule in self.prompt_interventions:
+            rows = holds[:, rule.index] & ~taken
+            taken |= rows
+            hooks += rule.intervention.for_prompt(batch.attention_mask).hooks(rows)
+        with self.handle.hooks(hooks):
+            names = {self.rules[rule.index].name for rule in self.prompt_interventions}
             yield [[e for e in r.events if e.rule in names] for r in early]
 
     @contextmanager

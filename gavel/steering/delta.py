@@ -4,38 +4,26 @@ floating point). LLM-VA's closed-form edits of o_proj / down_proj are such delta
 """
 from __future__ import annotations
 
-import hashlib
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
+from gavel.artifacts import Manifest, ModelFingerprint, read_artifact, tensor_sha256, write_artifact
 from gavel.errors import ArtifactError, SiteError
-from gavel.models.fingerprint import ModelFingerprint, read_manifest
 from gavel.models.sites import parse_site, resolve_site
 
-MANIFEST = "delta.json"
-TENSORS = "delta.safetensors"
-FORMAT_VERSION = 1
 
+class DeltaManifest(Manifest):
+    """A weight delta: the model it edits and each edited parameter's digest before the edit."""
 
-class DeltaManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    format_version: int = FORMAT_VERSION
-    kind: str = "weight_delta"
+    kind: Literal["weight_delta"] = "weight_delta"
     fingerprint: ModelFingerprint
-    base_sha256: dict[str, str]        # each edited parameter's bytes before the edit
-    provenance: dict[str, str] = {}
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes."""
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    base_sha256: dict[str, str]
 
 
 def output_projection(model: torch.nn.Module, site: str) -> torch.nn.Module:
@@ -71,30 +59,23 @@ class WeightDelta:
         if missing:
             raise ArtifactError(f"the model has no parameter(s) {', '.join(missing)}")
         return cls({k: v.detach().to("cpu").contiguous() for k, v in deltas.items()}, fingerprint,
-                   {name: tensor_digest(params[name]) for name in deltas}, dict(provenance or {}))
+                   {name: tensor_sha256(params[name]) for name in deltas}, dict(provenance or {}))
 
-    def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(self.deltas, d / TENSORS)
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """One artifact: the deltas as tensors (named by parameter), the fingerprint and the base digests."""
         manifest = DeltaManifest(fingerprint=self.fingerprint, base_sha256=self.base_sha256,
                                  provenance=self.provenance)
-        (d / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-        return d
+        return write_artifact(directory, manifest, self.deltas)
 
     @classmethod
-    def load(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None,
-             force: bool = False) -> "WeightDelta":
+    def load(cls, directory: str | os.PathLike[str], fingerprint: ModelFingerprint | None = None,
+             force: bool = False) -> WeightDelta:
         """A saved delta; with the live model's fingerprint, one made for another model is refused unless `force`."""
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        manifest = read_manifest(d / MANIFEST, DeltaManifest, "weight delta", fingerprint=fingerprint, force=force)
-        if not (d / TENSORS).is_file():
-            raise ArtifactError(f"{d} is not a weight delta (no {TENSORS})")
-        return cls(load_file(d / TENSORS), manifest.fingerprint, manifest.base_sha256, manifest.provenance)
+        manifest, deltas = read_artifact(directory, DeltaManifest, fingerprint=fingerprint, force=force,
+                                         hint="make one with `gavel align fit ... --out DIR` (its delta/ folder)")
+        if set(deltas) != set(manifest.base_sha256):
+            raise ArtifactError(f"{directory}: the deltas and the base digests name different parameters")
+        return cls(deltas, manifest.fingerprint, manifest.base_sha256, manifest.provenance)
 
     def apply(self, model: torch.nn.Module, force: bool = False) -> "AppliedDelta":
         """Add the deltas to the model's parameters in place; `remove()` on the result restores them bit for bit.
@@ -106,7 +87,7 @@ class WeightDelta:
             if tuple(params[name].shape) != tuple(delta.shape):
                 raise ArtifactError(f"{name}: the delta is {tuple(delta.shape)}, the parameter "
                                     f"{tuple(params[name].shape)}")
-            if not force and tensor_digest(params[name]) != self.base_sha256[name]:
+            if not force and tensor_sha256(params[name]) != self.base_sha256[name]:
                 raise ArtifactError(f"{name} is not the weight this delta was made for (already edited, or another "
                                     "checkpoint)", hint="remove the earlier edit first, or pass force=True")
         originals = {name: params[name].detach().clone() for name in self.deltas}

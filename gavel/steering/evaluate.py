@@ -17,7 +17,8 @@ from gavel.io.conversations import Conversation
 from gavel.models.generation import prompt_batch, until_end
 from gavel.models.handle import ModelHandle
 from gavel.steering.activations import last_prompt_activations
-from gavel.steering.selective.intervene import Intervention, Method, steering
+from gavel.steering.selective.intervene import PlaneIntervention, Method
+from gavel.steering.intervention import steering
 from gavel.steering.selective.plane import SteeringPlane
 
 REFUSAL_PHRASES = ("i cannot", "i can't", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry",
@@ -106,7 +107,7 @@ def sweep(handle: ModelHandle, plane: SteeringPlane, conversations: Sequence[Con
     acts = last_prompt_activations(handle, conversations, chosen)
     points = []
     for strength in strengths:
-        intervention = Intervention.from_plane(plane, method, strength, chosen)
+        intervention = PlaneIntervention.from_plane(plane, method, strength, chosen)
         with steering(handle, intervention):
             replies = generate_with_ids(handle, conversations, max_new_tokens)
             perplexities = [reply_perplexity(handle, c, r) for c, r in zip(conversations, replies)]

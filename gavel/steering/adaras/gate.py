@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gavel.errors import DataError, check_is_fitted
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 
 STD_FLOOR = 1e-6  # standard deviations are clamped to at least this, so constant features do not divide by 0
 

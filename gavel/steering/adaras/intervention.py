@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from gavel.models.hooks import HookFn
-from gavel.steering.selective.intervene import gated_hooks
+from gavel.steering.intervention import gated_hooks
 from gavel.steering.adaras.neurons import ReasoningNeurons
 from gavel.steering.adaras.traces import Problem
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from gavel.errors import DataError, check_is_fitted
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 
 
 def trace_means(traces: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -75,6 +75,9 @@ def top_k_mask(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Te
 class ReasoningNeurons(Estimator):
     """The k reasoning-critical neurons across the fitted sites and their per-site steering vectors. With
     `polarity=False` the sign filter is skipped and the top k by |S| are taken among all neurons (the ablation)."""
+
+    artifact_kind = "reasoning_neuron_set"
+    artifact_hint = "make one with `gavel neurons find ... --out DIR`"
 
     def __init__(self, k: int = 50, polarity: bool = True) -> None:
         self.k = k

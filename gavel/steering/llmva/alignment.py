@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gavel.errors import DataError, check_is_fitted
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 
 SVM_MAX_ITER = 10_000
 

@@ -10,7 +10,7 @@ from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
 from gavel.steering.llmva.alignment import VectorAlignment
 from gavel.steering.delta import WeightDelta, output_projection
-from gavel.steering.selective.intervene import gated_hooks
+from gavel.steering.intervention import gated_hooks
 
 
 def sublayer_sites(n_layers: int) -> list[str]:

@@ -7,13 +7,16 @@ The result is one `WeightDelta` from the original weights, which the model is re
 """
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from gavel.artifacts import ModelFingerprint
 from gavel.errors import DataError
 from gavel.io.conversations import Conversation
 from gavel.models.generation import generate_replies
@@ -69,6 +72,31 @@ class LLMVAResult:
     delta: WeightDelta               # from the original weights to the winning iteration's
     history: list[Iteration]
     best: int
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Two artifacts in one folder: `alignment/` (what the `align` rule action projects with) and `delta/` (the
+        weight edit `gavel align eval | apply` applies), both with the fingerprint of the model they were fitted on."""
+        d = Path(directory)
+        self.alignment.save(d / ALIGNMENT, fingerprint=self.delta.fingerprint, provenance=self.delta.provenance)
+        self.delta.save(d / DELTA)
+        return d
+
+
+ALIGNMENT, DELTA = "alignment", "delta"   # the folders `LLMVAResult.save` writes
+
+
+def load_alignment(path: str | os.PathLike[str], fingerprint: ModelFingerprint | None = None,
+                   force: bool = False) -> VectorAlignment:
+    """The alignment of a `gavel align fit` folder (or an alignment folder itself), checked against the model."""
+    found = Path(path)
+    return VectorAlignment.load(found / ALIGNMENT if (found / ALIGNMENT).is_dir() else found, fingerprint, force)
+
+
+def load_delta(path: str | os.PathLike[str], fingerprint: ModelFingerprint | None = None,
+               force: bool = False) -> WeightDelta:
+    """The weight delta of a `gavel align fit` folder (or a delta folder itself), checked against the model."""
+    found = Path(path)
+    return WeightDelta.load(found / DELTA if (found / DELTA).is_dir() else found, fingerprint, force)
 
 
 def fit_llmva(handle: ModelHandle, benign: Sequence[Conversation], toxic: Sequence[Conversation], *,

@@ -1,22 +1,20 @@
-"""Steering as hooks: a fitted plane (or direction) and a method applied to the activations at its sites.
+"""Steering with a fitted plane: a method applied to the activations at the plane's sites, as an intervention.
 
-An `Intervention` is pure data (method, sites, tensors, strength); `hooks(active)` turns it into hook functions for
-`ModelHandle.hooks`. `active` is an optional bool [batch] tensor that the caller may change between forward passes:
-only those sequences are steered, so a rule can steer the one sequence that fired and leave the rest of its batch
-untouched. The math lives in `geometry`; this module only moves tensors and gates rows.
+A `PlaneIntervention` is pure data (method, sites, tensors, strength) following the intervention contract
+(`gavel.plugins.interventions`): `hooks(active)` turns it into hook functions for `ModelHandle.hooks`, steering only
+the rows where `active` is True. The math lives in `geometry`; this module only moves tensors.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from gavel.errors import DataError
-from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
+from gavel.steering.intervention import gated_hooks
 from gavel.steering.selective.geometry import add_direction, angular_steer, project_out, rotate_in_plane
 from gavel.steering.selective.plane import SteeringPlane
 
@@ -25,7 +23,7 @@ METHODS: tuple[str, ...] = ("rotate", "angular", "angular_adaptive", "add", "abl
 
 
 @dataclass(frozen=True)
-class Intervention:
+class PlaneIntervention:
     """`rotate` / `angular` / `angular_adaptive` by `strength` degrees in the plane, `add` `strength` times each
     site's difference of class means, or `ablate` the plane's first axis (b1), at `sites`."""
 
@@ -37,7 +35,7 @@ class Intervention:
 
     @classmethod
     def from_plane(cls, plane: SteeringPlane, method: Method, strength: float = 0.0,
-                   sites: Sequence[str] | None = None) -> "Intervention":
+                   sites: Sequence[str] | None = None) -> "PlaneIntervention":
         """An intervention at the plane's selected sites (or the given ones, which it must have been fitted on)."""
         if method not in METHODS:
             raise DataError(f"unknown steering method {method!r}; known: {', '.join(METHODS)}")
@@ -50,7 +48,7 @@ class Intervention:
         vectors = (plane.mean_pos_ - plane.mean_neg_)[rows] if rows else plane.mean_pos_[:0]
         return cls(method, tuple(chosen), float(strength), plane.plane_, vectors)
 
-    def to(self, device: torch.device | str) -> "Intervention":
+    def to(self, device: torch.device | str) -> "PlaneIntervention":
         return replace(self, plane=self.plane.to(device), vectors=self.vectors.to(device))
 
     def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:
@@ -68,24 +66,3 @@ class Intervention:
     def hooks(self, active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
         """(site, hook) pairs; with `active` (bool [batch]), rows where it is False pass through unchanged."""
         return gated_hooks(self.sites, self.apply, active)
-
-
-def gated_hooks(sites: Sequence[str], apply: Callable[[torch.Tensor, str], torch.Tensor],
-                active: torch.Tensor | None = None) -> list[tuple[str, HookFn]]:
-    """Hooks that replace each site's activation by `apply(act, site)`, only in the rows where `active` (bool
-    [batch], read at every call, so the caller may update it in place) is True; every row without it."""
-    def hook_for(site: str) -> HookFn:
-        def hook(act: torch.Tensor) -> torch.Tensor:
-            changed = apply(act, site)
-            if active is None:
-                return changed
-            return torch.where(active.to(act.device).view(-1, *([1] * (act.ndim - 1))), changed, act)
-        return hook
-    return [(site, hook_for(site)) for site in sites]
-
-
-@contextmanager
-def steering(handle: ModelHandle, intervention: Intervention, active: torch.Tensor | None = None) -> Iterator[None]:
-    """Steer every forward pass inside the block (the hooks are always removed after)."""
-    with handle.hooks(intervention.to(handle.device).hooks(active)):
-        yield

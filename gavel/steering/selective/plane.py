@@ -3,42 +3,25 @@
 `fit(positive, negative)` takes per-site activations at the last prompt token ({site: [N, d]}) of, say, harmful and
 harmless prompts; it keeps each site's candidate direction (difference of class means), the one plane (b1, b2)
 shared by all layers, and which blocks to steer: those all of whose sites the two classes project onto b1 with
-opposite signs. Saved as safetensors + JSON with the fingerprint of the model it was fitted on.
+opposite signs. Saved as one artifact (`Estimator.save(dir, fingerprint=...)`) with the fingerprint of the model it
+was fitted on.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from gavel.errors import DataError, check_is_fitted
-from gavel.models.fingerprint import ModelFingerprint, read_manifest
 from gavel.models.sites import parse_site
-from gavel.probes.estimator import Estimator
+from gavel.base import Estimator
 from gavel.steering.selective.geometry import candidate_directions, discriminative, projection_means, steering_plane
-
-MANIFEST = "steering.json"
-FORMAT_VERSION = 1
-
-
-class SteeringManifest(BaseModel):
-    """What a saved plane is for: the model it was fitted on, the sites, the selected blocks, the data."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    format_version: int = FORMAT_VERSION
-    kind: str = "steering_plane"
-    fingerprint: ModelFingerprint
-    sites: list[str]
-    layers: list[int]
-    samples: dict[str, int]
-    provenance: dict[str, str] = {}
-
 
 class SteeringPlane(Estimator):
     """Candidates, plane and discriminative blocks. `layers="auto"` selects blocks by the sign test, `"all"` keeps
     every block the sites cover (the ablation the paper compares with)."""
+
+    artifact_hint = "fit one with `gavel steer fit --pos FILE --neg FILE --out DIR`"
 
     def __init__(self, layers: str = "auto") -> None:
         self.layers = layers
@@ -82,31 +65,28 @@ class SteeringPlane(Estimator):
             by_layer.setdefault(_layer(site), []).append(ok)
         return sorted(layer for layer, oks in by_layer.items() if self.layers == "all" or all(oks))
 
+    def sites_in(self, layers: str) -> list[str]:
+        """The fitted sites in the blocks `layers` names: "auto" (the selected blocks), "all", "L" or "L-M"; a
+        DataError when there are none."""
+        if layers == "auto":
+            chosen = self.selected_sites
+        elif layers == "all":
+            chosen = list(self.sites_)
+        else:
+            low, _, high = layers.partition("-")
+            span = range(int(low), int(high or low) + 1)
+            chosen = [s for s in self.sites_ if _layer(s) in span]
+        if not chosen:
+            fitted = sorted({_layer(s) for s in self.sites_})
+            raise DataError(f"the steering plane has no sites in layers {layers!r} (selected blocks: "
+                            f"{self.selected_layers or 'none'}; fitted on blocks {fitted})")
+        return chosen
+
     @property
     def selected_sites(self) -> list[str]:
         """The sites of the selected blocks, in fitting order."""
         chosen = set(self.selected_layers)
         return [s for s in self.sites_ if _layer(s) in chosen]
-
-    def save_artifact(self, directory: str | Path, fingerprint: ModelFingerprint, samples: Mapping[str, int],
-                      provenance: Mapping[str, str] | None = None) -> Path:
-        """The estimator's tensors and parameters, plus a manifest naming the model it was fitted on."""
-        d = self.save(directory)
-        manifest = SteeringManifest(fingerprint=fingerprint, sites=self.sites_, layers=self.selected_layers,
-                                    samples=dict(samples), provenance=dict(provenance or {}))
-        (d / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-        return d
-
-    @classmethod
-    def load_artifact(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None,
-                      force: bool = False) -> tuple["SteeringPlane", SteeringManifest]:
-        """A saved plane and its manifest; with the live model's fingerprint, a plane fitted on another model is
-        refused (the field that differs is named) unless `force`."""
-        d = Path(directory)
-        manifest = read_manifest(d / MANIFEST, SteeringManifest, "steering artifact", fingerprint=fingerprint,
-                                 force=force, hint="fit one with `gavel steer fit --pos FILE --neg FILE --out DIR`")
-        return cls.load(d), manifest
-
 
 def _layer(site: str) -> int:
     layer = parse_site(site).layer
