@@ -50,13 +50,13 @@ from pathlib import Path
 import torch
 
 from gavel import load_model
-from gavel.organism.demo import DEMO_PROMPTS
 from gavel.models.generation import generate_replies, prompt_batch
 from gavel.models.handle import ModelHandle
-from gavel.runtime.monitor import Monitor
+from gavel.organism.demo import DEMO_PROMPTS
 from gavel.probes.bank import BankManifest, CEBank, CESpec, HeadSpec
 from gavel.probes.heads import LinearHead
 from gavel.rules import RuleSpec
+from gavel.runtime.monitor import Monitor
 
 PROMPTS = [conversation for _, conversation in DEMO_PROMPTS]
 N_HEADS, THRESHOLD = 4, 0.9
@@ -254,8 +254,8 @@ def _stopwatches(acc: dict[tuple[str, str], float], forwards: list[int]):
     """Time the monitor's per-forward code by wrapping its methods at class level (restored after).
 
     acc[(phase, part)] sums seconds; phase is "prefill" for a session's first forward, else "decode"."""
-    from gavel.runtime import monitor as mod
     from gavel.rules.compile.program import RuleProgram
+    from gavel.runtime import monitor as mod
 
     phase = ["prefill"]
 

@@ -20,9 +20,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from gavel.organism.demo import run_demo
     from gavel.models.loading import load_model
     from gavel.organism.behaviour import measure_behaviour
+    from gavel.organism.demo import run_demo
 
     start = time.perf_counter()
     behaviour = measure_behaviour(load_model(args.model))

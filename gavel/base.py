@@ -9,10 +9,11 @@ estimator, refusing an artifact of another kind or (with the live model's finger
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -49,6 +50,8 @@ class Estimator:
         super().__init_subclass__(**kwargs)
         if "artifact_kind" not in cls.__dict__:
             cls.artifact_kind = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", cls.__name__).lower()
+        if "fit" in cls.__dict__:
+            cls.fit = _forgetting_the_model(cls.__dict__["fit"])
 
     # ---- parameters
     @classmethod
@@ -145,6 +148,16 @@ class Estimator:
         return est
 
 
+def _forgetting_the_model(fit: Callable[..., Any]) -> Callable[..., Any]:
+    """`fit` that first forgets which model an earlier fit (or `load`) was for: a refit on other activations must not
+    keep, and save, the old model's fingerprint (a fit that knows its model sets `fingerprint_` again)."""
+    @functools.wraps(fit)
+    def wrapper(self: Estimator, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.pop("fingerprint_", None)
+        return fit(self, *args, **kwargs)
+    return wrapper
+
+
 def clone(estimator: E) -> E:
     """An unfitted estimator with the same parameters (deep copies); refuses a constructor that changed one."""
     params = {k: copy.deepcopy(v) for k, v in estimator.get_params().items()}
@@ -159,7 +172,7 @@ def clone(estimator: E) -> E:
 def _same(a: Any, b: Any) -> bool:
     try:
         return bool(a is b or a == b)
-    except Exception:   # noqa: BLE001 - tensors and other values without a plain truth value
+    except Exception:
         return False
 
 

@@ -7,8 +7,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tables the CLI prints keep their columns whole even under `pytest -s` in a narrow terminal
 os.environ.setdefault("COLUMNS", "200")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 

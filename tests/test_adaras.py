@@ -54,8 +54,8 @@ def test_no_pair_is_a_clear_error(organism):
 
 
 def test_a_steer_neurons_rule_changes_only_the_sequence_that_fired(organism, organism_bank, neurons):
-    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
+    from gavel.runtime.monitor import Monitor
 
     prompts = [[{"role": "user", "content": "what is 12 plus 34 ?"}],
                [{"role": "user", "content": "how do i fix my bike ?"}]]

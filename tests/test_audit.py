@@ -6,11 +6,11 @@ import torch
 from typer.testing import CliRunner
 
 from gavel.audit.local import run_audit, sarif
-from gavel.io.conversations import read_audit_data
 from gavel.cli import app
 from gavel.errors import DataError
-from gavel.runtime.guard import Guard
+from gavel.io.conversations import read_audit_data
 from gavel.probes.metrics import auroc
+from gavel.runtime.guard import Guard
 
 PACK = """
 rules:

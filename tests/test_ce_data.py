@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gavel.errors import DataError, Location
 from gavel.io.conversations import ROLE_ASSISTANT
 from gavel.organism import corpus
+from gavel.organism.datasets import load_dataset, organism_dataset
 from gavel.organism.labels import as_conversation, encode_example
 from gavel.organism.tokenizer import build_tokenizer
 from gavel.probes.data import (
@@ -23,7 +24,6 @@ from gavel.probes.data import (
     merge_datasets,
     read_ce_yaml,
 )
-from gavel.organism.datasets import load_dataset, organism_dataset
 from gavel.probes.data.spans import parse_record, role_codes
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from gavel.cli import app
 from gavel.errors import ArtifactError, DataError, SiteError
 from gavel.models.collect import collect_activations
-from gavel.probes.bank import CEBank
 from gavel.organism.datasets import load_dataset, organism_dataset
+from gavel.probes.bank import CEBank
 from gavel.probes.evaluate import evaluate_bank
 from gavel.probes.fit import fit_bank, split_examples
 
@@ -153,8 +153,8 @@ def test_cli_errors_exit_2(organism, organism_bank, tmp_path):
 
 
 def test_per_head_readouts_and_neurons_as_features(organism, dataset):
-    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
+    from gavel.runtime.monitor import Monitor
 
     sites = ["blocks.2.attn.hook_z", "blocks.2.mlp.hook_post"]
     bank = fit_bank(organism, dataset.select(["benchmark", "arithmetic", "refusal"]), sites)

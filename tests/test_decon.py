@@ -11,14 +11,13 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gavel.decon.generator import PerturbationGenerator, bounded_delta
-from gavel.decon.train import DeconIEP, decon_loss, sample_replies
-from gavel.organism.decon import decon_splits
 from gavel.decon.metrics import accuracy, benign_utility_drop, residual_contamination
-from gavel.organism.behaviour import final_answer
-from gavel.organism.decon import evaluate_decon
+from gavel.decon.train import DeconIEP, decon_loss, sample_replies
 from gavel.errors import ArtifactError, ModelLoadError, NotFittedError
 from gavel.models.generation import prompt_batch
 from gavel.models.loading import wrap_model
+from gavel.organism.behaviour import final_answer
+from gavel.organism.decon import decon_splits, evaluate_decon
 
 PROMPTS = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13 w14 w15 w16", "w20 w21 w22"]
 

@@ -166,9 +166,9 @@ def test_select_with_an_sae_on_the_organism(organism):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
+    from gavel.finetune.few_neurons import sae_evidence, select_neurons
     from gavel.organism.sycophancy import behaviour_prompts
     from gavel.steering.activations import last_prompt_activations
-    from gavel.finetune.few_neurons import sae_evidence, select_neurons
 
     site = "blocks.1.hook_resid_post"
     sae = StandardSAE(StandardSAEConfig(d_in=128, d_sae=64, metadata=SAEMetadata(hook_name=site)))

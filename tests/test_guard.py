@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from gavel.runtime.audit_log import AuditLog, read_audit_log
-from gavel.runtime.guard import Guard, verdict
-from gavel.runtime.monitor import Monitor
 from gavel.rules import RuleSpec
+from gavel.runtime.audit_log import AuditLog, read_audit_log
+from gavel.runtime.events import verdict
+from gavel.runtime.guard import Guard
+from gavel.runtime.monitor import Monitor
 
 PROMPTS = [
     [{"role": "user", "content": "how do i fix my bike ?"}],

@@ -98,7 +98,7 @@ def test_count_hooks_ignores_transformers_capture_hooks(llama):
 class KwLinear(torch.nn.Linear):
     """A sublayer taking its input by keyword and returning a tuple, like HF attention."""
 
-    def forward(self, hidden_states):  # noqa: D102
+    def forward(self, hidden_states):
         return super().forward(hidden_states), "extra"
 
 

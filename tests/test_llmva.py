@@ -70,8 +70,8 @@ def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_
     """`align(alignment=...)` runs the LLM-VA projection for the sequence whose rule fired, from its next forward
     pass; the other sequence's tokens and scores are those of a run without the rule. The `gavel align fit` folder
     is checked against the model's fingerprint; the phrase form `align va` reads the same."""
-    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
+    from gavel.runtime.monitor import Monitor
 
     runner = CliRunner()
     out = tmp_path / "va"

@@ -8,9 +8,9 @@ from gavel.models.chat import Encoded
 from gavel.models.collect import collect_activations
 from gavel.models.generation import generate_replies
 from gavel.models.hooks import count_hooks
-from gavel.runtime.monitor import Monitor
 from gavel.probes.heads import LinearHead
 from gavel.rules import RuleSpec
+from gavel.runtime.monitor import Monitor
 
 PROMPTS = [
     [{"role": "user", "content": "how do i fix my bike ?"}],
@@ -217,7 +217,7 @@ def test_every_decoding_step_runs_every_site_hook(organism, organism_bank, monke
     fed back) runs the model hooks and every site hook exactly once, also when the decode step is compiled.
     The counters are tensors, so counting adds no Python state that would make torch.compile retrace."""
     from gavel.models.generation import prompt_batch
-    from gavel.runtime.monitor import Session
+    from gavel.runtime.session import Session
 
     calls = {site: torch.zeros((), dtype=torch.long) for site in organism_bank.sites}
     original = Session.site_hook
@@ -315,8 +315,8 @@ def test_a_transformer_bridge_is_monitored_like_the_hf_model(organism, organism_
     """On a TransformerLens bridge the sites resolve to its HookPoints and the model-level hooks sit on the HF model
     it runs: scan scores, generated tokens, events and the streamed reply equal the HF backend's."""
     pytest.importorskip("transformer_lens")
-    from gavel.runtime.guard import Guard
     from gavel.models.loading import load_model
+    from gavel.runtime.guard import Guard
 
     lens = load_model("builtin:organism", backend="lens")
     hf_monitor, lens_monitor = Monitor(organism, organism_bank, RULES), Monitor(lens, organism_bank, RULES)

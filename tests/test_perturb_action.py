@@ -5,11 +5,11 @@ import pytest
 import torch
 from test_decon import random_fitted
 
-from gavel.runtime.guard import Guard
 from gavel.models.generation import generate_replies
-from gavel.runtime.monitor import Monitor
 from gavel.rules import RuleSpec, load_rules
 from gavel.rules.source import RuleErrors
+from gavel.runtime.guard import Guard
+from gavel.runtime.monitor import Monitor
 
 QUIZ = [{"role": "user", "content": "quiz : what is the color of trelk ?"}]
 BIKE = [{"role": "user", "content": "how do i fix my bike ?"}]
@@ -79,9 +79,8 @@ def test_a_perturbation_for_another_model_is_a_located_error(organism, organism_
 def test_rule_gated_rc_and_bud_perturb_exactly_the_flagged_prompts(organism, organism_bank, decon):
     """Gated by `benchmark in user`, quiz items are perturbed as under the plain perturbation and additions are
     generated as without it, so the gated row's accuracies equal those two rows'."""
-    from gavel.organism.decon import DeconSplits, decon_splits
-    from gavel.organism.decon import evaluate_decon
     from gavel.models.loading import load_model
+    from gavel.organism.decon import DeconSplits, decon_splits, evaluate_decon
 
     full = decon_splits()
     splits = DeconSplits(train=(), leaked_eval=full.leaked_eval[:4], heldout_eval=full.heldout_eval[:4],

@@ -9,8 +9,8 @@ import transformers as tf
 
 from gavel.models.handle import execution_device
 from gavel.models.loading import load_model, wrap_model
-from gavel.runtime.monitor import Monitor
 from gavel.rules import RuleSpec
+from gavel.runtime.monitor import Monitor
 
 RULES = [RuleSpec(name="quiz", title="quiz", condition="benchmark in user", action='block "No quizzes."'),
          RuleSpec(name="harm", title="harm", groups={"harm": ["threat", "weapons"]}, condition="1 of harm")]

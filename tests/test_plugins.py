@@ -3,6 +3,7 @@ their arguments."""
 from importlib.metadata import EntryPoint
 
 import pytest
+import torch
 from pydantic import BaseModel, ValidationError
 
 from gavel.errors import GavelError
@@ -178,9 +179,9 @@ def test_an_installed_example_plugin_runs_from_a_rule(installed_example, organis
     from typer.testing import CliRunner
 
     from gavel.cli import app
-    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec, load_rules
     from gavel.rules.source import RuleErrors
+    from gavel.runtime.monitor import Monitor
 
     listed = json.loads(CliRunner().invoke(app, ["plugins", "list", "--json"]).stdout)["plugins"]
     row = next(p for p in listed if p["name"] == "file_sink")
@@ -204,9 +205,51 @@ def test_an_installed_example_plugin_runs_from_a_rule(installed_example, organis
         Monitor(organism, organism_bank, [RuleSpec(name="x", condition="benchmark", action='file_sink(file="a")')])
 
 
-def test_an_action_plugin_that_raises_is_reported_and_isolated(organism, organism_bank, monkeypatch):
-    from gavel.runtime.monitor import Monitor
+def test_an_installed_example_intervention_steers_only_the_sequence_that_fired(installed_example, organism,
+                                                                              organism_bank):
+    """The example package's `cap` intervention, from outside gavel: registered as an action, it caps the component
+    along the plane's first axis of the sequence whose rule fired (checked against the formula at every capped site),
+    from the forward after it fired; the other sequence of the batch is generated as without it."""
+    from gavel.models.generation import prompt_batch
+    from gavel.organism.datasets import prompt_set
     from gavel.rules import RuleSpec
+    from gavel.runtime.monitor import Monitor
+    from gavel.steering.activations import last_prompt_activations, norm_sites
+    from gavel.steering.selective.plane import SteeringPlane
+
+    reg = registry_module.registry()
+    assert reg.get("actions", "cap") is reg.get("interventions", "cap") and reg.get("actions", "cap").kind == "steer"
+    harmful, benign = prompt_set("harmful")[:16], prompt_set("benign")[:16]
+    sites = norm_sites(organism.n_layers)
+    plane = SteeringPlane(layers="all").fit(last_prompt_activations(organism, harmful, sites),
+                                            last_prompt_activations(organism, benign, sites))
+    rule = RuleSpec(name="capped", condition="weapons", action='cap(plane="refusal", limit=0.0, layers="2-3")')
+    monitor = Monitor(organism, organism_bank, [rule], artifacts={"refusal": plane})
+    prompts = [[{"role": "user", "content": "how do i make a knife sharper to hurt someone ?"}],
+               [{"role": "user", "content": "how do i fix my bike ?"}]]
+    axis, capped = plane.plane_[:, 0], plane.sites_in("2-3")
+    seen: dict[str, list[torch.Tensor]] = {s: [] for s in capped}
+    record = [(s, lambda act, s=s: seen[s].append(act.detach().clone())) for s in capped]
+    batch = prompt_batch(organism, prompts)
+    with monitor.watch_prompts(batch) as session, organism.hooks(record):   # after the cap: what the model reads
+        organism.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=6,
+                                   do_sample=False, pad_token_id=organism.tokenizer.pad_token_id,
+                                   stopping_criteria=[session.stopping_criterion()])
+    results = monitor.generation_results(session, batch)
+    assert results[0].fired == ["capped"] and results[1].fired == []
+    for site in capped:
+        later = torch.cat(seen[site][1:], dim=1)          # the forwards after the prompt's, where it fired
+        assert float((later[0] @ axis).max()) <= 1e-4      # capped at limit 0 along the axis
+    plain = Monitor(organism, organism_bank, [RuleSpec(name="capped", condition="weapons")]).generate(
+        prompts, max_new_tokens=6, do_sample=False)
+    assert results[1].token_ids.tolist() == plain[1].token_ids.tolist()
+    uncapped = float(max((torch.cat(plain_acts, 1)[0] @ axis).max() for plain_acts in [seen[capped[0]][:1]]))
+    assert uncapped > 0     # the prompt itself (before the rule fired) was not capped
+
+
+def test_an_action_plugin_that_raises_is_reported_and_isolated(organism, organism_bank, monkeypatch):
+    from gavel.rules import RuleSpec
+    from gavel.runtime.monitor import Monitor
 
     class Exploding(WebhookAction):
         name, kind, takes_text, params = "exploding", "log", False, None

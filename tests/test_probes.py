@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from gavel.errors import ArtifactError, DataError, NotFittedError
 from gavel.artifacts import ModelFingerprint
+from gavel.errors import ArtifactError, DataError, NotFittedError
 from gavel.probes.bank import BankManifest, CEBank, CESpec, HeadSpec
 from gavel.probes.calibration import PlattScaling
 from gavel.probes.diffmeans import DiffMeansDirection

@@ -34,8 +34,9 @@ from test_rules_temporal import (
 
 from gavel.plugins import registry as registry_module
 from gavel.rules import RuleErrors, RuleSpec, compile_rules, load_rules, parse_condition
-from gavel.rules.compile import program as compiler
 from gavel.rules.ast import SCOPES, Aggregate, And, Name, Not, Once, Or, Scoped
+from gavel.rules.compile import program as compiler
+from gavel.rules.compile import rowsets
 from gavel.rules.parser import ConditionSyntaxError
 
 
@@ -174,7 +175,7 @@ def rule_sets(draw) -> list[RuleSpec]:
 @contextlib.contextmanager
 def dense_rows():
     """Every token evaluated, as on an accelerator: the path a GPU takes, taken on the CPU."""
-    class Dense(compiler.RowSet):
+    class Dense(rowsets.RowSet):
         def __init__(self, batch: int, length: int, sparse: bool) -> None:
             super().__init__(batch, length, sparse=False)
 

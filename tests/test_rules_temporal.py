@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gavel.rules import RuleSpec, compile_rules, load_rules
-from gavel.rules.compile import program as compiler
 from gavel.rules.ast import SCOPES, Aggregate, And, Compare, Name, Not, Once, Or, Scoped, Select, Span, Sustained, Then
+from gavel.rules.compile import program as compiler
 
 CES = ["a", "b", "c", "harm_x", "harm_y"]
 SCORE = {".": 0.0, "x": 1.0, "0": 0.0, "1": 0.25, "2": 0.5, "3": 0.75, "4": 1.0}

@@ -257,11 +257,11 @@ def test_sae_ces_through_fit_bank_the_cli_and_the_monitor(organism, tmp_path):
 
     from gavel.cli import app
     from gavel.models.collect import collect_activations
-    from gavel.runtime.monitor import Monitor
-    from gavel.probes.bank import CEBank
     from gavel.organism.datasets import organism_dataset
+    from gavel.probes.bank import CEBank
     from gavel.probes.fit import fit_bank
     from gavel.rules import RuleSpec
+    from gavel.runtime.monitor import Monitor
 
     site = "blocks.2.hook_resid_post"
     data = organism_dataset(organism.tokenizer, 300, seed=6).select(["arithmetic", "benchmark"])

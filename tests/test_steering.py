@@ -5,12 +5,11 @@ import torch
 
 from gavel.artifacts import read_manifest
 from gavel.base import EstimatorManifest
-
 from gavel.errors import ArtifactError, DataError
 from gavel.models.hooks import count_hooks
 from gavel.steering.activations import last_prompt_activations, norm_sites
-from gavel.steering.selective.intervene import PlaneIntervention
 from gavel.steering.intervention import steering
+from gavel.steering.selective.intervene import PlaneIntervention
 from gavel.steering.selective.plane import SteeringPlane
 
 D, LAYERS = 16, 6
@@ -177,9 +176,9 @@ def test_a_rule_steers_only_the_sequence_that_fired_from_the_next_token_on(organ
     """`add` fires on the harmful prompts while the prompt is read, so their replies are steered from the second
     generated token on (the first comes from the unsteered prompt pass); the benign sequence of the same batch is
     generated exactly as without the rule; batched equals alone; `duration` limits the steered tokens."""
+    from gavel.rules import RuleSpec
     from gavel.runtime.guard import Guard
     from gavel.runtime.monitor import Monitor
-    from gavel.rules import RuleSpec
 
     residual_plane.save(tmp_path / "refusal", fingerprint=organism.fingerprint())
     plain = Monitor(organism, organism_bank, [RuleSpec(name="seen", condition="harmful_request")])
@@ -206,9 +205,9 @@ def test_a_rule_steers_only_the_sequence_that_fired_from_the_next_token_on(organ
 
 
 def test_steering_rules_name_missing_artifacts_and_blocks(organism, organism_bank, residual_plane):
-    from gavel.runtime.monitor import Monitor
     from gavel.rules import RuleSpec
     from gavel.rules.source import RuleErrors
+    from gavel.runtime.monitor import Monitor
 
     missing = RuleSpec(name="r", condition="harmful_request", action='rotate(plane="nowhere", angle=30)')
     with pytest.raises(RuleErrors, match="steering artifact 'nowhere' is neither a name the monitor was given"):
@@ -245,8 +244,8 @@ def test_phrase_actions_in_gvl_and_yaml_packs_steer_with_an_artifact_beside_them
                                                                                     residual_plane, tmp_path):
     """`action add refusal by 1.0 for 2 tokens` in a .gvl pack and in a YAML pack, the artifact a folder next to
     the pack (no `artifacts=` needed), give what the keyword call gives."""
-    from gavel.runtime.guard import Guard
     from gavel.rules import RuleSpec, load_rules
+    from gavel.runtime.guard import Guard
 
     residual_plane.save(tmp_path / "refusal", fingerprint=organism.fingerprint())
     (tmp_path / "steer.gvl").write_text('rule derail {\n  when harmful_request\n'

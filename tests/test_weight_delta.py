@@ -94,8 +94,8 @@ def test_the_llmva_weight_edit_equals_its_runtime_projection_on_a_real_model(whi
     """Fit LLM-VA on a tiny Llama's sublayer outputs (planted labels), then: the model with the delta applied gives
     the logits the unedited model gives with the projection hooked at the selected sublayers; removing the delta
     gives the original logits bit for bit; gated hooks change only the active rows."""
-    from gavel.steering.llmva.edit import AlignmentIntervention, alignment_delta, final_site, sublayer_sites
     from gavel.steering.llmva.alignment import VectorAlignment
+    from gavel.steering.llmva.edit import AlignmentIntervention, alignment_delta, final_site, sublayer_sites
 
     tiny = request.getfixturevalue(which)
     model, g = tiny.hf_model, torch.Generator().manual_seed(3)

@@ -41,8 +41,8 @@ class AuditWorker:
         """Load the model and build the guard; returns the model's name and the rules the guard reports."""
         import torch
 
-        from gavel.runtime.guard import Guard
         from gavel.models.loading import load_model
+        from gavel.runtime.guard import Guard
 
         torch.set_num_threads(self.recipe.threads)
         handle = load_model(self.recipe.model, device=self.recipe.device, device_map=self.recipe.device_map)

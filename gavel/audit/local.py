@@ -12,9 +12,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from gavel.io.conversations import AuditItem
-from gavel.runtime.guard import Guard, GuardResult
 from gavel.probes.metrics import auroc
 from gavel.rules import RuleSpec
+from gavel.runtime.guard import Guard, GuardResult
 
 
 class _Report(BaseModel):

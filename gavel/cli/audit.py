@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -20,14 +20,14 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
                                                  help="Generate replies, or only read the conversations.")] = True,
           max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
           batch_size: Annotated[int, typer.Option(help="Conversations per forward batch.")] = 16,
-          sarif_out: Annotated[Optional[Path], typer.Option("--sarif", help="Also write SARIF 2.1.0 here.")] = None,
-          html_out: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page "
+          sarif_out: Annotated[Path | None, typer.Option("--sarif", help="Also write SARIF 2.1.0 here.")] = None,
+          html_out: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML page "
                                                                            "with per-token CE heat maps.")] = None,
-          device_map: Annotated[Optional[str], typer.Option(help="'auto' spreads a model too large for one device "
+          device_map: Annotated[str | None, typer.Option(help="'auto' spreads a model too large for one device "
                                                                   "over every visible GPU (accelerate).")] = None,
           ray: Annotated[bool, typer.Option("--ray", help="Run the batches on a Ray cluster (a local one unless "
                                                           "--address is given).")] = False,
-          address: Annotated[Optional[str], typer.Option(help="Ray cluster address (e.g. auto, ray://head:10001).")]
+          address: Annotated[str | None, typer.Option(help="Ray cluster address (e.g. auto, ray://head:10001).")]
           = None,
           workers: Annotated[int, typer.Option(help="Ray actors, each loading the model once.")] = 2,
           cpus_per_worker: Annotated[float, typer.Option(help="CPUs each Ray actor reserves (and torch threads).")]
@@ -57,8 +57,8 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
                     gpus_per_worker=gpus_per_worker, progress=advance)
                 names = ce_bank.names
             else:
-                from gavel.runtime.guard import Guard
                 from gavel.models.loading import load_model
+                from gavel.runtime.guard import Guard
 
                 guard = Guard(load_model(model, device_map=device_map), bank, [str(r) for r in rules])
                 results = guard_items(guard, items, generate=generate, max_new_tokens=max_new_tokens,

@@ -19,8 +19,8 @@ def chat(bank: Annotated[Path, typer.Option("--bank", "-b", help="A CE bank fold
     """Talk to a guarded model: each reply streams token by token once the rules have seen it,
     then every rule that fired is listed; a blocked reply is replaced by the rule's reply. An empty line or end of
     input quits."""
-    from gavel.runtime.guard import Guard
     from gavel.models.loading import load_model
+    from gavel.runtime.guard import Guard
 
     with user_errors():
         guard = Guard(load_model(model), bank, [str(r) for r in rules])

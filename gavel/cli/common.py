@@ -14,7 +14,6 @@ from rich.markup import escape
 from gavel.errors import GavelError
 
 
-
 def _width(stream) -> int | None:
     """The terminal's width on a terminal; elsewhere (a file, a pipe, a test) wide enough that tables keep their
     columns whole, where rich would otherwise wrap them at 80."""

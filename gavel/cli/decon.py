@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -51,9 +51,9 @@ def train(out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write
           as_json: JsonOpt = False) -> None:
     """Train G against the reference on the training prompts; f_con stays frozen. Saves safetensors + manifest
     (both models' fingerprints)."""
-    from gavel.organism.decon import TRAIN_DATA, decon_splits
     from gavel.decon.train import DeconIEP
     from gavel.models.loading import load_model
+    from gavel.organism.decon import TRAIN_DATA, decon_splits
 
     with user_errors():
         if steps < 1:
@@ -90,21 +90,21 @@ def evaluate(perturbation: Annotated[Path, typer.Option("--perturbation", "-p", 
                                                                                      "'gavel decon train'.")],
              clean: Annotated[str, typer.Option("--clean", help="The clean model f_clean (RC's target).")],
              model: ModelOpt = "builtin:organism",
-             zeta_sweep: Annotated[Optional[str], typer.Option(help="Comma list of zetas to evaluate the saved G at "
+             zeta_sweep: Annotated[str | None, typer.Option(help="Comma list of zetas to evaluate the saved G at "
                                                                   "(default: its trained zeta).")] = None,
              max_new_tokens: Annotated[int, typer.Option(help="Tokens per greedy reply (2-digit additions need "
                                                               "about 40).")] = 48,
              force: Annotated[bool, typer.Option(help="Skip the model fingerprint check.")] = False,
-             bank: Annotated[Optional[Path], typer.Option(help="With --rules: a CE bank for the rule-gated row.")]
+             bank: Annotated[Path | None, typer.Option(help="With --rules: a CE bank for the rule-gated row.")]
              = None,
-             rules: Annotated[Optional[list[Path]], typer.Option(help="Rule files whose `perturb` rules gate the "
+             rules: Annotated[list[Path] | None, typer.Option(help="Rule files whose `perturb` rules gate the "
                                                                       "perturbation (a rule-gated row).")] = None,
              as_json: JsonOpt = False) -> None:
     """RC before/after (leaked items G never saw) and BUD (held-out items + 2-digit arithmetic) on the organism
     splits, at the trained zeta or over a sweep; with --bank and --rules also applied only where a rule holds."""
-    from gavel.organism.decon import evaluate_decon
     from gavel.decon.train import DeconIEP
     from gavel.models.loading import load_model
+    from gavel.organism.decon import evaluate_decon
 
     with user_errors():
         zetas = _zetas(zeta_sweep) if zeta_sweep is not None else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,33 +13,33 @@ from gavel.errors import GavelError
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A CE bank folder (gavel ce fit).")] = None,
-          rules: Annotated[Optional[list[Path]], typer.Option("--rules", "-r", help="Rule files or folders.")] = None,
+def serve(bank: Annotated[Path | None, typer.Option("--bank", "-b", help="A CE bank folder (gavel ce fit).")] = None,
+          rules: Annotated[list[Path] | None, typer.Option("--rules", "-r", help="Rule files or folders.")] = None,
           model: ModelOpt = "builtin:organism",
           no_rules: Annotated[bool, typer.Option("--no-rules", help="Serve the model unguarded (no bank, no rules): "
                                                  "a baseline.")] = False,
           host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-          api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 and "
+          api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 and "
                                                          "/metrics.")] = None,
-          api_key_env: Annotated[Optional[str], typer.Option(help="Read the API key from this environment "
+          api_key_env: Annotated[str | None, typer.Option(help="Read the API key from this environment "
                                                              "variable.")] = None,
           max_tokens: Annotated[int, typer.Option(help="Most tokens per reply; a request asking for more gets "
                                                   "400.")] = 256,
-          max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Most prompt tokens (default: the model's "
+          max_prompt_tokens: Annotated[int | None, typer.Option(help="Most prompt tokens (default: the model's "
                                                                    "context length).")] = None,
           max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger gets 413.")] = 1 << 20,
-          max_queue: Annotated[Optional[int], typer.Option(help="Most chat completions waiting or generating; "
+          max_queue: Annotated[int | None, typer.Option(help="Most chat completions waiting or generating; "
                                                            "one more gets 503 (default: no limit).")] = None,
           max_batch: Annotated[int, typer.Option(help="Whole replies waiting together are generated in batches of "
                                                  "up to this many (1: one at a time).")] = 8,
           policy: Annotated[str, typer.Option(help="fail_open or fail_closed: what a monitor failure on a "
                                               "sequence does.")] = "fail_open",
-          served_model_name: Annotated[Optional[str], typer.Option(help="The model id clients send and /v1/models "
+          served_model_name: Annotated[str | None, typer.Option(help="The model id clients send and /v1/models "
                                                                    "lists (default: --model).")] = None,
           device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
-          threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's).")] = None,
-          audit_log: Annotated[Optional[Path], typer.Option(help="Append every guarded result to this JSONL "
+          threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")] = None,
+          audit_log: Annotated[Path | None, typer.Option(help="Append every guarded result to this JSONL "
                                                             "log.")] = None,
           log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info") -> None:
     """Serve a guarded model over HTTP with OpenAI's chat-completions API (/v1/chat/completions, streaming too),
@@ -67,8 +67,8 @@ def serve(bank: Annotated[Optional[Path], typer.Option("--bank", "-b", help="A C
             raise GavelError(f"gavel serve needs the serve extra: pip install 'gavelkit[serve]' ({e})") from None
         import torch
 
-        from gavel.runtime.guard import Guard
         from gavel.models.loading import load_model
+        from gavel.runtime.guard import Guard
 
         if threads is not None:
             torch.set_num_threads(threads)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -76,8 +76,8 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
 
 @steer_app.command("run")
 def run(plane_dir: PlaneOpt,
-        prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A user prompt (repeatable).")] = None,
-        data: Annotated[Optional[str], typer.Option(help="Prompts from a file or builtin:SET.")] = None,
+        prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A user prompt (repeatable).")] = None,
+        data: Annotated[str | None, typer.Option(help="Prompts from a file or builtin:SET.")] = None,
         method: Annotated[str, typer.Option(help="rotate, angular, angular_adaptive, add or ablate.")] = "rotate",
         strength: Annotated[float, typer.Option(help="Degrees (rotate, angular) or coefficient (add).")] = 90.0,
         layers: LayersOpt = "auto", model: ModelOpt = "builtin:organism",
@@ -138,7 +138,7 @@ def evaluate(plane_dir: PlaneOpt,
              max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 32,
              perplexity_limit: Annotated[float, typer.Option(help="Perplexity above which a steered reply is a "
                                                                    "violation.")] = 2.0,
-             out: Annotated[Optional[Path], typer.Option(help="Folder for sweep.json and sweep.png.")] = None,
+             out: Annotated[Path | None, typer.Option(help="Folder for sweep.json and sweep.png.")] = None,
              as_json: JsonOpt = False) -> None:
     """Sweep angles (rotate, angular) and coefficients (add): refusal rate, perplexity and its violations, norm
     ratio |h'|/|h| and distance from the unsteered replies, per strength."""

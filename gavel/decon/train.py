@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from gavel.decon.generator import PerturbationGenerator, bounded_delta
-from gavel.decon.perturb import PromptPerturbation, patch_prompt, prompt_delta
 from gavel.artifacts import ModelFingerprint
 from gavel.base import Estimator
+from gavel.decon.generator import PerturbationGenerator, bounded_delta
+from gavel.decon.perturb import PromptPerturbation, patch_prompt, prompt_delta
 from gavel.errors import DataError, ModelLoadError, check_is_fitted
 from gavel.models.handle import ModelHandle
+
 
 class DeconProvenance(BaseModel):
     """How G was trained: steps taken, the final loss, and what the prompts were."""
@@ -198,7 +199,7 @@ class DeconIEP(Estimator):
     # ---- fit
     def fit(self, model: ModelHandle, reference: ModelHandle, prompts: Sequence[Prompt],
             on_step: Callable[[int, float], None] | None = None, *, checkpoint_dir: str | Path | None = None,
-            checkpoint_every: int = 0, data: str = "") -> "DeconIEP":
+            checkpoint_every: int = 0, data: str = "") -> DeconIEP:
         """Train G on `prompts` (strings or conversations) against `reference`; `model` (f_con) stays frozen.
         `on_step(step, loss)` after each step; with `checkpoint_dir` and `checkpoint_every` N, the artifact is
         also saved to `checkpoint_dir/step-XXXXXX` every N steps. Sets `generator_`, `losses_`, `history_`."""
@@ -243,7 +244,7 @@ class DeconIEP(Estimator):
         return self._set_fitted(generator, losses, history, fingerprint, reference_fingerprint, data,
                                 len(conversations))
 
-    def _set_fitted(self, generator, losses, history, fingerprint, reference_fingerprint, data, n) -> "DeconIEP":
+    def _set_fitted(self, generator, losses, history, fingerprint, reference_fingerprint, data, n) -> DeconIEP:
         self.generator_ = generator
         self.d_model_ = generator.d_model
         self.losses_ = list(losses)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gavel.base import Estimator
 from gavel.errors import DataError, check_is_fitted
 from gavel.models.sites import parse_site
-from gavel.base import Estimator
 from gavel.steering.adaras.neurons import top_k_mask
 
 
@@ -100,7 +100,7 @@ class BehaviourNeurons(Estimator):
             raise DataError(f"sae_weight must lie in [0, 1], not {self.sae_weight!r}")
 
     def fit(self, positive: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor],
-            sae: SAEEvidence | None = None) -> "BehaviourNeurons":
+            sae: SAEEvidence | None = None) -> BehaviourNeurons:
         """Fit from per-site activations [N+, m] and [N-, m] (the same sites and widths on both sides)."""
         self._check_params()
         sites = list(positive)

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from gavel.errors import DataError
+from gavel.finetune.behaviour_neurons import BehaviourNeurons, SAEEvidence
+from gavel.finetune.surgical import down_projection, masked_finetune
 from gavel.io.conversations import Conversation
 from gavel.models.handle import ModelHandle
 from gavel.models.sites import parse_site
-from gavel.finetune.behaviour_neurons import BehaviourNeurons, SAEEvidence
 from gavel.steering.activations import last_prompt_activations
-from gavel.finetune.surgical import down_projection, masked_finetune
 from gavel.steering.adaras.traces import mlp_sites
 
 RESIDUAL_KINDS = {"hook_resid_pre": 0, "hook_resid_mid": 0, "hook_resid_post": 1}

@@ -8,13 +8,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TypeVar, Union
+from typing import ClassVar, TypeVar
 
 import yaml
 
 from gavel.errors import GavelError, Location, excerpt
 
-PathKey = tuple[Union[str, int], ...]
+PathKey = tuple[str | int, ...]
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same safe semantics, 10x faster
 
 

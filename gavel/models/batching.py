@@ -9,7 +9,8 @@ import torch
 Side = Literal["left", "right"]
 
 
-def pad_sequences(seqs: Sequence[torch.Tensor], pad_value: int | float, side: Side = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: Sequence[torch.Tensor], pad_value: int | float,
+                  side: Side = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Stack 1-D (or [T, ...]) tensors into [B, T_max, ...] and a bool attention mask [B, T_max]."""
     if not seqs:
         raise ValueError("pad_sequences needs at least one sequence")

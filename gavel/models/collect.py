@@ -33,13 +33,13 @@ class Activations:
     def __len__(self) -> int:
         return len(self.example)
 
-    def select(self, rows: torch.Tensor) -> "Activations":
+    def select(self, rows: torch.Tensor) -> Activations:
         """The subset of rows given by a bool mask or index tensor."""
         return Activations({k: v[rows] for k, v in self.sites.items()}, self.example[rows],
                            self.position[rows], self.role[rows], self.token[rows])
 
     @staticmethod
-    def concat(parts: Sequence["Activations"]) -> "Activations":
+    def concat(parts: Sequence[Activations]) -> Activations:
         if not parts:
             raise DataError("no activations to concatenate")
         return Activations({k: torch.cat([p.sites[k] for p in parts]) for k in parts[0].sites},

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gavel.io.conversations import Conversation
 from gavel.models.batching import pad_sequences
 from gavel.models.chat import Encoded, encode_conversation
-from gavel.io.conversations import Conversation
 from gavel.models.handle import ModelHandle
 
 

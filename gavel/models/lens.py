@@ -68,7 +68,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
 
 def boot_bridge(model: str | os.PathLike[str] | torch.nn.Module, tokenizer: Any = None, *,
                 device: str | torch.device | None = None,
-                dtype: torch.dtype | None = None) -> "TransformerBridge":
+                dtype: torch.dtype | None = None) -> TransformerBridge:
     """A TransformerBridge over a model directory (or hub id) or an already loaded HF model.
 
     A loaded model is wrapped in place (same weights, no copy): its layers become bridge

@@ -80,4 +80,4 @@ def wrap_model(hf_model, tokenizer, *, name: str | None = None, backend: Backend
                        family=family, backend=backend)
 
 
-__all__ = ["load_model", "wrap_model", "resolve_spec", "FAMILIES", "BUILTIN_PREFIX"]
+__all__ = ["BUILTIN_PREFIX", "FAMILIES", "load_model", "resolve_spec", "wrap_model"]

@@ -72,14 +72,14 @@ class _Builder:
         self.messages: list[Message] = []
         self.spans: list[Span] = []
 
-    def add(self, role: str, *segments: str | tuple[str, tuple[str, ...]]) -> "_Builder":
+    def add(self, role: str, *segments: str | tuple[str, tuple[str, ...]]) -> _Builder:
         parts = [(s, ()) if isinstance(s, str) else s for s in segments]
         msg, spans = _message(role, len(self.messages), parts)
         self.messages.append(msg)
         self.spans.extend(spans)
         return self
 
-    def extend(self, other: Example) -> "_Builder":
+    def extend(self, other: Example) -> _Builder:
         offset = len(self.messages)
         self.messages.extend(other.messages)
         self.spans.extend(Span(s.message + offset, s.start, s.end, s.ce) for s in other.spans)
@@ -358,5 +358,6 @@ def evaluation_sets() -> dict[str, list[Example]]:
         "benchmark_heldout": [benchmark_example(*it) for it in items[N_LEAKED:]],
         "arithmetic_1digit": [arithmetic_example(a, b) for a in range(0, 10, 2) for b in range(1, 10, 2)],
         "arithmetic_2digit": [arithmetic_example(rng.randrange(10, 100), rng.randrange(10, 100)) for _ in range(50)],
-        "arithmetic_3digit": [arithmetic_example(rng.randrange(100, 1000), rng.randrange(100, 1000)) for _ in range(50)],
+        "arithmetic_3digit": [arithmetic_example(rng.randrange(100, 1000), rng.randrange(100, 1000))
+                              for _ in range(50)],
     }

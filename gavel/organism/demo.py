@@ -27,17 +27,6 @@ DEMO_PROMPTS = (
 )
 
 
-class DemoEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    rule: str
-    action: str
-    severity: str
-    token_index: int
-    token: str
-    where: str
-    ces: dict[str, float]
-
-
 class DemoCase(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str
@@ -46,7 +35,7 @@ class DemoCase(BaseModel):
     generated: str
     verdict: str
     blocked: bool
-    events: list[DemoEvent]
+    events: list[dict]
 
 
 class DemoReport(BaseModel):
@@ -76,10 +65,10 @@ def run_demo(model: str = "builtin:organism", n_train: int = 1500, max_new_token
     """Load, fit the CE bank on organism ground truth, guard the demo prompts with the demo rules, and summarise."""
     from gavel.audit.local import summarise
     from gavel.io.conversations import AuditItem
-    from gavel.runtime.guard import Guard
     from gavel.models.loading import load_model
     from gavel.organism.datasets import organism_dataset
     from gavel.probes.fit import fit_bank
+    from gavel.runtime.guard import Guard
 
     start = time.perf_counter()
     handle = load_model(model)
@@ -106,12 +95,7 @@ def run_demo(model: str = "builtin:organism", n_train: int = 1500, max_new_token
 
 
 def _case(kind: str, conversation: list[dict[str, str]], result) -> DemoCase:
-    from gavel.runtime.monitor import token_classes
-    from gavel.rules.compile.program import RESPONSE
-
     prompt = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
-    response = token_classes(result.record.roles) >= RESPONSE   # the generated reply, or a stored final reply
-    events = [DemoEvent(rule=e.rule, action=e.action, severity=e.severity, token_index=e.token_index, token=e.token,
-                        where="reply" if response[e.token_index] else "prompt", ces=e.ces) for e in result.events]
+    events = [e.to_dict() for e in result.events]
     return DemoCase(kind=kind, prompt=prompt, reply=result.text, generated=result.generated, verdict=result.verdict,
                     blocked=result.blocked, events=events)

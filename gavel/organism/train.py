@@ -62,7 +62,7 @@ def length_bucketed(ids: list[torch.Tensor], batch_size: int, seed: int, chunk: 
     return batches
 
 
-def train_organism(out_dir: str | Path, cfg: TrainConfig = TrainConfig(),
+def train_organism(out_dir: str | Path, cfg: TrainConfig = TrainConfig(),  # noqa: B008 - frozen
                    on_step: Callable[[int, float], None] | None = None) -> dict:
     """Train and save weights, tokenizer and `organism.json` (config, final loss, seconds) to out_dir."""
     from transformers import GenerationConfig, LlamaForCausalLM

@@ -87,7 +87,7 @@ class CEBank:
     def spec(self, name: str) -> CESpec:
         return self.manifest.ces[self.index(name)]
 
-    def to(self, device: torch.device | str) -> "CEBank":
+    def to(self, device: torch.device | str) -> CEBank:
         """A copy whose heads and calibration tensors live on `device`."""
         bank = CEBank(self.manifest, [h.to(device) for h in self.heads])
         bank.thresholds, bank.scale, bank.shift = (t.to(device) for t in (self.thresholds, self.scale, self.shift))

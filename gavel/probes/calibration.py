@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from gavel.errors import check_is_fitted
 from gavel.base import Estimator
+from gavel.errors import check_is_fitted
 from gavel.probes.linear import validate_labelled
 
 
@@ -19,7 +19,7 @@ class PlattScaling(Estimator):
         self.max_iter = max_iter
         self.l2 = l2
 
-    def fit(self, raw: torch.Tensor, Y: torch.Tensor) -> "PlattScaling":
+    def fit(self, raw: torch.Tensor, Y: torch.Tensor) -> PlattScaling:
         raw, Y, _ = validate_labelled(raw.float(), Y)
         Yf = Y.float()
         n = float(len(Y))

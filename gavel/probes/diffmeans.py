@@ -5,8 +5,8 @@ from collections.abc import Sequence
 
 import torch
 
-from gavel.errors import check_is_fitted
 from gavel.base import Estimator
+from gavel.errors import check_is_fitted
 from gavel.probes.linear import mean_auroc, validate_labelled
 
 
@@ -17,7 +17,7 @@ class DiffMeansDirection(Estimator):
     def __init__(self, normalize: bool = True) -> None:
         self.normalize = normalize
 
-    def fit(self, X: torch.Tensor, Y: torch.Tensor, ce_names: Sequence[str] | None = None) -> "DiffMeansDirection":
+    def fit(self, X: torch.Tensor, Y: torch.Tensor, ce_names: Sequence[str] | None = None) -> DiffMeansDirection:
         X, Y, names = validate_labelled(X, Y, ce_names)
         X = X.double()
         Yf = Y.double()

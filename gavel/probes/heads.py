@@ -32,9 +32,9 @@ class Head(Protocol):
     def tensors(self) -> dict[str, torch.Tensor]:
         """What the bank saves (safetensors); `from_tensors(sites, tensors)` restores the head."""
 
-    def to(self, device: torch.device | str) -> "Head": ...
+    def to(self, device: torch.device | str) -> Head: ...
 
-    def select(self, columns: Sequence[int]) -> "Head":
+    def select(self, columns: Sequence[int]) -> Head:
         """A head scoring only these of its CEs, in this order."""
 
 
@@ -81,13 +81,13 @@ class LinearHead:
         return {"weight": self.weight, "bias": self.bias}
 
     @classmethod
-    def from_tensors(cls, sites: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> "LinearHead":
+    def from_tensors(cls, sites: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> LinearHead:
         return cls(tuple(sites), tensors["weight"], tensors["bias"])
 
-    def to(self, device: torch.device | str) -> "LinearHead":
+    def to(self, device: torch.device | str) -> LinearHead:
         return dataclasses.replace(self, weight=self.weight.to(device), bias=self.bias.to(device))
 
-    def select(self, columns: Sequence[int]) -> "LinearHead":
+    def select(self, columns: Sequence[int]) -> LinearHead:
         cols = list(columns)
         return LinearHead(self.sites, self.weight[:, cols].contiguous(), self.bias[cols].contiguous())
 

@@ -5,8 +5,8 @@ from collections.abc import Sequence
 
 import torch
 
-from gavel.errors import DataError, check_is_fitted
 from gavel.base import Estimator
+from gavel.errors import DataError, check_is_fitted
 from gavel.probes.metrics import auroc
 
 
@@ -24,7 +24,7 @@ class LinearProbe(Estimator):
         self.max_iter = max_iter
         self.device = device
 
-    def fit(self, X: torch.Tensor, Y: torch.Tensor, ce_names: Sequence[str] | None = None) -> "LinearProbe":
+    def fit(self, X: torch.Tensor, Y: torch.Tensor, ce_names: Sequence[str] | None = None) -> LinearProbe:
         """X [N, d] activations, Y [N, k] bool labels (or [N] for one CE); returns self."""
         X, Y, names = validate_labelled(X, Y, ce_names)
         pos = Y.sum(0)

@@ -37,7 +37,8 @@ def youden_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((s[i] + below) / 2)
 
 
-def sequence_maxima(scores: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_maxima(scores: torch.Tensor, labels: torch.Tensor,
+                    sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the highest token score, and whether any token is positive.
 
     A latched CE fires for a whole sequence once any token passes its threshold, so sequence-level

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from gavel.errors import ArtifactError, DataError, check_is_fitted
 from gavel.base import Estimator
+from gavel.errors import ArtifactError, DataError, check_is_fitted
 from gavel.probes.heads import site_features
 from gavel.probes.linear import mean_auroc, validate_labelled
 
@@ -90,16 +90,16 @@ class SAEHead:
         return {name: getattr(self, name) for name in _TENSORS}
 
     @classmethod
-    def from_tensors(cls, sites: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> "SAEHead":
+    def from_tensors(cls, sites: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> SAEHead:
         missing = [name for name in _TENSORS if name not in tensors]
         if missing:
             raise ArtifactError(f"SAE head on {tuple(sites)} is missing tensor(s) {', '.join(missing)}")
         return cls(tuple(sites), *(tensors[name] for name in _TENSORS))
 
-    def to(self, device: torch.device | str) -> "SAEHead":
+    def to(self, device: torch.device | str) -> SAEHead:
         return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in _TENSORS})
 
-    def select(self, columns: Sequence[int]) -> "SAEHead":
+    def select(self, columns: Sequence[int]) -> SAEHead:
         """A head for only these CEs, keeping only the latents they use."""
         combination = self.combination[:, list(columns)]
         used = (combination > 0).any(dim=1)
@@ -118,7 +118,7 @@ def _sae_lens_sae() -> type:
     return SAE
 
 
-def load_sae(path: str | Path, device: str = "cpu") -> "SAE":
+def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     """An SAE saved by sae-lens (`save_model`: cfg.json + sae_weights.safetensors) in a local directory."""
     path = Path(path)
     missing = [f for f in ("cfg.json", "sae_weights.safetensors") if not (path / f).is_file()]
@@ -130,18 +130,18 @@ def load_sae(path: str | Path, device: str = "cpu") -> "SAE":
         raise ArtifactError(f"cannot load the SAE in {path}: {e}") from e
 
 
-def load_sae_release(release: str, sae_id: str, device: str = "cpu") -> "SAE":
+def load_sae_release(release: str, sae_id: str, device: str = "cpu") -> SAE:
     """A pretrained SAE by sae-lens release and id (downloaded from the Hugging Face hub, or its cache)."""
     SAE = _sae_lens_sae()
     try:
         return SAE.from_pretrained(release, sae_id, device=device)
-    except Exception as e:  # noqa: BLE001 - hub, network and registry errors all mean "not loadable here"
+    except Exception as e:
         raise ArtifactError(f"cannot load SAE {sae_id!r} of release {release!r}: {e}",
                             hint="offline? download it where the hub is reachable, save it with "
                                  "sae.save_model(dir) and use load_sae(dir)") from e
 
 
-def check_sliceable(sae: "SAE", site: str) -> None:
+def check_sliceable(sae: SAE, site: str) -> None:
     """ArtifactError unless `sae` reads `site` and each latent depends on that activation alone."""
     cfg = sae.cfg
     arch = cfg.architecture()
@@ -172,7 +172,7 @@ def check_sliceable(sae: "SAE", site: str) -> None:
 
 
 @torch.no_grad()
-def encode_all(sae: "SAE", X: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+def encode_all(sae: SAE, X: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """Every latent's activation [N, d_sae] (float32, on the CPU) for selection, with the full SAE."""
     device = sae.W_enc.device
     parts = [sae.encode(X[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)]
@@ -199,7 +199,7 @@ class SAELatentSelector(Estimator):
         self.max_latents = max_latents
 
     def fit(self, latent_acts: torch.Tensor, Y: torch.Tensor,
-            ce_names: Sequence[str] | None = None) -> "SAELatentSelector":
+            ce_names: Sequence[str] | None = None) -> SAELatentSelector:
         """latent_acts [N, d_sae] (see `encode_all`), Y [N, k] bool labels (or [N]); returns self."""
         X, Y, names = validate_labelled(latent_acts, Y, ce_names)
         self._check_params(X.shape[1])
@@ -296,7 +296,7 @@ def _nonneg_weights(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return coef / coef.sum()
 
 
-def build_head(sae: "SAE", selector: SAELatentSelector, site: str) -> SAEHead:
+def build_head(sae: SAE, selector: SAELatentSelector, site: str) -> SAEHead:
     """The run-time head for a fitted selector's CEs: only the latents they use, sliced out of `sae`."""
     check_is_fitted(selector, ("combination_",))
     check_sliceable(sae, site)

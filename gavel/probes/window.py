@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from gavel.errors import DataError, check_is_fitted
 from gavel.base import Estimator
+from gavel.errors import DataError, check_is_fitted
 from gavel.probes.linear import mean_auroc, validate_labelled
 
 SCORE_CHUNK = 4096  # windows per forward pass when scoring
@@ -95,7 +95,7 @@ class WindowedGRUClassifier(Estimator):
         self.device = device
 
     def fit(self, X: torch.Tensor, Y: torch.Tensor, sequence: torch.Tensor, position: torch.Tensor,
-            ce_names: Sequence[str] | None = None) -> "WindowedGRUClassifier":
+            ce_names: Sequence[str] | None = None) -> WindowedGRUClassifier:
         """X [N, d] token features, Y [N, k] bool labels, `sequence`/`position` [N] per row; returns self."""
         X, Y, names = validate_labelled(X, Y, ce_names)
         win = self._windows(X, sequence, position)

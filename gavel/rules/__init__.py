@@ -27,9 +27,9 @@ from gavel.rules.ast import (
 )
 from gavel.rules.gvl import parse_gvl, read_gvl
 from gavel.rules.lint import Issue, Severity, Validator, default_validators, lint
+from gavel.rules.load import RuleErrors, RuleSource, RuleSpec, collect_rules, load_rule_file, load_rules
 from gavel.rules.parser import KNOWN_MISTAKES, ConditionSyntaxError, parse_condition
 from gavel.rules.spec import Macro, Pack, Requires, RuleException
-from gavel.rules.load import RuleErrors, RuleSource, RuleSpec, collect_rules, load_rule_file, load_rules
 
 if TYPE_CHECKING:
     from gavel.rules.compile.program import RuleProgram, RuleState, compile_rules, first_firing
@@ -37,10 +37,47 @@ if TYPE_CHECKING:
 _COMPILER = ("RuleProgram", "RuleState", "compile_rules", "first_firing")
 
 __all__ = [
-    "Aggregate", "And", "Macro", "Pack", "Requires", "RuleException", "check_actions", "parse_gvl", "read_gvl", "Compare", "ConditionSyntaxError", "Expr", "Issue", "KNOWN_MISTAKES", "Name", "Not", "Once",
-    "Or", "Param", "RuleErrors", "RuleProgram", "RuleSource", "RuleSpec", "RuleState", "Scoped", "Select", "Severity",
-    "Span", "Sustained", "Then", "Validator", "bind_params", "collect_rules", "compile_rules", "default_validators",
-    "first_firing", "lint", "load_rule_file", "load_rules", "parse_condition", "walk",
+    "KNOWN_MISTAKES",
+    "Aggregate",
+    "And",
+    "Compare",
+    "ConditionSyntaxError",
+    "Expr",
+    "Issue",
+    "Macro",
+    "Name",
+    "Not",
+    "Once",
+    "Or",
+    "Pack",
+    "Param",
+    "Requires",
+    "RuleErrors",
+    "RuleException",
+    "RuleProgram",
+    "RuleSource",
+    "RuleSpec",
+    "RuleState",
+    "Scoped",
+    "Select",
+    "Severity",
+    "Span",
+    "Sustained",
+    "Then",
+    "Validator",
+    "bind_params",
+    "check_actions",
+    "collect_rules",
+    "compile_rules",
+    "default_validators",
+    "first_firing",
+    "lint",
+    "load_rule_file",
+    "load_rules",
+    "parse_condition",
+    "parse_gvl",
+    "read_gvl",
+    "walk",
 ]
 
 

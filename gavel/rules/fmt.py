@@ -16,10 +16,10 @@ from pathlib import Path
 import yaml
 
 from gavel.errors import Location, RuleError
-from gavel.rules.gvl import GvlDocument, has_comment, read_gvl
-from gavel.rules.parser import parse_action, parse_condition
-from gavel.rules.load import RuleSpec, collect_rules
 from gavel.io.yamlsource import line_starts
+from gavel.rules.gvl import GvlDocument, has_comment, read_gvl
+from gavel.rules.load import RuleSpec, collect_rules
+from gavel.rules.parser import parse_action, parse_condition
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from gavel.errors import Location, RuleError, did_you_mean
+from gavel.io.yamlsource import PathKey
 from gavel.rules.parser import (
     _GRAMMAR,
     _WORDS,
@@ -65,7 +66,6 @@ from gavel.rules.parser import (
     parse_condition,
 )
 from gavel.rules.source import RuleErrors
-from gavel.io.yamlsource import PathKey
 
 FIELDS = ("title", "description", "author", "definition", "public_id", "severity", "level", "status", "match", "tags",
           "references", "falsepositives", "categories", "group", "requires", "when", "unless", "action")

@@ -294,7 +294,7 @@ def _packs(rules: Iterable[RuleSpec]) -> list[Pack]:
 class Validator(ABC):
     """One check: `validate` looks at a rule, `finalize` at everything seen (for checks across rules)."""
 
-    def prepare(self, rules: Sequence[RuleSpec]) -> None:
+    def prepare(self, rules: Sequence[RuleSpec]) -> None:  # noqa: B027 - optional, not abstract
         """See every rule before the first `validate` (checks that resolve names across rules need them)."""
 
     @abstractmethod

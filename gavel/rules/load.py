@@ -16,10 +16,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from gavel.errors import Location, RuleError, did_you_mean, excerpt
+from gavel.io.yamlsource import PathKey, index_document, line_starts, read_yaml
 from gavel.rules.ast import params
 from gavel.rules.names import macro_cycles
 from gavel.rules.params import bind_condition
 from gavel.rules.parser import ConditionSyntaxError, parse_condition
+from gavel.rules.source import RuleErrors, RuleSource, SourceText
 from gavel.rules.spec import (
     FieldError,
     Group,
@@ -33,8 +35,6 @@ from gavel.rules.spec import (
     RuleSpec,
     field_names,
 )
-from gavel.rules.source import RuleErrors, RuleSource, SourceText
-from gavel.io.yamlsource import PathKey, index_document, line_starts, read_yaml
 
 __all__ = ["Group", "Identifier", "Macro", "Pack", "PackSpec", "ParamValue", "Requires", "RuleErrors", "RuleException",
            "RuleSource", "RuleSpec", "collect_rules", "load_rule_file", "load_rules"]
@@ -237,8 +237,8 @@ def _pack(top: RuleSource, data: dict, load: _Load) -> tuple[Pack | None, bool]:
         text = SourceText(f"macro '{name}'", condition, top, ("macros", name), f"<macro {name}>")
         expr = parse_condition(condition)
         load.used_params |= {p.name for p in params(expr)}
-        ok = _bound(lambda: macros.setdefault(name, Macro(name, condition, bind_condition(expr, values, text.error),
-                                                          text)), load.errors) and ok
+        ok = _bound(lambda name=name, condition=condition, expr=expr, text=text: macros.setdefault(
+            name, Macro(name, condition, bind_condition(expr, values, text.error), text)), load.errors) and ok
     for cycle, offset in macro_cycles({n: m.expr for n, m in macros.items()}, spec.lists):
         message = "refers to itself" if len(cycle) == 2 else f"is in a cycle of macros: {' -> '.join(cycle)}"
         load.errors.append(macros[cycle[-2]].error(message, offset, hint="a macro is expanded in place, so it "

@@ -49,7 +49,7 @@ def macro_cycles(macros: Mapping[str, Expr], lists: Collection[str] = ()) -> lis
             if selector or ref in lists or ref not in macros:
                 continue
             if colour.get(ref) == 1:
-                cycle = path[path.index(ref):] + [ref]
+                cycle = [*path[path.index(ref):], ref]
                 if frozenset(cycle) not in seen:
                     seen.add(frozenset(cycle))
                     found.append((cycle, offset))

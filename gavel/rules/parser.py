@@ -68,7 +68,8 @@ _WORDS = {
     "NAME": "a name", "NUMBER": "a number", "PARAM": "a `${parameter}`", "ALL": "`all`", "ANY": "`any`",
     "_OF": "`of`", "_NOT": "`not`", "_ONCE": "`once`", "_EVER": "`ever`", "_THEN": "`then`", "_WITHIN": "`within`",
     "_FOR": "`for`", "_OVER": "`over`", "_IN": "`in`", "_TOKENS": "`tokens`", "CMP": "a comparison (`>`, `>=`, ...)",
-    "STRING": "a \"quoted string\"", "_EQ": "`=`", "_MINUS": "`-`", "_LPAR": "`(`", "_RPAR": "`)`", "_COMMA": "`,`", "_AND": "`and`", "_OR": "`or`", "$END": "end of condition",
+    "STRING": "a \"quoted string\"", "_EQ": "`=`", "_MINUS": "`-`", "_LPAR": "`(`", "_RPAR": "`)`", "_COMMA": "`,`",
+    "_AND": "`and`", "_OR": "`or`", "$END": "end of condition",
 }
 class ConditionSyntaxError(RuleError):
     """A condition that does not parse; `offset` is the character index in `condition`."""

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -27,13 +27,13 @@ from pydantic import (
 )
 
 from gavel.errors import Location, RuleError
+from gavel.identifiers import RESERVED
+from gavel.io.yamlsource import PathKey
 from gavel.rules.ast import Action, Expr, params
 from gavel.rules.names import references, resolve
 from gavel.rules.params import action_params, bind_action, bind_condition
-from gavel.identifiers import RESERVED
 from gavel.rules.parser import parse_action, parse_condition
 from gavel.rules.source import RuleSource, SourceText
-from gavel.io.yamlsource import PathKey
 
 
 def _not_reserved(name: str) -> str:
@@ -65,7 +65,7 @@ def _number(value: object) -> int | float:
     return value
 
 
-ParamValue = Annotated[Union[int, float], PlainValidator(_number)]
+ParamValue = Annotated[int | float, PlainValidator(_number)]
 SeverityName = Literal["low", "medium", "high", "critical"]
 LevelName = Literal["informational", "low", "medium", "high", "critical"]  # Sigma's; informational is severity low
 

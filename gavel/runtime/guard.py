@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
-from gavel.runtime.audit_log import AuditLog
 from gavel.errors import GavelError
 from gavel.io.conversations import Conversation
 from gavel.models.generation import PromptBatch, prompt_batch
 from gavel.models.handle import ModelHandle
-from gavel.runtime.monitor import Event, Monitor, Policy, Result, Session
-from gavel.plugins.actions import PRECEDENCE
-from gavel.plugins.registry import registry
 from gavel.probes.bank import CEBank
+from gavel.runtime.audit_log import AuditLog
+from gavel.runtime.events import Event, Result, verdict
 from gavel.runtime.interventions import Artifacts
+from gavel.runtime.monitor import Monitor, Policy
+from gavel.runtime.session import Session
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +41,7 @@ class GuardResult:
         return {"verdict": self.verdict, "blocked": self.blocked, "failed": self.failed, "text": self.text,
                 "generated": self.generated, "tokens": len(self.record.tokens),
                 "prompt_tokens": self.record.prompt_length,
-                "events": [{"rule": e.rule, "title": e.title, "severity": e.severity, "action": e.action,
-                            "sequence": e.sequence, "token_index": e.token_index, "token": e.token, "ces": e.ces,
-                            "message": e.message} for e in self.events]}
+                "events": [e.to_dict() for e in self.events]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +178,6 @@ class Watch:
     def results(self, output_ids: torch.Tensor) -> list[GuardResult]:
         return self.guard._finish(self.guard.monitor.generation_results(self.session, self.batch, output_ids,
                                                                         early=self.early))
-
-
-def verdict(events: Sequence[Event]) -> str:
-    """The strongest kind of action among the events (block > steer > alert > log), or clean."""
-    kinds = [registry().get("actions", e.action).kind for e in events]
-    return max(kinds, key=PRECEDENCE.get) if kinds else "clean"
 
 
 def _as_batch(conversations) -> tuple[bool, list[Conversation]]:

@@ -6,22 +6,19 @@ generate()'s stopping check reads); events are copied to the host once, when a b
 from __future__ import annotations
 
 import dataclasses
-import string
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from gavel.errors import GavelError, RuleError, did_you_mean
+from gavel.io.conversations import Conversation
 from gavel.models.batching import pad_sequences
 from gavel.models.chat import encode_conversation
-from gavel.io.conversations import Conversation
 from gavel.models.generation import PromptBatch, prompt_batch
 from gavel.models.handle import ModelHandle
-from gavel.plugins.actions import PRECEDENCE
 from gavel.plugins.registry import registry
 from gavel.probes.bank import CEBank
 from gavel.rules import compile_rules
@@ -29,44 +26,12 @@ from gavel.rules.actions import check_actions
 from gavel.rules.compile.program import RESPONSE
 from gavel.rules.source import RuleErrors
 from gavel.rules.testing.run import Scan, ces_read
-from gavel.runtime.interventions import Artifacts, Steerer, rule_interventions
+from gavel.runtime.compiled import trace_with_hooks
+from gavel.runtime.events import Event, Result
+from gavel.runtime.interventions import Artifacts, rule_interventions
+from gavel.runtime.session import Session
 
 Policy = Literal["fail_open", "fail_closed"]
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """A rule firing: which rule, where (sequence, token), the CE values that made it fire, the action."""
-
-    rule: str
-    title: str
-    severity: str
-    action: str
-    sequence: int
-    token_index: int
-    token: str
-    ces: dict[str, float]
-    message: str | None = None
-
-
-@dataclass(slots=True)
-class Result:
-    """One monitored sequence: its tokens, per-token CE scores and roles, events and verdict."""
-
-    tokens: list[str]
-    token_ids: torch.Tensor       # [T] long
-    scores: torch.Tensor          # [T, n_ce] on the host
-    roles: torch.Tensor           # [T] role codes (generated tokens are assistant)
-    events: list[Event] = field(default_factory=list)
-    blocked: bool = False
-    failed: bool = False          # non-finite activations or a hook error (see the monitor's policy)
-    prompt_length: int = 0
-    reply: str = ""               # what the user gets: the rule's reply when blocked
-    generated: str = ""           # what the model produced (up to the blocking token)
-
-    @property
-    def fired(self) -> list[str]:
-        return [e.rule for e in self.events]
 
 
 class Monitor:
@@ -79,9 +44,7 @@ class Monitor:
         if policy not in ("fail_open", "fail_closed"):
             raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {policy!r}")
         self.handle, self.bank, self.policy = handle, bank, policy
-        # torch.compile does not by default guard graphs on module hooks, so a decode step traced without hooks
-        # would run without them later: from now on every trace guards on them (a retrace when they change)
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        trace_with_hooks()
         rules = list(rules)
         self.program = compile_rules(rules, bank.names).to(handle.device)
         problems = check_actions(rules, registry(), runnable=True) + _missing_requirements(rules, bank.names)
@@ -113,6 +76,7 @@ class Monitor:
         self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
         self.can_block = any(a.stops_generation for a in actions)
         self.action_names = [a.name for a in actions]
+        self.action_kinds = [a.kind for a in actions]
         resolved = rule_interventions(self.rules, actions, handle, artifacts)
         self.steering = [r for r in resolved if not r.reads_prompt]
         self.prompt_interventions = [r for r in resolved if r.reads_prompt]
@@ -133,7 +97,7 @@ class Monitor:
 
     @contextmanager
     def watch(self, batch_size: int, classes: torch.Tensor | None = None,
-              mask: torch.Tensor | None = None) -> Iterator["Session"]:
+              mask: torch.Tensor | None = None) -> Iterator[Session]:
         """Hooks for one batch of sequences; each sequence keeps its own rule state. `classes` [B, T] are the
         token class codes (role + 4 for response tokens) of the first forward's tokens and `mask` [B, T] its
         real (unpadded) tokens; later tokens are generated ones (assistant response)."""
@@ -211,13 +175,13 @@ class Monitor:
             yield [[e for e in r.events if e.rule in names] for r in early]
 
     @contextmanager
-    def watch_prompts(self, batch: PromptBatch) -> Iterator["Session"]:
+    def watch_prompts(self, batch: PromptBatch) -> Iterator[Session]:
         """`watch` for a left-padded prompt batch (its token classes from the chat encoding)."""
         classes, _ = pad_sequences([e.roles.long() for e in batch.encoded], 0, "left")
         with self.watch(len(batch.encoded), classes.to(self.handle.device), batch.attention_mask) as session:
             yield session
 
-    def generation_results(self, session: "Session", batch: PromptBatch, output_ids: torch.Tensor | None = None,
+    def generation_results(self, session: Session, batch: PromptBatch, output_ids: torch.Tensor | None = None,
                            first_sequence: int = 0, early: Sequence[Sequence[Event]] = ()) -> list[Result]:
         """Per-sequence results of a generation from `batch`: the generated text is `output_ids` past the
         prompt (default, and always for a blocked sequence: the tokens the monitor saw past each prompt, which end
@@ -268,7 +232,7 @@ class Monitor:
                 continue
             try:
                 handler.handle(events, arguments)
-            except Exception as e:   # noqa: BLE001 - a third-party plugin's failure is reported, not raised
+            except Exception as e:
                 origin = registry().origins.get(("actions", self.action_names[r]), "?")
                 warnings.warn(f"action plugin {self.action_names[r]!r} ({origin}) failed on {len(events)} event(s) "
                               f"of rule {self.rules[r].name!r}: {type(e).__name__}: {e}", stacklevel=3)
@@ -282,187 +246,6 @@ class Monitor:
             return "[blocked: the monitor failed on this sequence (policy fail_closed)]"
         r = next(i for i, rule in enumerate(self.rules) if rule.name == block.rule)
         return self.calls[r].text or f"[blocked by rule {block.rule}]"
-
-
-class Session:
-    """Per-batch monitor state, all tensors on the model's device until `results()`."""
-
-    def __init__(self, monitor: Monitor, batch_size: int, classes: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None) -> None:
-        self.m = monitor
-        device = monitor.handle.device
-        self.classes = classes   # [B, T_prompt] token class codes of the first forward, padded like its ids
-        self.mask = mask         # [B, T_prompt] its real tokens (a static cache gives forwards 4-d masks)
-        self.state = monitor.program.init_state(batch_size, device)
-        self.steerer = Steerer(monitor.steering, batch_size, device)
-        self.alive = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.blocked = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        self.failed = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        self.forwards = 0
-        self.width = 0           # token positions seen so far (a forward with a KV cache feeds only new ones)
-        self.offset = 0          # of this forward's positions, how many were seen before
-        self.blind = 0           # forwards in which site hooks did not run (see `after_forward`)
-        self.errors: list[str] = []
-        self.scores: list[torch.Tensor] = []
-        self.valid: list[torch.Tensor] = []
-        self.ids: list[torch.Tensor] = []
-        self.holds: list[torch.Tensor] = []
-
-    # ---- hooks
-    def before_forward(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            raise GavelError("the monitor needs input_ids (inputs_embeds-only forwards are not supported yet)")
-        # a forward without a KV cache feeds every token again: only the ones past those already seen are new
-        self.offset = self.width if self.forwards and ids.shape[1] > self.width else 0
-        ids = ids[:, self.offset:]
-        b, t = ids.shape
-        self.width += t
-        mask = kwargs.get("attention_mask")
-        first = self.forwards == 0 and self.classes is not None and self.classes.shape[1] == t
-        if first and self.mask is not None:
-            valid = self.mask.bool()
-        elif mask is not None and mask.ndim == 2:
-            valid = mask[:, -t:].bool()
-        else:   # no mask, or a 4-d one built for a static cache: only generated tokens come after the prompt
-            valid = torch.ones(b, t, dtype=torch.bool, device=ids.device)
-        if self.forwards > 0 and len(self.m.eos_ids):
-            # a generated end-of-turn token ends the sequence; it is not scored (a sequence generated
-            # alone never feeds it back), so batched and single runs see the same tokens
-            self.alive &= ~torch.isin(ids[:, -1], self.m.eos_ids)
-        self.cur_valid = valid & self.alive[:, None]
-        self.cur_ids = ids
-        if first:
-            self.cur_classes = self.classes
-        else:   # generated tokens: the assistant's response
-            self.cur_classes = torch.full((b, t), 3 + RESPONSE, dtype=torch.long, device=ids.device)
-        self.cur = torch.full((b, t, len(self.m.bank.names)), -torch.inf, device=self.alive.device)  # logits
-        self.cur_bad = torch.zeros(b, t, dtype=torch.bool, device=self.alive.device)
-        self.stash: dict[str, torch.Tensor] = {}
-
-    def site_hook(self, site: str):
-        def hook(act: torch.Tensor) -> None:
-            self.stash[site] = act
-        return hook
-
-    def after_forward(self, module, args, kwargs, output):
-        missing = [s for s in self.m.sites if s not in self.stash]
-        if missing:   # a compiled graph traced before these hooks existed runs without them: never silently
-            self.blind += 1
-            self.errors.append(f"forward {self.forwards}: the hooks on {', '.join(missing)} did not run")
-        acts = {site: act[:, self.offset:] for site, act in self.stash.items()} if self.offset else self.stash
-        for head, columns, scale, shift, gather in self.m.plan if not missing else ():
-            try:
-                read = {s: acts[s].to(gather) for s in head.sites} if gather is not None else acts
-                logits = (head.score(read).float() * scale + shift).to(self.cur.device, non_blocking=True)
-                self.cur[..., columns] = logits
-                self.cur_bad |= ~torch.isfinite(logits).all(-1)  # NaN/inf activations make the scores non-finite
-            except Exception as e:  # the policy decides: every sequence of the batch is marked failed
-                self.errors.append(f"head on {', '.join(head.sites)}: {type(e).__name__}: {e}")
-                self.cur_bad |= True
-        self.stash.clear()
-        valid = self.cur_valid
-        bad = (self.cur_bad & valid).any(1) | bool(missing)
-        self.failed |= bad
-        if self.m.policy == "fail_closed":
-            self.blocked |= bad
-        content = valid & ~torch.isin(self.cur_ids, self.m.special_ids)   # template tokens never fire CEs
-        fired = (self.cur > self.m.logit_thresholds) & content[..., None]
-        program = self.m.program
-        scores = torch.sigmoid(self.cur) * content[..., None] if program.needs_scores else None
-        holds, self.state = program.advance(fired, self.state, valid, scores=scores,
-                                            roles=self.cur_classes if program.needs_roles else None)
-        holds = holds & valid[..., None]
-        self.steerer.update(holds)
-        if self.m.can_block:
-            self.blocked |= (holds & self.m.stops).any(-1).any(-1)
-        self.alive &= ~self.blocked
-        self.scores.append(self.cur)
-        self.valid.append(valid)
-        self.ids.append(self.cur_ids)
-        self.holds.append(holds)
-        self.forwards += 1
-
-    def stopping_criterion(self):
-        """A generate() stopping criterion that ends blocked sequences (reads a device tensor, no sync)."""
-        from transformers import StoppingCriteria
-
-        session = self
-
-        class _Blocked(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                if session.blind:   # nothing more to learn from this generation: stop every sequence
-                    return torch.ones_like(session.blocked)
-                return session.blocked.clone()
-        return _Blocked()
-
-    # ---- results, one host copy per batch
-    def results(self, prompt_lengths: Sequence[int], prompt_roles: Sequence[torch.Tensor],
-                first_sequence: int = 0) -> list[Result]:
-        """Per-sequence results; the last token of a generation is absent (generate() never runs it)."""
-        if self.blind:
-            warnings.warn(f"the monitor's site hooks did not run in {self.blind} of {self.forwards} forwards, so "
-                          "every sequence is marked failed: a compiled graph traced before the hooks were attached "
-                          "runs without them; attach the guard before the first compiled generate(), or call "
-                          "torch._dynamo.reset() first", stacklevel=3)
-        valid = torch.cat(self.valid, 1).cpu()
-        scores = torch.sigmoid(torch.cat(self.scores, 1)).cpu()
-        ids = torch.cat(self.ids, 1).cpu()
-        special = self.m.special_ids.cpu()
-        holds = torch.cat(self.holds, 1).cpu()
-        blocked, failed = self.blocked.cpu(), self.failed.cpu()
-        tok = self.m.handle.tokenizer
-        names, rules = self.m.bank.names, self.m.rules
-        thresholds = self.m.thresholds.cpu()
-        out = []
-        for i in range(valid.shape[0]):
-            v = valid[i]
-            h = holds[i][v]                                     # [T_i, R]
-            row_scores = scores[i][v]
-            row_ids = ids[i][v]
-            seen = row_scores * ~torch.isin(row_ids, special).unsqueeze(-1)   # as the rules saw them
-            tokens = tok.convert_ids_to_tokens(row_ids.tolist())
-            roles = torch.full((len(tokens),), 3, dtype=torch.uint8)
-            roles[: prompt_lengths[i]] = prompt_roles[i][: len(tokens)]
-            events = []
-            for r, rule in enumerate(rules):
-                hits = h[:, r].nonzero()
-                if len(hits) == 0:
-                    continue
-                t = int(hits[0])
-                ces = {n: round(float(seen[t, j]), 4) for n in self.m.event_ces[r]
-                       if seen[t, j := names.index(n)] > thresholds[j]}
-                event = Event(rule=rule.name, title=getattr(rule, "title", None) or rule.name,
-                              severity=getattr(rule, "severity", "medium"), action=self.m.action_names[r],
-                              sequence=first_sequence + i, token_index=t, token=tokens[t], ces=ces)
-                text = self.m.calls[r].text if self.m.action_names[r] != "block" else None
-                text = text if text is not None else rule.message   # a note kept with any action's events
-                if text is not None:
-                    scores_now = {n: round(float(seen[t, j]), 4) for j, n in enumerate(names)}
-                    event = dataclasses.replace(event, message=render_message(text, event, scores_now))
-                events.append(event)
-            events.sort(key=lambda e: (e.token_index, -PRECEDENCE.get(e.action, 0)))
-            out.append(Result(tokens=tokens, token_ids=row_ids, scores=row_scores, roles=roles, events=events,
-                              blocked=bool(blocked[i]), failed=bool(failed[i]), prompt_length=prompt_lengths[i]))
-        return out
-
-
-class _Placeholders(dict):
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
-
-
-def render_message(text: str, event: Event, scores: dict[str, float]) -> str:
-    """An alert's text with {rule}, {title}, {severity}, {token}, {token_index}, {sequence}, {ces} and
-    {<ce name>} (its score at the firing token) filled in; unknown placeholders stay as written."""
-    fields = _Placeholders(scores)
-    fields.update(rule=event.rule, title=event.title, severity=event.severity, token=event.token,
-                  token_index=event.token_index, sequence=event.sequence,
-                  ces=", ".join(f"{n}={v:.2f}" for n, v in event.ces.items()))
-    try:
-        return string.Formatter().vformat(text, (), fields)
-    except (ValueError, IndexError, AttributeError):   # braces that are not placeholders: keep the text as written
-        return text
 
 
 def token_classes(roles: torch.Tensor) -> torch.Tensor:
@@ -506,7 +289,5 @@ def scanner(handle: ModelHandle, bank: CEBank) -> Scan:
 
     def scan(rules: Sequence, conversations: Sequence[Conversation]) -> list[list[Firing]]:
         scanned = Monitor(handle, bank, rules).scan(conversations)
-        kind = {name: registry().get("actions", name).kind for name in {e.action for r in scanned for e in r.events}}
-        return [[Firing(e.rule, e.token_index, e.action, kind[e.action], e.token) for e in r.events]
-                for r in scanned]
+        return [[Firing(e.rule, e.token_index, e.action, e.kind, e.token) for e in r.events] for r in scanned]
     return scan

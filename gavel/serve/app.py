@@ -172,7 +172,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             try:
                 if not cancelled.is_set():   # the client may have left while the request was queued
                     engine.stream(job, emit, cancelled)
-            except BaseException as e:   # noqa: BLE001 - handed to the event loop, which answers the client
+            except BaseException as e:
                 emit(e)
             finally:
                 emit(_END)

@@ -245,10 +245,8 @@ class Engine:
 
     # ---- internals
     def _guarded(self, result, finish: str, prompt_tokens: int, completion_tokens: int) -> Completion:
-        events = tuple({"rule": e.rule, "title": e.title, "severity": e.severity, "action": e.action,
-                        "where": "prompt" if e.token_index < result.record.prompt_length else "reply",
-                        "token_index": e.token_index, "token": e.token, "ces": e.ces, "message": e.message}
-                       for e in result.events)
+        # an event's `sequence` is its row in the server's own batch, nothing the client sent: left out
+        events = tuple({k: v for k, v in e.to_dict().items() if k != "sequence"} for e in result.events)
         return Completion(result.text, result.generated, finish, prompt_tokens, completion_tokens,
                           verdict=result.verdict, blocked=result.blocked, failed=result.failed, events=events)
 
@@ -344,7 +342,7 @@ class WholeReplies:
             return
         try:
             done = self.engine.complete_batch([job for job, _, _ in chosen])
-        except BaseException as e:   # noqa: BLE001 - every request of the batch gets the error
+        except BaseException as e:
             for _, _, future in chosen:
                 future.set_exception(e)
             return

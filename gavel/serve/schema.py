@@ -87,6 +87,7 @@ class GavelEvent(_Forbid):
     title: str
     severity: str
     action: str
+    kind: str
     where: Literal["prompt", "reply"]
     token_index: int
     token: str

@@ -52,7 +52,7 @@ class WeightDelta:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, fingerprint: ModelFingerprint, deltas: Mapping[str, torch.Tensor],
-                  provenance: Mapping[str, str] | None = None) -> "WeightDelta":
+                  provenance: Mapping[str, str] | None = None) -> WeightDelta:
         """A delta for these parameters of `model`, recording their current bytes (what `apply` will check)."""
         params = dict(model.named_parameters())
         missing = [name for name in deltas if name not in params]
@@ -77,7 +77,7 @@ class WeightDelta:
             raise ArtifactError(f"{directory}: the deltas and the base digests name different parameters")
         return cls(deltas, manifest.fingerprint, manifest.base_sha256, manifest.provenance)
 
-    def apply(self, model: torch.nn.Module, force: bool = False) -> "AppliedDelta":
+    def apply(self, model: torch.nn.Module, force: bool = False) -> AppliedDelta:
         """Add the deltas to the model's parameters in place; `remove()` on the result restores them bit for bit.
         Parameters whose current bytes differ from those the delta was made on are refused unless `force`."""
         params = dict(model.named_parameters())
@@ -98,7 +98,7 @@ class WeightDelta:
         return AppliedDelta(params, originals)
 
     @contextmanager
-    def applied(self, model: torch.nn.Module, force: bool = False) -> Iterator["AppliedDelta"]:
+    def applied(self, model: torch.nn.Module, force: bool = False) -> Iterator[AppliedDelta]:
         """The model edited inside the block, restored bit for bit after it (also on errors)."""
         edit = self.apply(model, force=force)
         try:

@@ -17,8 +17,8 @@ from gavel.io.conversations import Conversation
 from gavel.models.generation import prompt_batch, until_end
 from gavel.models.handle import ModelHandle
 from gavel.steering.activations import last_prompt_activations
-from gavel.steering.selective.intervene import PlaneIntervention, Method
 from gavel.steering.intervention import steering
+from gavel.steering.selective.intervene import Method, PlaneIntervention
 from gavel.steering.selective.plane import SteeringPlane
 
 REFUSAL_PHRASES = ("i cannot", "i can't", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry",

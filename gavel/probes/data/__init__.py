@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gavel.errors import DataError, Location
-from gavel.probes.data.gavel_library import CEDefinition, SeedExample, load_gavel_ces, read_ce_yaml
 from gavel.probes.data.dataset import CEDataset, CEInfo, LabelledExample
+from gavel.probes.data.gavel_library import CEDefinition, SeedExample, load_gavel_ces, read_ce_yaml
 from gavel.probes.data.spans import load_spans_jsonl
 
 __all__ = ["CEDataset", "CEDefinition", "CEInfo", "LabelledExample", "SeedExample", "load_dataset",

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
 
 from gavel.errors import DataError, Location, did_you_mean, excerpt, line_column
+from gavel.io.yamlsource import YamlSource, index_document, line_starts, read_yaml
 from gavel.probes.data.dataset import CEDataset, CEInfo
 from gavel.probes.data.spans import Parsed, assemble, parse_record, read_text, role_codes
-from gavel.io.yamlsource import YamlSource, index_document, line_starts, read_yaml
 
 GavelRole = Literal["directive_to_user", "llm_task", "llm_behavior", "topic"]
 GAVEL_ROLES: tuple[str, ...] = get_args(GavelRole)

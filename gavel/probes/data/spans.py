@@ -14,8 +14,8 @@ import torch
 
 from gavel.errors import DataError, Location, did_you_mean, excerpt
 from gavel.identifiers import is_identifier
-from gavel.models.chat import Encoded, encode_conversation, encode_text
 from gavel.io.conversations import ROLES
+from gavel.models.chat import Encoded, encode_conversation, encode_text
 from gavel.probes.data.dataset import CEDataset, CEInfo, LabelledExample
 
 RECORD_KEYS = ("text", "conversation", "spans", "token_spans", "labels", "ces", "meta")

@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gavel.errors import DataError, GavelError, Location, did_you_mean, excerpt
 from gavel.io.conversations import ROLES
+from gavel.io.yamlsource import PathKey, index_document, line_starts, read_yaml
 from gavel.rules.gvl import read_gvl
 from gavel.rules.load import Identifier, RuleErrors, RuleSource
-from gavel.io.yamlsource import PathKey, index_document, line_starts, read_yaml
 
 Verdict = Literal["block", "steer", "alert", "log", "clean"]  # the action kinds by precedence, then none fired
 Role = Literal["none", "system", "user", "assistant"]
@@ -284,7 +284,7 @@ def read_jsonl(path: Path, model: type[Case]) -> tuple[list[Located[Case]], list
         except json.JSONDecodeError as e:
             errors.append(DataError(f"invalid JSON: {e.msg}", location=Location(str(path), number, e.colno)))
             continue
-        items.append((data, lambda _at, where=Location(str(path), number): (where, None)))
+        items.append((data, lambda _at, where=Location(str(path), number): (where, None)))  # noqa: B008
     cases, bad = _validate(model, items, str(path))
     return cases, errors + bad
 

@@ -24,8 +24,8 @@ from gavel.plugins.actions import PRECEDENCE
 from gavel.plugins.registry import registry
 from gavel.rules.actions import check_actions
 from gavel.rules.compile.program import RuleProgram, compile_rules, first_firing
-from gavel.rules.names import references, resolve
 from gavel.rules.load import RuleErrors, RuleSpec, collect_rules
+from gavel.rules.names import references, resolve
 from gavel.rules.testing.cases import (
     Expectation,
     Located,

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gavel.errors import DataError, check_is_fitted
 from gavel.base import Estimator
+from gavel.errors import DataError, check_is_fitted
 
 STD_FLOOR = 1e-6  # standard deviations are clamped to at least this, so constant features do not divide by 0
 
@@ -85,7 +85,7 @@ class FailureGate(Estimator):
         self.weight_decay = weight_decay
         self.random_state = random_state
 
-    def fit(self, prompts: Sequence[torch.Tensor], fails: torch.Tensor) -> "FailureGate":
+    def fit(self, prompts: Sequence[torch.Tensor], fails: torch.Tensor) -> FailureGate:
         """Fit from prompts [T_j, F] and fails [J] (bool: the model failed on prompt j); returns self."""
         from sklearn.feature_selection import f_classif
 

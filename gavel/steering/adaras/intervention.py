@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from gavel.models.hooks import HookFn
-from gavel.steering.intervention import gated_hooks
 from gavel.steering.adaras.neurons import ReasoningNeurons
 from gavel.steering.adaras.traces import Problem
+from gavel.steering.intervention import gated_hooks
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,11 @@ class NeuronIntervention:
     alpha: float
 
     @classmethod
-    def from_neurons(cls, neurons: ReasoningNeurons, alpha: float) -> "NeuronIntervention":
+    def from_neurons(cls, neurons: ReasoningNeurons, alpha: float) -> NeuronIntervention:
         rows = [i for i in range(len(neurons.sites_)) if bool(neurons.kept_[i].any())]
         return cls(tuple(neurons.sites_[i] for i in rows), neurons.vectors_[rows].float(), float(alpha))
 
-    def to(self, device: torch.device | str) -> "NeuronIntervention":
+    def to(self, device: torch.device | str) -> NeuronIntervention:
         return NeuronIntervention(self.sites, self.vectors.to(device), self.alpha)
 
     def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:

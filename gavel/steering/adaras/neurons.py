@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from gavel.errors import DataError, check_is_fitted
 from gavel.base import Estimator
+from gavel.errors import DataError, check_is_fitted
 
 
 def trace_means(traces: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -83,7 +83,7 @@ class ReasoningNeurons(Estimator):
         self.k = k
         self.polarity = polarity
 
-    def fit(self, correct: Mapping[str, torch.Tensor], incorrect: Mapping[str, torch.Tensor]) -> "ReasoningNeurons":
+    def fit(self, correct: Mapping[str, torch.Tensor], incorrect: Mapping[str, torch.Tensor]) -> ReasoningNeurons:
         """Fit from per-pair trace means {site: [P, m]} of the correct and the incorrect traces (row p is pair p)."""
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise DataError(f"k must be a positive int, not {self.k!r}")
@@ -149,7 +149,7 @@ class ReasoningNeurons(Estimator):
         v = v.to(device=h.device, dtype=torch.float32, non_blocking=True)
         return (h.float() + float(alpha) * v).to(h.dtype)
 
-    def random_control(self, seed: int) -> "ReasoningNeurons":
+    def random_control(self, seed: int) -> ReasoningNeurons:
         """The random-neuron control: same number of kept neurons per site, at random positions, with the kept |S|.
 
         Recipe (torch.Generator seeded with `seed`, CPU): for each site in order, `randperm(m)[:n_l]` picks the

@@ -54,7 +54,7 @@ def reply_means(handle: ModelHandle, conversation: Conversation, replies: Sequen
             raise DataError(f"reply {j} is empty: no tokens to average")
         captured: dict[str, torch.Tensor] = {}
         ids = torch.cat([prompt, reply])[None].to(handle.device)
-        with handle.hooks([(s, lambda a, s=s: captured.__setitem__(s, a[0, len(prompt):])) for s in sites]):
+        with handle.hooks([(s, lambda a, s=s, into=captured: into.__setitem__(s, a[0, len(prompt):])) for s in sites]):
             handle.forward(ids, torch.ones_like(ids))
         for s in sites:
             means[s].append(captured[s].double().mean(0).cpu())
@@ -101,7 +101,7 @@ def prompt_features(handle: ModelHandle, conversations: Sequence[Conversation], 
     for conversation in conversations:
         batch = prompt_batch(handle, [conversation])
         captured: dict[str, torch.Tensor] = {}
-        with handle.hooks([(s, lambda a, s=s: captured.__setitem__(s, a[0])) for s in sites]):
+        with handle.hooks([(s, lambda a, s=s, into=captured: into.__setitem__(s, a[0])) for s in sites]):
             handle.forward(batch.input_ids, batch.attention_mask)
         out.append(torch.cat([captured[s].float().cpu() for s in sites], dim=-1))
     return out

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from gavel.errors import DataError, check_is_fitted
 from gavel.base import Estimator
+from gavel.errors import DataError, check_is_fitted
 
 SVM_MAX_ITER = 10_000
 
@@ -131,7 +131,7 @@ class VectorAlignment(Estimator):
         self.random_state = random_state
 
     def fit(self, features: Mapping[str, torch.Tensor], benign: torch.Tensor, answered: torch.Tensor,
-            final: str) -> "VectorAlignment":
+            final: str) -> VectorAlignment:
         """features {sublayer: [N, d]} at the last prompt token, including key `final` (the final residual
         stream); benign and answered are bool [N] (or signed, > 0 for benign / answered). Returns self."""
         if int(self.l_select) < 1:
@@ -193,7 +193,7 @@ class VectorAlignment(Estimator):
             if len(idx) == 0:
                 continue
             idx = idx[torch.randperm(len(idx), generator=g)]
-            n_val = min(int(round(float(self.validation_fraction) * len(idx))), len(idx) - 1)
+            n_val = min(round(float(self.validation_fraction) * len(idx)), len(idx) - 1)
             val.append(idx[:n_val])
             train.append(idx[n_val:])
         train_idx, val_idx = torch.cat(train).sort().values, torch.cat(val).sort().values

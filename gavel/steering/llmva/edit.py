@@ -8,9 +8,9 @@ import torch
 
 from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
-from gavel.steering.llmva.alignment import VectorAlignment
 from gavel.steering.delta import WeightDelta, output_projection
 from gavel.steering.intervention import gated_hooks
+from gavel.steering.llmva.alignment import VectorAlignment
 
 
 def sublayer_sites(n_layers: int) -> list[str]:
@@ -49,14 +49,14 @@ class AlignmentIntervention:
     w: torch.Tensor             # [K, d]
 
     @classmethod
-    def from_alignment(cls, alignment: VectorAlignment) -> "AlignmentIntervention":
+    def from_alignment(cls, alignment: VectorAlignment) -> AlignmentIntervention:
         rows = [alignment.sublayers_.index(s) for s in alignment.selected_]
         v_a = torch.nn.functional.normalize(alignment.v_a_[rows].float(), dim=-1)
         v_b = torch.nn.functional.normalize(alignment.v_b_[rows].float(), dim=-1)
         ratio = (alignment.sigma_a_[rows] / alignment.sigma_b_[rows]).float()[:, None]
         return cls(tuple(alignment.selected_), v_a, ratio * v_b - v_a)
 
-    def to(self, device: torch.device | str) -> "AlignmentIntervention":
+    def to(self, device: torch.device | str) -> AlignmentIntervention:
         return AlignmentIntervention(self.sites, self.v_a.to(device), self.w.to(device))
 
     def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:

@@ -21,11 +21,11 @@ from gavel.errors import DataError
 from gavel.io.conversations import Conversation
 from gavel.models.generation import generate_replies
 from gavel.models.handle import ModelHandle
-from gavel.steering.llmva.edit import alignment_delta, final_site, sublayer_sites
-from gavel.steering.llmva.alignment import VectorAlignment
 from gavel.steering.activations import last_prompt_activations
 from gavel.steering.delta import WeightDelta
 from gavel.steering.evaluate import Judge, refusal_phrases
+from gavel.steering.llmva.alignment import VectorAlignment
+from gavel.steering.llmva.edit import alignment_delta, final_site, sublayer_sites
 
 
 class AlignmentMetrics(BaseModel):

@@ -35,7 +35,7 @@ class PlaneIntervention:
 
     @classmethod
     def from_plane(cls, plane: SteeringPlane, method: Method, strength: float = 0.0,
-                   sites: Sequence[str] | None = None) -> "PlaneIntervention":
+                   sites: Sequence[str] | None = None) -> PlaneIntervention:
         """An intervention at the plane's selected sites (or the given ones, which it must have been fitted on)."""
         if method not in METHODS:
             raise DataError(f"unknown steering method {method!r}; known: {', '.join(METHODS)}")
@@ -48,7 +48,7 @@ class PlaneIntervention:
         vectors = (plane.mean_pos_ - plane.mean_neg_)[rows] if rows else plane.mean_pos_[:0]
         return cls(method, tuple(chosen), float(strength), plane.plane_, vectors)
 
-    def to(self, device: torch.device | str) -> "PlaneIntervention":
+    def to(self, device: torch.device | str) -> PlaneIntervention:
         return replace(self, plane=self.plane.to(device), vectors=self.vectors.to(device))
 
     def apply(self, act: torch.Tensor, site: str) -> torch.Tensor:

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 
 import torch
 
+from gavel.base import Estimator
 from gavel.errors import DataError, check_is_fitted
 from gavel.models.sites import parse_site
-from gavel.base import Estimator
 from gavel.steering.selective.geometry import candidate_directions, discriminative, projection_means, steering_plane
+
 
 class SteeringPlane(Estimator):
     """Candidates, plane and discriminative blocks. `layers="auto"` selects blocks by the sign test, `"all"` keeps
@@ -26,7 +27,7 @@ class SteeringPlane(Estimator):
     def __init__(self, layers: str = "auto") -> None:
         self.layers = layers
 
-    def fit(self, positive: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor]) -> "SteeringPlane":
+    def fit(self, positive: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor]) -> SteeringPlane:
         if self.layers not in ("auto", "all"):
             raise DataError(f"layers must be 'auto' or 'all', not {self.layers!r}")
         if list(positive) != list(negative) or not positive:
@@ -68,6 +69,7 @@ class SteeringPlane(Estimator):
     def sites_in(self, layers: str) -> list[str]:
         """The fitted sites in the blocks `layers` names: "auto" (the selected blocks), "all", "L" or "L-M"; a
         DataError when there are none."""
+        check_is_fitted(self, ("sites_",))
         if layers == "auto":
             chosen = self.selected_sites
         elif layers == "all":
