@@ -243,8 +243,8 @@ def test_an_installed_example_intervention_steers_only_the_sequence_that_fired(i
     plain = Monitor(organism, organism_bank, [RuleSpec(name="capped", condition="weapons")]).generate(
         prompts, max_new_tokens=6, do_sample=False)
     assert results[1].token_ids.tolist() == plain[1].token_ids.tolist()
-    uncapped = float(max((torch.cat(plain_acts, 1)[0] @ axis).max() for plain_acts in [seen[capped[0]][:1]]))
-    assert uncapped > 0     # the prompt itself (before the rule fired) was not capped
+    prompt_pass = seen[capped[0]][0][0]         # the prompt's own forward: the rule had not fired yet
+    assert float((prompt_pass @ axis).max()) > 0
 
 
 def test_an_action_plugin_that_raises_is_reported_and_isolated(organism, organism_bank, monkeypatch):
