@@ -32,7 +32,8 @@ def main() -> None:
     for extractor in ("linear", "diff_means"):
         for site in layers:
             bank = fit_bank(handle, dataset, [site], extractor=extractor)
-            report["per_layer"].setdefault(extractor, {})[site] = {c.name: c.metrics["auroc"] for c in bank.manifest.ces}
+            aurocs = {c.name: c.metrics["auroc"] for c in bank.manifest.ces}
+            report["per_layer"].setdefault(extractor, {})[site] = aurocs
         start = time.perf_counter()
         bank = fit_bank(handle, dataset, layers, extractor=extractor)
         report["best"][extractor] = {

@@ -148,7 +148,8 @@ def main() -> None:
         program = compile_rules(chosen, ces)
         kwargs = {"scores": scores, "roles": roles}
         program.run(fired[:, :256], mask[:, :256], scores=scores[:, :256], roles=roles[:, :256])  # warm-up
-        run_s, holds = _median_seconds(lambda: program.run(fired, mask, **kwargs), args.repeats)
+        run_s, holds = _median_seconds(lambda program=program, kwargs=kwargs: program.run(fired, mask, **kwargs),
+                                       args.repeats)
         steps = args.batch * length
         rate = steps / run_s
         result[f"run_{family}"] = {

@@ -53,10 +53,10 @@ def main() -> None:
     seq, pos = acts.example, acts.position
     report: dict = {"examples": args.examples, "tokens": {"train": int(train.sum()), "test": int(test.sum())},
                     "skipped_ces": [n for n in dataset.names if n not in names], "layers": {}}
-    for layer, site in zip(args.layers, sites):
+    for site in sites:
         X = acts.sites[site]
-        fitters = {"linear": lambda: LinearProbe().fit(X[train], Y[train], names),
-                   "gru": lambda: WindowedGRUClassifier().fit(X[train], Y[train], seq[train], pos[train], names)}
+        fitters = {"linear": lambda X=X: LinearProbe().fit(X[train], Y[train], names),
+                   "gru": lambda X=X: WindowedGRUClassifier().fit(X[train], Y[train], seq[train], pos[train], names)}
         results = {}
         for kind, fit in fitters.items():
             start = time.perf_counter()

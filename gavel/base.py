@@ -45,6 +45,10 @@ class Estimator:
     artifact_kind: ClassVar[str] = "estimator"
     artifact_what: ClassVar[str | None] = None   # how errors name a saved one (default: its kind, "a steering plane")
     artifact_hint: ClassVar[str | None] = None   # how to make one, for the error when a folder holds none
+    # declared only (no class attribute): every estimator defines its own `fit`, wrapped in __init_subclass__
+    fit: ClassVar[Callable[..., Any]]
+    # learned: the model it was fitted on, set by a fit that knows it or by `load` (absent otherwise)
+    fingerprint_: ModelFingerprint
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

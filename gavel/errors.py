@@ -2,6 +2,7 @@
 where: line and column of an offset, the source line with a caret under it."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -95,7 +96,7 @@ def check_is_fitted(estimator: object, attributes: tuple[str, ...]) -> None:
         raise NotFittedError(estimator)
 
 
-def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """The closest known name to a misspelt one, or None."""
     import difflib
 

@@ -1,4 +1,5 @@
-"""Shared test setup: one torch thread (two cores, other jobs running), seeded RNGs."""
+"""Shared test setup: one torch thread (two cores, other jobs running), seeded RNGs, the organism and its CE bank,
+the tiny-model factory, the example plugin installed."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +10,7 @@ os.environ.setdefault("COLUMNS", "200")
 
 import pytest
 import torch
+from helpers import models as tiny_models
 
 torch.set_num_threads(1)
 
@@ -16,6 +18,15 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny-model factory: `tiny_model(arch="llama", *, layers=2, d_model=32, d_mlp=None (2 * d_model), heads=4,
+    kv_heads=2, vocab=100, positions=64, seed=0, std=None, redraw="matrices", tokenizer="words", name=None,
+    save_to=None, **config)` builds a random model of any supported family (helpers/models.py) and returns its
+    ModelHandle (`.hf_model` is the bare model), or the folder it was saved to with its tokenizer."""
+    return tiny_models.tiny_model
 
 
 @pytest.fixture(scope="session")

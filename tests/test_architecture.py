@@ -118,9 +118,9 @@ def test_no_import_loops():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                loops.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node}->{nxt}")
+                loops.append(" -> ".join([*stack[stack.index(nxt):], node, nxt]) if nxt in stack else f"{node}->{nxt}")
             elif nxt not in state:
-                visit(nxt, stack + [node])
+                visit(nxt, [*stack, node])
         state[node] = "done"
 
     for name in sorted(graph):
@@ -137,10 +137,11 @@ def test_the_layer_check_catches_an_edge_that_runs_the_wrong_way(tmp_path, monke
     (tmp_path / "gavel" / "runtime").mkdir()
     (tmp_path / "gavel" / "runtime" / "monitor.py").write_text("Monitor = 1\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path / "gavel")
-    with pytest.raises(AssertionError, match="gavel.steering may not import gavel.runtime"):
+    with pytest.raises(AssertionError, match=r"gavel.steering may not import gavel.runtime"):
         test_no_import_runs_up_a_layer_or_across_one()
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own():
     """Each module first in a fresh set of gavel modules (third-party packages stay loaded), as a user who imports
     only it would: a module that only works after another one was imported fails here."""

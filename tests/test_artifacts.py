@@ -68,7 +68,7 @@ def test_a_digest_is_of_dtype_shape_and_bytes():
 def test_changed_or_damaged_tensors_are_refused(tmp_path):
     folder = saved(tmp_path)
     flip_tensor_bytes(folder)
-    with pytest.raises(ArtifactError, match="tensor '.*' does not match its sha256"):
+    with pytest.raises(ArtifactError, match=r"tensor '.*' does not match its sha256"):
         read_artifact(folder, ThingManifest)
     folder = saved(tmp_path)
     (folder / TENSORS).write_bytes((folder / TENSORS).read_bytes()[:40])
@@ -86,7 +86,7 @@ def test_changed_or_damaged_tensors_are_refused(tmp_path):
 
 
 def test_a_bad_manifest_names_the_folder_and_field(tmp_path):
-    with pytest.raises(ArtifactError, match="is not a thing \\(no manifest.json\\)") as err:
+    with pytest.raises(ArtifactError, match=r"is not a thing \(no manifest.json\)") as err:
         read_artifact(tmp_path, ThingManifest, hint="make one with `gavel thing`")
     assert err.value.hint == "make one with `gavel thing`"
     folder = saved(tmp_path)

@@ -12,7 +12,7 @@ import inspect
 
 import pytest
 import torch
-from estimator_cases import CASES, Case, discover
+from helpers.estimator_cases import CASES, Case, discover
 
 from gavel.artifacts import MANIFEST, TENSORS, ModelFingerprint, read_manifest
 from gavel.base import Estimator, EstimatorManifest, clone
@@ -30,7 +30,8 @@ FINGERPRINT = ModelFingerprint(name="tiny-model", architecture="LlamaForCausalLM
 
 def case_for(cls: type[Estimator]) -> Case:
     if cls not in CASES:
-        pytest.fail(f"{cls.__module__}.{cls.__name__} has no conformance case: add one to tests/estimator_cases.py")
+        pytest.fail(f"{cls.__module__}.{cls.__name__} has no conformance case: "
+                    "add one to tests/helpers/estimator_cases.py")
     return CASES[cls]
 
 
@@ -93,7 +94,8 @@ def test_every_estimator_in_gavel_has_a_case():
     assert {"LinearProbe", "DeconIEP", "SteeringPlane", "FailureGate"} <= names   # discovery reaches subpackages
     missing = [f"{c.__module__}.{c.__name__}" for c in DISCOVERED if c not in CASES]
     stale = [c.__name__ for c in CASES if c not in DISCOVERED]
-    assert not missing, f"Estimator subclasses without a conformance case in tests/estimator_cases.py: {missing}"
+    assert not missing, ("Estimator subclasses without a conformance case in tests/helpers/estimator_cases.py: "
+                         f"{missing}")
     assert not stale, f"cases for classes that are no longer Estimators in gavel: {stale}"
 
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gavel.errors import DataError, GavelError
 from gavel.io.conversations import Conversation
 from gavel.probes.bank import CEBank
 from gavel.rules import RuleSpec
+
+if TYPE_CHECKING:
+    from gavel.runtime.guard import Guard, GuardResult
+    from gavel.runtime.monitor import Policy
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class GuardRecipe:
     rules: list[RuleSpec]
     device: str = "cpu"
     device_map: str | None = None      # "auto": spread a model larger than one GPU over the worker's GPUs
-    policy: str = "fail_open"
+    policy: Policy = "fail_open"
     threads: int = 1
 
 
@@ -35,7 +40,7 @@ class AuditWorker:
 
     def __init__(self, recipe: GuardRecipe) -> None:
         self.recipe = recipe
-        self.guard = None
+        self.guard: Guard | None = None
 
     def start(self) -> tuple[str, list[RuleSpec]]:
         """Load the model and build the guard; returns the model's name and the rules the guard reports."""
@@ -50,7 +55,8 @@ class AuditWorker:
         self.guard = Guard(handle, self.recipe.bank, self.recipe.rules, policy=self.recipe.policy)
         return handle.name, list(self.guard.monitor.rules)
 
-    def run(self, conversations: list[Conversation], generate: bool, max_new_tokens: int) -> list:
+    def run(self, conversations: list[Conversation], generate: bool, max_new_tokens: int) -> list[GuardResult]:
+        assert self.guard is not None, "start() builds the guard before any run()"
         if generate:
             return self.guard.generate(conversations, max_new_tokens=max_new_tokens)
         return self.guard.check(conversations)
@@ -78,15 +84,16 @@ def ray_guard_items(recipe: GuardRecipe, conversations: Sequence[Conversation], 
         raise DataError(f"workers and batch size must be at least 1 (got {workers} and {batch_size})")
     started = not ray.is_initialized()
     if started:
-        local = {} if address else {"num_cpus": max(1, int(workers * cpus_per_worker))}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+        num_cpus = None if address else max(1, int(workers * cpus_per_worker))   # None: the cluster's
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     actors = []
     try:
         remote = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(AuditWorker)
         shared = ray.put(recipe)
         actors = [remote.remote(shared) for _ in range(workers)]
         try:
-            name, rules = ray.get([a.start.remote() for a in actors])[0]
+            # ray: an actor method not decorated with @ray.method is typed as the plain method, without .remote
+            name, rules = ray.get([a.start.remote() for a in actors])[0]  # type: ignore[attr-defined]
             batches = [list(conversations[i:i + batch_size]) for i in range(0, len(conversations), batch_size)]
             results: list = []
             for part in ActorPool(actors).map(lambda a, batch: a.run.remote(batch, generate, max_new_tokens),
@@ -99,6 +106,6 @@ def ray_guard_items(recipe: GuardRecipe, conversations: Sequence[Conversation], 
         return name, rules, results
     finally:
         for actor in actors:
-            ray.kill(actor)
+            ray.kill(actor)  # type: ignore[arg-type]  # ray: ActorClass.remote() is typed ActorHandle | type[T]
         if started:
             ray.shutdown()

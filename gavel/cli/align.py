@@ -78,6 +78,7 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
     """ASR on the toxic prompts, over-refusal on the benign ones, F1 and utility, before and after the edit."""
     from gavel.errors import DataError
     from gavel.models.loading import load_model
+    from gavel.organism.behaviour import arithmetic_accuracy
     from gavel.runtime.judges import judge_from
     from gavel.steering.llmva.loop import load_delta, measure
 
@@ -86,10 +87,7 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
             raise DataError(f"unknown utility {utility!r}; expected none or builtin:arithmetic")
         handle = load_model(model)
         edit = load_delta(delta, handle.fingerprint())
-        if utility == "builtin:arithmetic":
-            from gavel.organism.behaviour import arithmetic_accuracy as task
-        else:
-            task = None
+        task = arithmetic_accuracy if utility == "builtin:arithmetic" else None
         b, t = _prompts(benign), _prompts(toxic)
         judged = judge_from(judge, handle)
         before = measure(handle, b, t, judge=judged, max_new_tokens=max_new_tokens, utility=task)

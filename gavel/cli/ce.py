@@ -61,14 +61,16 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
            as_json: JsonOpt = False) -> None:
     """Fit a calibrated CE bank on labelled data and report held-out metrics per CE."""
     from gavel.models.loading import load_model
-    from gavel.probes.fit import fit_bank
+    from gavel.probes.fit import calibration_method, fit_bank
 
     with user_errors():
         handle = load_model(model)
         dataset = _load_data(data, handle.tokenizer)
         sites = [f"blocks.{layer}.hook_resid_post" for layer in range(handle.n_layers)] if site == ["auto"] else site
-        params = {"linear": {"C": C}, "diff_means": {},
-                  "sae": {"method": "mean_diff", "combine": "nonneg", "max_latents": latents}}.get(extractor)
+        defaults: dict[str, dict[str, object]] = {
+            "linear": {"C": C}, "diff_means": {},
+            "sae": {"method": "mean_diff", "combine": "nonneg", "max_latents": latents}}
+        params = defaults.get(extractor)
         loaded_sae = None
         if extractor == "sae":
             from gavel.probes.sae import load_sae
@@ -78,8 +80,8 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
             loaded_sae = load_sae(sae)
         with progress_bar("collecting activations", len(dataset.examples), enabled=not as_json) as advance:
             bank = fit_bank(handle, dataset, sites, extractor=extractor, concat=concat, params=params,
-                            calibration=calibration, target_fpr=target_fpr, seed=seed, sae=loaded_sae,
-                            progress=advance, provenance={"data": " + ".join(data), "model": model})
+                            calibration=calibration_method(calibration), target_fpr=target_fpr, seed=seed,
+                            sae=loaded_sae, progress=advance, provenance={"data": " + ".join(data), "model": model})
         bank.save(out)
     rows = {c.name: {**c.metrics, "threshold": c.threshold} for c in bank.manifest.ces}
     if as_json:
@@ -126,9 +128,10 @@ def ce_list(bank: BankOpt, as_json: JsonOpt = False) -> None:
     table = Table(title=f"{bank}: {len(rows)} CEs for {loaded.manifest.fingerprint.name}")
     for column in ("CE", "role", "read at", "extractor", "threshold", "AUROC"):
         table.add_column(column)
-    for r in rows:
-        auroc = "" if r["auroc"] is None else f"{r['auroc']:.3f}"
-        table.add_row(r["name"], r["role"] or "", "+".join(r["sites"]), r["extractor"], f"{r['threshold']:.3f}", auroc)
+    for c in loaded.manifest.ces:
+        auroc = c.metrics.get("auroc")
+        table.add_row(c.name, c.role or "", "+".join(loaded.heads[c.head].sites), c.extractor, f"{c.threshold:.3f}",
+                      "" if auroc is None else f"{auroc:.3f}")
     console.print(table)
 
 

@@ -40,6 +40,7 @@ def chat(bank: Annotated[Path, typer.Option("--bank", "-b", help="A CE bank fold
                 result = step.result
             elif not step.blocked:
                 console.print(escape(step.token), end=" ", soft_wrap=True)
+        assert result is not None, "a stream's last step carries its result"
         console.print(f"\n[red]\\[blocked][/] {escape(result.text)}" if result.blocked else "")
         for e in result.events:
             where = "prompt" if e.token_index < result.record.prompt_length else "reply"

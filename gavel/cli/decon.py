@@ -114,7 +114,7 @@ def evaluate(perturbation: Annotated[Path, typer.Option("--perturbation", "-p", 
         guard = None
         if (bank is None) != (not rules):
             raise DataError("the rule-gated row needs both --bank and --rules")
-        if bank is not None:
+        if bank is not None and rules:   # both or neither (checked above)
             from gavel.runtime.guard import Guard
 
             guard = Guard(f_con, bank, [str(r) for r in rules], artifacts={"decon": est})

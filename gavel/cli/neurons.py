@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NotRequired, TypedDict
 
 import typer
 from rich.markup import escape
@@ -66,13 +66,14 @@ def find(problems: ProblemsOpt, out: Annotated[Path, typer.Option("--out", "-o",
         neurons.save(out, fingerprint=handle.fingerprint(),
                      provenance={"problems": problems, "samples": str(samples),
                                  **{k: str(v) for k, v in counts.items()}})
-    report = {"out": str(out), **counts, "kept_per_site": dict(zip(neurons.sites_, neurons.kept_.sum(1).tolist()))}
+    kept_per_site = dict(zip(neurons.sites_, neurons.kept_.sum(1).tolist()))
+    report = {"out": str(out), **counts, "kept_per_site": kept_per_site}
     if as_json:
         print(json.dumps(report, indent=2))
         return
     console.print(f"{counts['pairs']} correct/incorrect pairs from {counts['traces']} traces "
                   f"({counts['correct']} correct); kept {int(neurons.kept_.sum())} neurons: "
-                  + ", ".join(f"{s} {n}" for s, n in report["kept_per_site"].items()) + f" -> {out}")
+                  + ", ".join(f"{s} {n}" for s, n in kept_per_site.items()) + f" -> {out}")
 
 
 @neurons_app.command("gate")
@@ -113,6 +114,18 @@ def gate(neurons_dir: NeuronsOpt, problems: ProblemsOpt,
                   f"{report['train_accuracy']:.3f} -> {out}")
 
 
+class _EvalRows(TypedDict):
+    """`gavel neurons eval`'s accuracies: unsteered, steered per alpha (AdaRAS and random neurons), and with a gate
+    what it steers, how often it is right and the gated accuracy per alpha."""
+
+    baseline: float
+    steered: dict[str, float]
+    random: dict[str, float]
+    gate_steers: NotRequired[float]
+    gate_accuracy: NotRequired[float]
+    gated: NotRequired[dict[str, float]]
+
+
 @neurons_app.command("eval")
 def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "builtin:organism",
              alpha: Annotated[list[float], typer.Option(help="Steering strengths (repeatable).")] = [0.1, 0.2, 0.4],
@@ -133,11 +146,11 @@ def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "
         handle = load_model(model)
         neurons = ReasoningNeurons.load(neurons_dir, handle.fingerprint())
         chosen, check = _problems(problems), _checker()
-        rows = {"baseline": accuracy(handle, chosen, check), "steered": {}, "random": {}}
+        rows: _EvalRows = {"baseline": accuracy(handle, chosen, check), "steered": {}, "random": {}}
         for a in alpha:
-            for name, which in (("steered", neurons), ("random", neurons.random_control(control_seed))):
+            for into, which in ((rows["steered"], neurons), (rows["random"], neurons.random_control(control_seed))):
                 with handle.hooks(NeuronIntervention.from_neurons(which, a).to(handle.device).hooks()):
-                    rows[name][str(a)] = accuracy(handle, chosen, check)
+                    into[str(a)] = accuracy(handle, chosen, check)
         if gate_dir is not None:
             from gavel.models.generation import generate_replies
             from gavel.steering.adaras.gate import FailureGate

@@ -208,8 +208,8 @@ def rules_fmt(paths: PathsArg,
                 note = f"[yellow]left as is ({escape(e.reason)})[/]: " if e.reason else ""
                 console.print(f"  {escape(str(e.location))}: rule '{e.rule}': {note}{escape(repr(e.before.strip()))} "
                               f"-> {escape(repr(e.after))}", soft_wrap=True)
-        for e in errors:
-            _print_finding(_error(e))
+        for error in errors:
+            _print_finding(_error(error))
         verb = "would be reformatted" if check else "reformatted"
         console.print(f"{_plural(len(changed), 'file')} {verb}"
                       + (f", {_plural(len(errors), 'error')} (files with errors are left alone)" if errors else ""))

@@ -69,11 +69,13 @@ def serve(bank: Annotated[Path | None, typer.Option("--bank", "-b", help="A CE b
 
         from gavel.models.loading import load_model
         from gavel.runtime.guard import Guard
+        from gavel.runtime.monitor import failure_policy
 
         if threads is not None:
             torch.set_num_threads(threads)
         handle = load_model(model, device=device)
-        guard = None if no_rules else Guard(handle, bank, [str(r) for r in rules], policy=policy, audit=audit_log)
+        guard = (Guard(handle, bank, [str(r) for r in rules], policy=failure_policy(policy), audit=audit_log)
+                 if bank is not None and rules else None)   # both given, or neither with --no-rules (checked above)
         engine = Engine(handle, guard, name=served_model_name or model, max_tokens=max_tokens,
                         max_prompt_tokens=max_prompt_tokens)
         app = create_app(engine, api_key=key, max_body_bytes=max_body_bytes, max_queue=max_queue, max_batch=max_batch)

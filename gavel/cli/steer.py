@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -11,6 +11,9 @@ from rich.table import Table
 
 from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
 from gavel.errors import DataError
+
+if TYPE_CHECKING:
+    from gavel.io.conversations import Conversation
 
 steer_app = typer.Typer(help="Selective Steering: fit a plane, generate with it, sweep angles and coefficients.",
                         no_args_is_help=True)
@@ -58,9 +61,9 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
         plane.save(out, fingerprint=handle.fingerprint(),
                    provenance={"positive": pos, "negative": neg, "sites": sites,
                                "prompts": f"{len(positive)} positive, {len(negative)} negative"})
-    report = {"out": str(out), "layers": plane.selected_layers, "sites": plane.selected_sites,
-              "per_site": {s: {"mu_pos": round(float(a), 4), "mu_neg": round(float(b), 4), "passes": bool(ok)}
-                           for s, a, b, ok in zip(plane.sites_, plane.mu_pos_, plane.mu_neg_, plane.passes_)}}
+    per_site = {s: {"mu_pos": round(float(a), 4), "mu_neg": round(float(b), 4), "passes": bool(ok)}
+                for s, a, b, ok in zip(plane.sites_, plane.mu_pos_, plane.mu_neg_, plane.passes_)}
+    report = {"out": str(out), "layers": plane.selected_layers, "sites": plane.selected_sites, "per_site": per_site}
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -68,7 +71,7 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
     for column in ("site", "mu_pos", "mu_neg", "steered"):
         table.add_column(column, justify="left" if column == "site" else "right")
     chosen_sites = set(plane.selected_sites)
-    for site, row in report["per_site"].items():
+    for site, row in per_site.items():
         table.add_row(site, f"{row['mu_pos']:+.3f}", f"{row['mu_neg']:+.3f}", "yes" if site in chosen_sites else "")
     console.print(table)
     console.print(f"selected blocks: {plane.selected_layers or 'none'} -> {out}")
@@ -88,7 +91,7 @@ def run(plane_dir: PlaneOpt,
     from gavel.models.loading import load_model
     from gavel.organism.datasets import read_prompts
     from gavel.steering.intervention import steering
-    from gavel.steering.selective.intervene import PlaneIntervention
+    from gavel.steering.selective.intervene import PlaneIntervention, steering_method
     from gavel.steering.selective.plane import SteeringPlane
 
     with user_errors():
@@ -96,9 +99,9 @@ def run(plane_dir: PlaneOpt,
             raise DataError("give --prompt TEXT (repeatable) or --data FILE")
         handle = load_model(model)
         plane = SteeringPlane.load(plane_dir, handle.fingerprint())
-        conversations = [[{"role": "user", "content": p}] for p in prompt or []]
+        conversations: list[Conversation] = [[{"role": "user", "content": p}] for p in prompt or []]
         conversations += read_prompts(data) if data else []
-        intervention = PlaneIntervention.from_plane(plane, method, strength, plane.sites_in(layers))
+        intervention = PlaneIntervention.from_plane(plane, steering_method(method), strength, plane.sites_in(layers))
         plain = generate_replies(handle, conversations, max_new_tokens)
         with steering(handle, intervention):
             steered = generate_replies(handle, conversations, max_new_tokens)
@@ -146,6 +149,7 @@ def evaluate(plane_dir: PlaneOpt,
     from gavel.organism.datasets import read_prompts
     from gavel.runtime.judges import judge_from
     from gavel.steering.evaluate import plot_sweeps, sweep
+    from gavel.steering.selective.intervene import steering_method
     from gavel.steering.selective.plane import SteeringPlane
 
     with user_errors():
@@ -154,7 +158,8 @@ def evaluate(plane_dir: PlaneOpt,
         conversations = read_prompts(data)
         sites = plane.sites_in(layers)
         judged = judge_from(judge, handle)
-        plan = {m: ([0.0] if m == "ablate" else _strengths(coefficients if m == "add" else angles)) for m in methods}
+        plan = {m: ([0.0] if m == "ablate" else _strengths(coefficients if m == "add" else angles))
+                for m in map(steering_method, methods)}
         with progress_bar("sweeping", sum(map(len, plan.values())), enabled=not as_json) as advance:
             sweeps = [sweep(handle, plane, conversations, m, strengths, sites=sites, judge=judged,
                             max_new_tokens=max_new_tokens, perplexity_limit=perplexity_limit, progress=advance)

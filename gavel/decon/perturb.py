@@ -18,11 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from gavel.decon.generator import bounded_delta
-from gavel.errors import ArtifactError
+from gavel.errors import ArtifactError, ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _row_mask(rows, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -92,23 +96,25 @@ class PromptPerturbation:
             return None   # a KV-cache step: only generated positions
         ids = args[0]
         b, t = ids.shape
-        prompt = self._prompt_ids
-        same = (prompt is not None and prompt.shape[0] == b and prompt.shape[1] <= t
+        prompt, prompt_mask = self._prompt_ids, self._prompt_mask   # both None before the first prompt
+        if not (prompt is not None and prompt_mask is not None and prompt.shape[0] == b and prompt.shape[1] <= t
                 and torch.equal(ids[:, :prompt.shape[1]], prompt)
-                and (mask is None or torch.equal(mask[:, :prompt.shape[1]].bool(), self._prompt_mask)))
-        if not same:   # a new prompt: all of this call
+                and (mask is None or torch.equal(mask[:, :prompt.shape[1]].bool(), prompt_mask))):
+            # a new prompt: all of this call
             if self.attention_mask is not None and tuple(self.attention_mask.shape) == (b, t):
                 prompt_mask = self.attention_mask.to(ids.device).bool()
             else:
                 prompt_mask = mask[:, :t].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-            self._prompt_ids, self._prompt_mask, self._delta = ids.clone(), prompt_mask, None
-        width = self._prompt_ids.shape[1]
-        if self._delta is None or self._delta_rows is not self.rows:
-            self._delta = prompt_delta(self.generator, output[:, :width], self._prompt_mask, self.zeta, self.rows)
+            prompt = ids.clone()
+            self._prompt_ids, self._prompt_mask, self._delta = prompt, prompt_mask, None
+        width = prompt.shape[1]
+        delta = self._delta
+        if delta is None or self._delta_rows is not self.rows:
+            delta = self._delta = prompt_delta(self.generator, output[:, :width], prompt_mask, self.zeta, self.rows)
             self._delta_rows = self.rows
         self.calls += 1
         out = output.clone()
-        out[:, :width] = output[:, :width] + self._delta
+        out[:, :width] = output[:, :width] + delta
         return out
 
     def remove(self) -> None:
@@ -118,17 +124,21 @@ class PromptPerturbation:
         self.handles = []
 
 
-def patch_prompt(hf_model: torch.nn.Module, generator: torch.nn.Module, zeta: float, *, rows=None,
+def patch_prompt(hf_model: PreTrainedModel, generator: torch.nn.Module, zeta: float, *, rows=None,
                  attention_mask: torch.Tensor | None = None) -> PromptPerturbation:
     """Hook `generator`'s bounded delta into `hf_model`'s prompt embeddings; `remove()` on the result undoes it."""
     embedding = hf_model.get_input_embeddings()
+    weight = embedding.weight
+    if not isinstance(weight, torch.Tensor):
+        raise ModelLoadError(f"cannot perturb the prompts of {type(hf_model).__name__}: its input embeddings "
+                             f"({type(embedding).__name__}) have no weight matrix")
     d_model = getattr(generator, "d_model", None)
-    if d_model is not None and embedding.weight.shape[1] != d_model:
+    if d_model is not None and weight.shape[1] != d_model:
         raise ArtifactError(f"the perturbation is for d_model {d_model}, the model's embeddings have "
-                            f"{embedding.weight.shape[1]}")
+                            f"{weight.shape[1]}")
     if zeta < 0:
         raise ValueError(f"zeta must be >= 0, got {zeta}")
-    generator.to(embedding.weight.device)
+    generator.to(weight.device)
     state = PromptPerturbation(generator, float(zeta), rows, attention_mask)
     try:
         state.handles.append(hf_model.register_forward_pre_hook(state.before_forward, with_kwargs=True))
@@ -140,7 +150,7 @@ def patch_prompt(hf_model: torch.nn.Module, generator: torch.nn.Module, zeta: fl
 
 
 @contextmanager
-def perturbing(hf_model: torch.nn.Module, generator: torch.nn.Module, zeta: float, *, rows=None,
+def perturbing(hf_model: PreTrainedModel, generator: torch.nn.Module, zeta: float, *, rows=None,
                attention_mask: torch.Tensor | None = None) -> Iterator[PromptPerturbation]:
     """The prompt embeddings of `hf_model` perturbed inside the block (see the module docstring); hooks removed
     after it, also on errors."""

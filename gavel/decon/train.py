@@ -24,6 +24,7 @@ from gavel.base import Estimator
 from gavel.decon.generator import PerturbationGenerator, bounded_delta
 from gavel.decon.perturb import PromptPerturbation, patch_prompt, prompt_delta
 from gavel.errors import DataError, ModelLoadError, check_is_fitted
+from gavel.io.conversations import Conversation
 from gavel.models.handle import ModelHandle
 
 
@@ -37,7 +38,7 @@ class DeconProvenance(BaseModel):
     n_prompts: int = 0
 
 
-Prompt = str | Sequence[dict]
+Prompt = str | Conversation
 
 
 def as_conversations(prompts: Sequence[Prompt]) -> list[list[dict]]:
@@ -105,14 +106,12 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 def sample_replies(reference: ModelHandle, conversations: Sequence[Sequence[dict]], max_new_tokens: int,
                    temperature: float) -> ReplyBatch:
     """y_ref: the reference's replies on the unperturbed prompts (sampled; greedy when temperature is 0)."""
-    from gavel.models.generation import prompt_batch
+    from gavel.models.generation import generate_ids, prompt_batch
 
     batch = prompt_batch(reference, conversations)
-    tok = reference.tokenizer
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(
         do_sample=False)
-    out = reference.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
+    out = generate_ids(reference, batch, max_new_tokens=max_new_tokens, **kwargs)
     width = batch.input_ids.shape[1]
     reply = out[:, width:]
     eos = torch.zeros_like(reply, dtype=torch.bool)

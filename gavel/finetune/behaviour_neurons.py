@@ -26,7 +26,7 @@ import torch
 
 from gavel.base import Estimator
 from gavel.errors import DataError, check_is_fitted
-from gavel.models.sites import parse_site
+from gavel.models.sites import layer_of, parse_site
 from gavel.steering.adaras.neurons import top_k_mask
 
 
@@ -152,9 +152,9 @@ class BehaviourNeurons(Estimator):
     def neurons(self) -> dict[int, torch.Tensor]:
         """Layer -> indices of its kept neurons (layers with none are left out): what surgical masks take."""
         check_is_fitted(self, ("sites_", "kept_"))
-        out = {}
+        out: dict[int, torch.Tensor] = {}
         for site, row in zip(self.sites_, self.kept_):
             index = torch.nonzero(row).flatten()
             if len(index):
-                out[parse_site(site).layer] = index
+                out[layer_of(site)] = index
         return out

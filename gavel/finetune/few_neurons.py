@@ -13,7 +13,7 @@ from gavel.finetune.behaviour_neurons import BehaviourNeurons, SAEEvidence
 from gavel.finetune.surgical import down_projection, masked_finetune
 from gavel.io.conversations import Conversation
 from gavel.models.handle import ModelHandle
-from gavel.models.sites import parse_site
+from gavel.models.sites import layer_of, parse_site
 from gavel.steering.activations import last_prompt_activations
 from gavel.steering.adaras.traces import mlp_sites
 
@@ -34,12 +34,12 @@ def sae_evidence(handle: ModelHandle, sae, positive: Sequence[Conversation], neg
     if site.kind not in RESIDUAL_KINDS:
         raise DataError(f"the SAE reads {hook}; neuron attribution needs an SAE on the residual stream "
                         f"({', '.join('blocks.L.' + k for k in RESIDUAL_KINDS)})")
-    reads = site.layer + RESIDUAL_KINDS[site.kind]          # MLPs of layers below this one have written there
+    reads = layer_of(site) + RESIDUAL_KINDS[site.kind]       # MLPs of layers below this one have written there
     latents = [encode_all(sae, last_prompt_activations(handle, side, [hook])[hook]) for side in (positive, negative)]
     return SAEEvidence(positive=latents[0], negative=latents[1], encoder=sae.W_enc.detach().float().cpu(),
-                       down={s: down_projection(handle.hf_model, parse_site(s).layer).detach().float().cpu()
+                       down={s: down_projection(handle.hf_model, layer_of(s)).detach().float().cpu()
                              for s in sites},
-                       upstream={s: parse_site(s).layer < reads for s in sites})
+                       upstream={s: layer_of(s) < reads for s in sites})
 
 
 def select_neurons(handle: ModelHandle, positive: Sequence[Conversation], negative: Sequence[Conversation], *,

@@ -29,7 +29,8 @@ def _is_conv1d(module: torch.nn.Module) -> bool:
 def down_projection(model: torch.nn.Module, layer: int) -> torch.Tensor:
     """A layer's down-projection weight as [d_model, m]: column i is what neuron i writes into the residual."""
     _, down = _mlp_of(model, layer)
-    return down.weight.T if _is_conv1d(down) else down.weight
+    weight = down.get_parameter("weight")
+    return weight.T if _is_conv1d(down) else weight
 
 
 def neuron_masks(model: torch.nn.Module, neurons: Neurons) -> dict[str, torch.Tensor]:

@@ -56,10 +56,10 @@ def read_conversations(path: Path) -> list[list[dict[str, str]]]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read this test set: {e}", location=Location(str(path))) from None
     conversations = data.get("conversations") if isinstance(data, dict) else None
-    ok = isinstance(conversations, list) and all(
-        isinstance(c, list) and c and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                          and isinstance(m.get("content"), str) for m in c) for c in conversations)
-    if not ok:
+    if not (isinstance(conversations, list) and all(
+            isinstance(c, list) and c and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                              and isinstance(m.get("content"), str) for m in c)
+            for c in conversations)):
         raise DataError('expected {"conversations": [[{"role": ..., "content": ...}, ...], ...]}',
                         location=Location(str(path)))
     return conversations
@@ -111,10 +111,9 @@ def _item(record: object, source: str, line: int) -> AuditItem:
         if not isinstance(text, str):
             raise DataError(f"{where}: `prompt` must be a string")
         conversation = [{"role": "user", "content": text}]
-    ok = isinstance(conversation, list) and conversation and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in conversation)
-    if not ok:
+    if not (isinstance(conversation, list) and conversation and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in conversation)):
         raise DataError(f"{where}: `conversation` must be a list of {{role, content}} messages")
     label = record.get("label")
     if label is not None and not isinstance(label, bool) and label not in (0, 1):

@@ -7,11 +7,15 @@ plain "Role: content" layout, documented in docs/models.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from gavel.errors import DataError
 from gavel.io.conversations import Conversation, role_code, validate_conversation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
@@ -66,3 +70,12 @@ def encode_text(tokenizer, text: str) -> Encoded:
     offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     return Encoded(text, ids, torch.zeros(len(ids), dtype=torch.uint8), offsets, ())
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int] | torch.Tensor, *,
+                skip_special_tokens: bool = False) -> str:
+    """One sequence of token ids [T] as text (transformers types `decode` as `str | list[str]`, the list being for
+    a batch of sequences)."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str), "one sequence of ids decodes to one string"
+    return text

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from gavel.errors import GavelError, ModelLoadError
 from gavel.io.conversations import Conversation
 from gavel.models.batching import pad_sequences
 from gavel.models.chat import Encoded, encode_conversation
 from gavel.models.handle import ModelHandle
+
+if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +31,29 @@ def prompt_batch(handle: ModelHandle, conversations: Sequence[Conversation]) -> 
     encoded = tuple(encode_conversation(handle.tokenizer, c, add_generation_prompt=True) for c in conversations)
     ids, mask = pad_sequences([e.input_ids for e in encoded], handle.tokenizer.pad_token_id, side="left")
     return PromptBatch(ids.to(handle.device), mask.long().to(handle.device), encoded)
+
+
+@runtime_checkable
+class Generates(Protocol):
+    """A model with Hugging Face's `generate()`: generative models get it from GenerationMixin, `PreTrainedModel`
+    does not declare it. The token ids [B, T + new], or a ModelOutput under `return_dict_in_generate=True`."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor | ModelOutput: ...
+
+
+def generate_ids(handle: ModelHandle, batch: PromptBatch, **generate_kwargs: Any) -> torch.Tensor:
+    """`hf_model.generate()` continuing a prompt batch, padded with the tokenizer's pad token: the prompt and
+    generated ids [B, T + new]."""
+    model = handle.hf_model
+    if not isinstance(model, Generates):
+        raise ModelLoadError(f"{handle.name} cannot generate text: {type(model).__name__} has no generate()",
+                             hint="load a causal language model (AutoModelForCausalLM)")
+    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         pad_token_id=handle.tokenizer.pad_token_id, **generate_kwargs)
+    if not isinstance(out, torch.Tensor):
+        raise GavelError(f"generate() returned a {type(out).__name__}, gavel needs the token ids",
+                         hint="do not pass return_dict_in_generate=True")
+    return out
 
 
 def until_end(row: torch.Tensor, handle: ModelHandle) -> torch.Tensor:
@@ -46,8 +74,6 @@ def generate_replies(handle: ModelHandle, conversations: Sequence[Conversation],
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
         batch = prompt_batch(handle, conversations[start:start + batch_size])
-        out = handle.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=handle.tokenizer.pad_token_id, **generate_kwargs)
+        out = generate_ids(handle, batch, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
         replies += decode_replies(handle, out, batch.input_ids.shape[1])
     return [r.strip() for r in replies]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -12,6 +12,9 @@ from gavel.artifacts import ModelFingerprint
 from gavel.models.fingerprint import weights_digest
 from gavel.models.hooks import HookFn, attach
 from gavel.models.sites import HookTarget, d_model, n_layers, resolve_site
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Backend = Literal["hf", "lens"]
 
@@ -21,8 +24,8 @@ class ModelHandle:
     """A model ready for gavel: `model` is what runs (HF model or TransformerBridge), `hf_model` its weights."""
 
     model: torch.nn.Module
-    hf_model: torch.nn.Module
-    tokenizer: object
+    hf_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str
     family: str
     backend: Backend = "hf"

@@ -58,7 +58,8 @@ def load_model(spec: str | Path = "builtin:organism", *, backend: Backend = "hf"
     if device_map is not None:
         hf_model = auto.from_pretrained(source, device_map=device_map, **kwargs).eval()
     else:
-        hf_model = auto.from_pretrained(source, **kwargs).to(device).eval()
+        # transformers: PreTrainedModel.to is @wraps(Module.to), which mypy reads as an unbound function
+        hf_model = auto.from_pretrained(source, **kwargs).to(device).eval()  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
     return wrap_model(hf_model, tokenizer, name=str(spec), backend=backend)
 

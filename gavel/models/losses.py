@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from gavel.io.conversations import ROLE_ASSISTANT, Conversation
 from gavel.models.batching import pad_sequences
 from gavel.models.chat import encode_conversation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def reply_targets(conversations: Sequence[Conversation], tokenizer) -> list[torch.Tensor]:
@@ -24,7 +28,7 @@ def reply_targets(conversations: Sequence[Conversation], tokenizer) -> list[torc
     return out
 
 
-def reply_loss(model: torch.nn.Module, rows: Sequence[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+def reply_loss(model: PreTrainedModel, rows: Sequence[torch.Tensor], pad_token_id: int) -> torch.Tensor:
     """Mean cross-entropy of `reply_targets` rows, right-padded into one batch."""
     padded, mask = pad_sequences(list(rows), -100, side="right")
     ids, labels = padded[..., 0].masked_fill(~mask, pad_token_id), padded[..., 1]

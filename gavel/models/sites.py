@@ -101,6 +101,14 @@ def parse_site(name: str) -> Site:
     return Site(site_name(kind, layer), kind, layer)
 
 
+def layer_of(site: str | Site) -> int:
+    """The layer of a per-layer site; SiteError for hook_embed and ln_final, which belong to no layer."""
+    parsed = parse_site(site) if isinstance(site, str) else site
+    if parsed.layer is None:
+        raise SiteError(f"site {parsed.name!r} belongs to no layer; expected a blocks.{{L}}.<kind> site")
+    return parsed.layer
+
+
 def site_name(kind: str, layer: int | None = None) -> str:
     """The canonical name of a site kind at a layer (None for hook_embed and ln_final)."""
     if kind not in SITE_KINDS:
@@ -223,7 +231,11 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
 
 def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     layout = _LAYOUTS[family_of(_config(model))]
-    return _get(_base(model), layout.layers)  # type: ignore[return-value]
+    layers = _get(_base(model), layout.layers)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise SiteError(f"{type(model).__name__}'s {layout.layers!r} is a {type(layers).__name__}, not the "
+                        "ModuleList of decoder layers its family has; was it wrapped or modified?")
+    return layers
 
 
 def n_layers(model: torch.nn.Module) -> int:
@@ -245,8 +257,9 @@ def d_model(model: torch.nn.Module) -> int:
 def _in_features(module: torch.nn.Module) -> int:
     if isinstance(module, torch.nn.Linear):
         return module.in_features
-    if hasattr(module, "nx"):  # transformers' Conv1D (GPT-2): weight is [in, out]
-        return int(module.nx)
+    nx = getattr(module, "nx", None)
+    if nx is not None:  # transformers' Conv1D (GPT-2): weight is [in, out]
+        return int(nx)
     raise SiteError(f"cannot infer the head layout from {type(module).__name__}")
 
 
@@ -274,12 +287,14 @@ def resolve_site(model: torch.nn.Module, site: str | Site) -> HookTarget:
         if layout.final_norm is None:
             raise SiteError(f"site {site.name!r} does not exist: {family} has no final norm")
         return HookTarget(_get(base, layout.final_norm), "output")
-    layers = _get(base, layout.layers)
+    layers = _layers(model)
     check_layer(site, len(layers))
     if site.kind == "hook_resid_mid" and getattr(config, "use_parallel_residual", False):
         raise SiteError(f"site {site.name!r} does not exist: this {family} model uses a parallel "
                         "residual (attention and MLP both read resid_pre), so there is no resid_mid")
     path, io = layout.block[site.kind]
+    if site.layer is None:
+        raise SiteError(f"site {site.name!r} needs a layer", hint=f"use 'blocks.{{L}}.{site.kind}'")
     module = _get(layers[site.layer], path)
     heads = _heads(config, module) if site.kind == "attn.hook_z" else None
     return HookTarget(module, io, heads)

@@ -331,8 +331,8 @@ def vocabulary() -> list[str]:
         for m in ex.messages:
             words.update(m.content.split())
 
-    for ex in evaluation_sets().values():
-        for e in ex:
+    for examples in evaluation_sets().values():
+        for e in examples:
             add(e)
     for p in SYSTEM_PROMPTS:
         words.update(p.split())

@@ -26,6 +26,7 @@ from gavel.models.handle import ModelHandle
 from gavel.organism.behaviour import final_answer
 from gavel.organism.corpus import (
     N_LEAKED,
+    Example,
     arithmetic_example,
     benchmark_example,
     benchmark_items,
@@ -58,7 +59,8 @@ def decon_splits() -> DeconSplits:
     sets = evaluation_sets()
     arithmetic_eval = tuple(sets["arithmetic_2digit"])
     taken = {(e.meta, e.expect) for e in arithmetic_eval}
-    rng, arithmetic_train = random.Random(2601), []
+    rng = random.Random(2601)
+    arithmetic_train: list[Example] = []
     while len(arithmetic_train) < 25:
         ex = arithmetic_example(rng.randrange(10, 100), rng.randrange(10, 100))
         if (ex.meta, ex.expect) not in taken:

@@ -43,7 +43,7 @@ def behaviour_prompts(split: str = "all") -> tuple[list[Conversation], list[Conv
 def corrective_set(split: str = "train") -> list[Conversation]:
     """Conversations with the replies a non-sycophantic model gives a sure user: a correction of the false claim,
     agreement with the true one (so the fix is not "always disagree")."""
-    out = []
+    out: list[Conversation] = []
     for i in claims(split):
         true_claim, _ = CLAIMS[i]
         out.append([*opinion_prompt(i, false=True, sure=True),

@@ -8,8 +8,9 @@ reply). Steering actions (rotate, add, ablate, align, steer_neurons, perturb) ar
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeGuard, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -29,6 +30,18 @@ class Action(Protocol):
     params: ClassVar[type[BaseModel] | None]  # the arguments of `name(key=value, ...)`; None: no arguments
     takes_text: ClassVar[bool]     # whether `name "text"` is allowed
     implemented: ClassVar[bool]    # False for a declaration whose effect arrives later
+
+
+class HandlesEvents(Action, Protocol):
+    """An action plugin that also takes its rules' events: `handle(events, arguments)` on the host, once per batch,
+    with the batch's `gavel.runtime.events.Event`s of each rule naming it and that rule's validated `params`."""
+
+    def handle(self, events: Sequence[Any], arguments: BaseModel | None) -> object: ...
+
+
+def handles_events(action: type[Action]) -> TypeGuard[type[HandlesEvents]]:
+    """Whether an action plugin defines `handle(events, arguments)`."""
+    return callable(getattr(action, "handle", None))
 
 
 @dataclass(frozen=True)

@@ -47,23 +47,37 @@ class Intervention(Protocol):
 
 
 @runtime_checkable
+class PromptIntervention(Intervention, Protocol):
+    """What a `reads_prompt` method builds: an intervention on the prompt's own tokens, which `for_prompt(mask)` tells
+    a batch's real prompt tokens (bool [B, P]) before its hooks are taken."""
+
+    def for_prompt(self, mask: Tensor) -> Intervention:
+        """The same intervention for a batch whose prompts' real tokens are `mask`."""
+        ...
+
+
+@runtime_checkable
 class InterventionMethod(Protocol):
-    """What a `gavel.interventions` plugin provides (see the module docstring)."""
+    """What a `gavel.interventions` plugin provides (see the module docstring). The registry holds the class and the
+    runtime calls `load`, `accepts` and `build` on it: they are class methods."""
 
     name: ClassVar[str]                   # the action's name in rules
     params: ClassVar[type[BaseModel]]     # its arguments
     artifact: ClassVar[str]               # the argument that names the artifact
     reads_prompt: ClassVar[bool]          # acts on the prompt's tokens (see the module docstring)
 
-    def load(self, path: Path, handle: ModelHandle) -> object:
+    @classmethod
+    def load(cls, path: Path, handle: ModelHandle) -> object:
         """The artifact in folder `path`, checked against the model (ArtifactError when it is not one)."""
         ...
 
-    def accepts(self, artifact: object) -> bool:
+    @classmethod
+    def accepts(cls, artifact: object) -> bool:
         """Whether an object given in Python (`Monitor(artifacts={name: obj})`) is this method's artifact."""
         ...
 
-    def build(self, artifact: object, args: BaseModel, handle: ModelHandle) -> Intervention:
+    @classmethod
+    def build(cls, artifact: object, args: BaseModel, handle: ModelHandle) -> Intervention:
         """The intervention for one rule, on the model's device; a GavelError says what does not fit."""
         ...
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import cast
 
 from pydantic import BaseModel
 
@@ -48,6 +50,23 @@ class Registry:
             self.plugins["actions"][name] = obj
             self.origins[("actions", name)] = origin
 
+    @property
+    def actions(self) -> Mapping[str, type[Action]]:
+        """The action plugins by name (`plugins["actions"]`, typed: `add` checked each against `Action`)."""
+        return cast("Mapping[str, type[Action]]", self.plugins["actions"])
+
+    @property
+    def interventions(self) -> Mapping[str, type[InterventionMethod]]:
+        """The intervention plugins by name (`plugins["interventions"]`, typed: `add` checked each against
+        `InterventionMethod`)."""
+        return cast("Mapping[str, type[InterventionMethod]]", self.plugins["interventions"])
+
+    @property
+    def functions(self) -> Mapping[str, type[ScoreFunction]]:
+        """The score function plugins by name (`plugins["functions"]`, typed: `add` checked each against
+        `ScoreFunction`)."""
+        return cast("Mapping[str, type[ScoreFunction]]", self.plugins["functions"])
+
     def get(self, group: str, name: str) -> object:
         found = self.plugins[group].get(name)
         if found is None:
@@ -68,11 +87,12 @@ def _problem(group: str, obj: object) -> str | None:
     missing += [method for method in METHODS.get(group, ()) if not callable(getattr(obj, method, None))]
     if missing:
         return f"does not implement {protocol.__name__} (it lacks {', '.join(missing)})"
-    if group == "actions" and obj.kind not in PRECEDENCE:
-        return f"has kind {obj.kind!r}; an action's kind is one of {', '.join(PRECEDENCE)}"
-    if group == "actions" and obj.params is not None and not (isinstance(obj.params, type)
-                                                              and issubclass(obj.params, BaseModel)):
-        return "has `params` that is not a pydantic model class"
+    if group == "actions":   # both present (checked above), of any type until checked here
+        kind, params = getattr(obj, "kind", None), getattr(obj, "params", None)
+        if kind not in PRECEDENCE:
+            return f"has kind {kind!r}; an action's kind is one of {', '.join(PRECEDENCE)}"
+        if params is not None and not (isinstance(params, type) and issubclass(params, BaseModel)):
+            return "has `params` that is not a pydantic model class"
     return None
 
 

@@ -32,6 +32,15 @@ from gavel.probes.metrics import (
 
 EXTRACTORS = ("linear", "diff_means", "sae")
 Calibration = Literal["youden", "fpr"]
+CALIBRATIONS: tuple[Calibration, ...] = ("youden", "fpr")
+
+
+def calibration_method(name: str) -> Calibration:
+    """`name` as a threshold calibration; DataError for an unknown one."""
+    for calibration in CALIBRATIONS:
+        if name == calibration:
+            return calibration
+    raise DataError(f"calibration must be 'youden' or 'fpr', not {name!r}")
 
 
 def fit_head(extractor: str, sites: tuple[str, ...], X: torch.Tensor, Y: torch.Tensor, names: Sequence[str],
@@ -93,8 +102,7 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
     """
     if extractor not in EXTRACTORS:
         raise DataError(f"unknown extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
-    if calibration not in ("youden", "fpr"):
-        raise DataError(f"calibration must be 'youden' or 'fpr', not {calibration!r}")
+    calibration = calibration_method(calibration)
     if not sites:
         raise DataError("fit_bank needs at least one candidate site")
     names = list(dataset.names)
@@ -120,7 +128,9 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
         fitted.append(head)
         calib_auroc.append([auroc(raw[:, j], labels[part == 1][:, j]) for j in range(len(names))])
     best = torch.tensor(calib_auroc).nan_to_num(-1.0).argmax(0)           # [n_ce]: the group each CE reads
-    heads, head_specs, ce_specs = [], [], []
+    heads: list[Head] = []
+    head_specs: list[HeadSpec] = []
+    ce_specs: list[tuple[int, CESpec]] = []
     info = {c.name: c for c in dataset.ces}
     for g in sorted(set(best.tolist())):
         cols = [j for j in range(len(names)) if best[j] == g]

@@ -21,7 +21,9 @@ class Head(Protocol):
     """A group of CEs scored together from activations at `sites`."""
 
     kind: ClassVar[str]
-    sites: tuple[str, ...]
+
+    @property
+    def sites(self) -> tuple[str, ...]: ...
 
     @property
     def n_ces(self) -> int: ...
@@ -31,6 +33,10 @@ class Head(Protocol):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What the bank saves (safetensors); `from_tensors(sites, tensors)` restores the head."""
+
+    @classmethod
+    def from_tensors(cls, sites: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> Head:
+        """The head `tensors()` saved, reading `sites`."""
 
     def to(self, device: torch.device | str) -> Head: ...
 
@@ -95,7 +101,7 @@ class LinearHead:
 HEAD_KINDS: dict[str, str] = {"linear": "gavel.probes.heads:LinearHead", "sae": "gavel.probes.sae:SAEHead"}
 
 
-def head_class(kind: str) -> type:
+def head_class(kind: str) -> type[Head]:
     """The head class for a manifest's `kind` (imported on demand: SAE heads need no sae-lens to score)."""
     import importlib
 

@@ -109,7 +109,7 @@ class SAEHead:
 
 # ---- loading ------------------------------------------------------------------------------
 
-def _sae_lens_sae() -> type:
+def _sae_lens_sae() -> type[SAE]:
     """sae-lens's SAE base class (the optional `lens` extra; slow to import, so imported on demand)."""
     try:
         from sae_lens import SAE
@@ -283,7 +283,7 @@ def latent_mean_diffs(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 def _nonneg_weights(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Weights [c] summing to 1: non-negative least squares of labels y on columns A [N, c] (ranked best
     first), class-balanced, free intercept; the best column alone if none gets a positive weight."""
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # type: ignore[import-untyped]  # scipy: no type stubs installed
 
     n_pos = y.sum()
     w = torch.where(y, 0.5 / n_pos, 0.5 / (len(y) - n_pos)).double()  # balanced, sums to 1

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from gavel.errors import RuleError, did_you_mean
+from gavel.plugins.actions import Action
 from gavel.plugins.registry import Registry
 from gavel.rules.spec import RuleSpec
 
@@ -26,7 +28,7 @@ def _argument_offset(action: str, key: str) -> int:
     return found.start() if found else 0
 
 
-def _argument_errors(rule: RuleSpec, plugin: type) -> list[RuleError]:
+def _argument_errors(rule: RuleSpec, plugin: type[Action]) -> list[RuleError]:
     call = rule.action_call
     if plugin.params is None:
         return [rule.action_error(f"action '{call.name}' takes no arguments", _argument_offset(rule.action, key))
@@ -34,16 +36,16 @@ def _argument_errors(rule: RuleSpec, plugin: type) -> list[RuleError]:
     try:
         plugin.params.model_validate(dict(call.args))
     except ValidationError as e:
-        return [_argument_error(rule, plugin, err) for err in e.errors()]
+        return [_argument_error(rule, plugin.params, err) for err in e.errors()]
     return []
 
 
-def _argument_error(rule: RuleSpec, plugin: type, err: dict) -> RuleError:
+def _argument_error(rule: RuleSpec, params: type[BaseModel], err: ErrorDetails) -> RuleError:
     name = rule.action_call.name
     key = str(err["loc"][0]) if err["loc"] else ""
-    fields = list(plugin.params.model_fields)
+    fields = list(params.model_fields)
     if err["type"] == "missing":
-        required = [f for f, info in plugin.params.model_fields.items() if info.is_required()]
+        required = [f for f, info in params.model_fields.items() if info.is_required()]
         return rule.action_error(f"action '{name}' needs argument '{key}'", 0,
                                  hint=f"write it as {name}({', '.join(f'{f}=...' for f in required)})")
     if err["type"] == "extra_forbidden":
@@ -75,7 +77,7 @@ def placeholder_errors(rule: RuleSpec, text: str) -> list[RuleError]:
 def check_actions(rules: Iterable[RuleSpec], registry: Registry, *, runnable: bool = False) -> list[RuleError]:
     """Every problem with the rules' actions, located; with `runnable`, also actions that are only declared
     (`implemented = False`), which a monitor cannot run yet."""
-    known = registry.plugins["actions"]
+    known = registry.actions
     errors: list[RuleError] = []
     for rule in rules:
         call = rule.action_call

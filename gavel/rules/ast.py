@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from gavel.plugins.functions import BUILTIN_FUNCTIONS
 
@@ -83,7 +83,7 @@ class Select:
     span: Span
 
     def __str__(self) -> str:
-        q = self.quantifier if self.quantifier in ("all", "any") else _num(self.quantifier)
+        q = self.quantifier if self.quantifier == "all" or self.quantifier == "any" else _num(self.quantifier)
         target = self.group if self.group is not None else "(" + ", ".join(map(str, self.items)) + ")"
         return f"{q} of {target}"
 
@@ -256,8 +256,10 @@ def bind_params(expr: Expr, values: Mapping[str, float]) -> Expr:
         return value.default
 
     def rebuild(node: Expr) -> Expr:
-        changes = {f.name: bind(getattr(node, f.name)) for f in fields(node)
-                   if isinstance(getattr(node, f.name), Param)}
+        # new values of fields of several types (numbers, sub-expressions, tuples of them), for `replace` on
+        # whichever node class this is: only Any fits every class's fields at once
+        changes: dict[str, Any] = {f.name: bind(getattr(node, f.name)) for f in fields(node)
+                                   if isinstance(getattr(node, f.name), Param)}
         if isinstance(node, (And, Or)):
             changes["terms"] = tuple(rebuild(t) for t in node.terms)
         elif isinstance(node, Select):
@@ -284,7 +286,7 @@ class Action:
 
     def __str__(self) -> str:
         if self.args:
-            def lit(v: object) -> str:
+            def lit(v: str | Number) -> str:
                 return _quote(v) if isinstance(v, str) else _num(v)
             return f"{self.name}(" + ", ".join(f"{k}={lit(v)}" for k, v in self.args) + ")"
         return self.name if self.text is None else f"{self.name} {_quote(self.text)}"

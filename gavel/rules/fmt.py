@@ -18,7 +18,7 @@ import yaml
 from gavel.errors import Location, RuleError
 from gavel.io.yamlsource import line_starts
 from gavel.rules.gvl import GvlDocument, has_comment, read_gvl
-from gavel.rules.load import RuleSpec, collect_rules
+from gavel.rules.load import Pack, RuleSource, RuleSpec, collect_rules
 from gavel.rules.parser import parse_action, parse_condition
 
 
@@ -105,7 +105,8 @@ def _rewrite(text: str, path: str | None, found: Iterable[tuple[str, int, str, s
 def format_text(text: str, rules: Sequence[RuleSpec]) -> tuple[str, list[Edit]]:
     """Rewrite the conditions, exception conditions and pack macros of `rules` (all loaded from the YAML `text`)
     in canonical form."""
-    found, packs = [], {}
+    found = []
+    packs: dict[int, tuple[Pack, RuleSource]] = {}   # by identity: (pack, its file)
     for rule in rules:
         if rule.source is None:
             continue
@@ -113,9 +114,9 @@ def format_text(text: str, rules: Sequence[RuleSpec]) -> tuple[str, list[Edit]]:
         found += [(rule.name, rule.source.index(("exceptions", i, "condition")), e.condition)
                   for i, e in enumerate(rule.exceptions)]
         if rule.pack is not None and rule.pack.source is not None:
-            packs[id(rule.pack)] = rule.pack
-    for pack in packs.values():
-        found += [(f"macro {name}", pack.source.index(("macros", name)), macro.condition)
+            packs[id(rule.pack)] = (rule.pack, rule.pack.source)
+    for pack, source in packs.values():
+        found += [(f"macro {name}", source.index(("macros", name)), macro.condition)
                   for name, macro in pack.macros.items()]
     path = rules[0].source.path if rules and rules[0].source is not None else None
     return _rewrite(text, path, [(*item, canonical(item[2])) for item in found], _span)
@@ -154,9 +155,11 @@ def format_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[FileForm
     rules, errors = collect_rules(items)
     broken = {Path(e.location.path).resolve() for e in errors if e.location and e.location.path}
     by_file: dict[Path, list[RuleSpec]] = {}
+    sources: dict[Path, RuleSource] = {}   # the file of the first rule of each
     for rule in rules:
         if rule.source is not None:
             by_file.setdefault(Path(rule.source.path), []).append(rule)
+            sources.setdefault(Path(rule.source.path), rule.source)
     out = []
     for path, file_rules in by_file.items():
         if path.resolve() in broken or not _within(path.resolve(), roots):
@@ -167,7 +170,7 @@ def format_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[FileForm
             doc = read_gvl(path)
             text, (after, edits) = doc.text, format_gvl(doc, str(path))
         else:
-            text = file_rules[0].source.text
+            text = sources[path].text
             after, edits = format_text(text, file_rules)
         crlf = raw != text
         if crlf and raw.replace("\r\n", "\n") != text:

@@ -47,6 +47,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
@@ -58,6 +59,8 @@ from gavel.rules.parser import (
     _WORDS,
     ConditionSyntaxError,
     _cache_option,
+    _char_position,
+    _position,
     _to_number,
     _unquote,
     excerpt,
@@ -66,6 +69,9 @@ from gavel.rules.parser import (
     parse_condition,
 )
 from gavel.rules.source import RuleErrors
+
+if TYPE_CHECKING:
+    from lark.parsers.lalr_interactive_parser import InteractiveParser
 
 FIELDS = ("title", "description", "author", "definition", "public_id", "severity", "level", "status", "match", "tags",
           "references", "falsepositives", "categories", "group", "requires", "when", "unless", "action")
@@ -110,8 +116,14 @@ def parse_gvl(text: str, path: str = "<input>") -> GvlDocument:
         builder.statement(statement)
     errors += builder.errors
     if errors:
-        raise RuleErrors(sorted(errors, key=lambda e: (e.location.line or 0, e.location.column or 0)))
+        raise RuleErrors(sorted(errors, key=_line_column))
     return GvlDocument(text, builder.data, builder.values, builder.keys, builder.scalars)
+
+
+def _line_column(error: RuleError) -> tuple[int, int]:
+    """Where an error is, for sorting (every error here is located)."""
+    location = error.location or Location()
+    return location.line or 0, location.column or 0
 
 
 def has_comment(source: str) -> bool:
@@ -130,17 +142,22 @@ def _lark() -> Lark:
                      cache=cache.replace(".lark-cache", "-gvl.lark-cache") if cache else False)
 
 
-def _parse(text: str, path: str) -> tuple[list[Tree], list[RuleError]]:
+def _statements(tree: Tree[Token]) -> list[Tree[Token]]:
+    """The statements of a parsed file (the `gvl` rule's children are all statements)."""
+    return [s for s in tree.children if isinstance(s, Tree)]
+
+
+def _parse(text: str, path: str) -> tuple[list[Tree[Token]], list[RuleError]]:
     """The statements of `text`, or after a syntax error each chunk's first error (see `_chunks`)."""
     try:
-        return _lark().parse(text).children, []
+        return _statements(_lark().parse(text)), []
     except UnexpectedInput as err:
         first = _syntax_error(text, len(text), err, path)
-    statements: list[Tree] = []
+    statements: list[Tree[Token]] = []
     errors: list[RuleError] = []
     for a, b in _chunks(text):
         try:
-            statements += _lark().parse(" " * a + text[a:b]).children
+            statements += _statements(_lark().parse(" " * a + text[a:b]))
         except UnexpectedInput as err:
             errors.append(_syntax_error(text, b, err, path))
     return statements, errors or [first]
@@ -149,7 +166,7 @@ def _parse(text: str, path: str) -> tuple[list[Tree], list[RuleError]]:
 def _chunks(text: str) -> list[tuple[int, int]]:
     """Where statements likely start, so one error cannot hide the next: a line starting with a statement keyword,
     or with a word in its first column (rule fields are indented); [start, end) of the text between them."""
-    starts = sorted({0, *(m.start(m.lastindex) for m in _RESYNC.finditer(text))})
+    starts = sorted({0, *(m.start(1) if m.group(1) is not None else m.start(2) for m in _RESYNC.finditer(text))})
     return list(zip(starts, [*starts[1:], len(text)]))
 
 
@@ -172,10 +189,10 @@ def _phrase(expected: set[str]) -> str:
     """What the parser expected, in words: condition words first, statements and rule fields named as a kind."""
     expected = set(expected)
     kinds = []
-    for words, kind in ((STATEMENTS, "a statement (`rule`, `macro`, `param`, `list`, ...)"),
-                        (FIELDS, "a rule field (`when`, `action`, `title`, ...)")):
-        if {_term(w) for w in words} <= expected:
-            expected -= {_term(w) for w in words}
+    for keywords, kind in ((STATEMENTS, "a statement (`rule`, `macro`, `param`, `list`, ...)"),
+                           (FIELDS, "a rule field (`when`, `action`, `title`, ...)")):
+        if {_term(w) for w in keywords} <= expected:
+            expected -= {_term(w) for w in keywords}
             kinds.append(kind)
     table = {**{t: w for t, w in _WORDS.items() if t != "$END"}, "_TOKEN": "`token`"}
     words = [table[t] for t in table if t in expected]
@@ -194,6 +211,7 @@ def _syntax_error(text: str, stop: int, err: UnexpectedInput, path: str) -> Rule
     token = err.token if isinstance(err, UnexpectedToken) else None
     parser = getattr(err, "interactive_parser", None)
     expected = set(parser.accepts() if parser is not None else getattr(err, "allowed", None) or ())
+    word: str | None
     if token is not None and token.type == "$END":
         follows = re.match(r"[^\s]+", text[stop:])
         if follows:
@@ -205,7 +223,7 @@ def _syntax_error(text: str, stop: int, err: UnexpectedInput, path: str) -> Rule
         offset, word, is_name, end = token.start_pos, str(token), token.type == "NAME", token.end_pos
     else:
         assert isinstance(err, UnexpectedCharacters)
-        offset, word, is_name, end = err.pos_in_stream, err.char, False, err.pos_in_stream + 1
+        offset, word, is_name, end = _char_position(err), err.char, False, _char_position(err) + 1
     found = "end of file" if word is None else f"`{word}`" if word.isprintable() else f"character {word!r}"
     hint = _keyword_hint(word, is_name, expected) or _swallowed(parser) or _context_hint(text, parser, offset, end)
     return RuleError(f"unexpected {found}; expected {_phrase(expected)}",
@@ -232,7 +250,7 @@ def _keyword_hint(word: str | None, is_name: bool, expected: set[str]) -> str | 
     return None
 
 
-def _swallowed(parser: object) -> str | None:
+def _swallowed(parser: InteractiveParser | None) -> str | None:
     """When an unfinished condition read the next field's keyword as a CE name, say so."""
     last = parser.parser_state.value_stack[-1] if parser is not None and parser.parser_state.value_stack else None
     while isinstance(last, Tree) and last.children:  # the last token read, inside the statements reduced so far
@@ -245,7 +263,7 @@ def _swallowed(parser: object) -> str | None:
 _OPENERS = {"K_WHEN", "K_UNLESS", "K_MACRO", "K_ACTION"}
 
 
-def _context_hint(text: str, parser: object, offset: int, end: int) -> str | None:
+def _context_hint(text: str, parser: InteractiveParser | None, offset: int, end: int) -> str | None:
     """Inside a condition or action, the condition language's own hint (its table of known mistakes) for the text
     from the condition's start to the unexpected token, with it (else without it, unless that text is blank)."""
     stack = list(parser.parser_state.value_stack) if parser is not None else []
@@ -310,40 +328,40 @@ class _Builder:
 
     def _pack(self, tree: Tree) -> None:
         keyword, name, *description = tree.children
-        self._place(self.data, ("pack",), str(name), keyword.start_pos, name.start_pos, "`pack`")
+        self._place(self.data, ("pack",), str(name), _start(keyword), _start(name), "`pack`")
         if description:
-            self._place(self.data, ("description",), _unquote(description[0]), description[0].start_pos,
-                        description[0].start_pos, "the pack's description")
+            self._place(self.data, ("description",), _unquote(_token(description[0])), _start(description[0]),
+                        _start(description[0]), "the pack's description")
 
     def _requires(self, tree: Tree, target: dict | None = None, base: PathKey = ()) -> None:
         keyword, kind, value = tree.children
-        section = self._section(self.data if target is None else target, (*base, "requires"), keyword.start_pos)
+        section = self._section(self.data if target is None else target, (*base, "requires"), _start(keyword))
         data = self._names(value, (*base, "requires", str(kind))) if isinstance(value, Tree) else _unquote(value)
-        self._place(section, (*base, "requires", str(kind)), data, kind.start_pos, _start(value),
+        self._place(section, (*base, "requires", str(kind)), data, _start(kind), _start(value),
                     f"`requires {kind}`")
 
     def _param(self, tree: Tree) -> None:
         _, name, number = tree.children
         section = self._section(self.data, ("params",), tree.meta.start_pos)
-        self._place(section, ("params", str(name)), self._signed(number), name.start_pos, number.meta.start_pos,
+        self._place(section, ("params", str(name)), self._signed(number), _start(name), number.meta.start_pos,
                     f"param '{name}'")
 
     def _list(self, tree: Tree) -> None:
         _, name, names = tree.children
         section = self._section(self.data, ("lists",), tree.meta.start_pos)
-        self._place(section, ("lists", str(name)), self._names(names, ("lists", str(name))), name.start_pos,
+        self._place(section, ("lists", str(name)), self._names(names, ("lists", str(name))), _start(name),
                     names.meta.start_pos, f"list '{name}'")
 
     def _macro(self, tree: Tree) -> None:
         _, name, condition = tree.children
         section = self._section(self.data, ("macros",), tree.meta.start_pos)
         path = ("macros", str(name))
-        if self._place(section, path, self._source(condition, path), name.start_pos, condition.meta.start_pos,
+        if self._place(section, path, self._source(condition, path), _start(name), condition.meta.start_pos,
                        f"macro '{name}'"):
             self._check(parse_condition, path, f"macro '{name}'")
 
     def _rule(self, tree: Tree) -> None:
-        private = tree.children[0].type == "K_PRIVATE"
+        private = _token(tree.children[0]).type == "K_PRIVATE"
         keyword, name, *fields = tree.children[private:]
         start = tree.meta.start_pos
         base: PathKey = ("rules", len(self.data["rules"]))
@@ -352,7 +370,7 @@ class _Builder:
         self.keys.setdefault(("rules",), start)
         self.values.setdefault(("rules",), start)
         self.values[base] = start
-        self.keys[(*base, "name")], self.values[(*base, "name")] = keyword.start_pos, name.start_pos
+        self.keys[(*base, "name")], self.values[(*base, "name")] = _start(keyword), _start(name)
         if private:
             rule["private"] = True
             self.keys[(*base, "private")] = self.values[(*base, "private")] = start
@@ -364,27 +382,27 @@ class _Builder:
                 self._requires(item, rule, base)
             elif item.data == "group":
                 _, group, names = item.children
-                section = self._section(rule, (*base, "groups"), keyword.start_pos)
+                section = self._section(rule, (*base, "groups"), _start(keyword))
                 self._place(section, (*base, "groups", str(group)), self._names(names, (*base, "groups", str(group))),
-                            group.start_pos, names.meta.start_pos, f"group '{group}' of {what}")
+                            _start(group), names.meta.start_pos, f"group '{group}' of {what}")
             elif item.data == "unless":
                 self._exception(item, rule, base, what)
             else:
                 value = item.children[1]
                 data = self._value(value, (*base, key))
-                if self._place(rule, (*base, key), data, keyword.start_pos, _start(value), f"`{keyword}` of {what}"):
+                if self._place(rule, (*base, key), data, _start(keyword), _start(value), f"`{keyword}` of {what}"):
                     if item.data in ("when", "do"):
                         self._check(parse_condition if item.data == "when" else parse_action, (*base, key), what)
         if "condition" not in rule:
-            self.error(f"{what} has no `when` condition", name.start_pos,
+            self.error(f"{what} has no `when` condition", _start(name),
                        hint="add a line `when <condition>` inside its braces")
 
     def _exception(self, item: Tree, rule: dict, base: PathKey, what: str) -> None:
         keyword, *parts = item.children  # name, condition, reason (optional)
         path = (*base, "exceptions", len(rule.get("exceptions", [])))
-        self.keys.setdefault((*base, "exceptions"), keyword.start_pos)
-        self.values.setdefault((*base, "exceptions"), keyword.start_pos)
-        self.values[path] = keyword.start_pos
+        self.keys.setdefault((*base, "exceptions"), _start(keyword))
+        self.values.setdefault((*base, "exceptions"), _start(keyword))
+        self.values[path] = _start(keyword)
         exception: dict = {}
         for part in parts:
             key = "condition" if isinstance(part, Tree) else "reason" if part.type == "STRING" else "name"
@@ -395,16 +413,17 @@ class _Builder:
 
     def _test(self, tree: Tree) -> None:
         keyword, name, *entries = tree.children
+        name = _token(name)   # a NAME or a STRING
         path: PathKey = ("tests", len(self.data.setdefault("tests", [])))
-        self.keys.setdefault(("tests",), keyword.start_pos)
-        self.values.setdefault(("tests",), keyword.start_pos)
-        self.values[path] = keyword.start_pos
+        self.keys.setdefault(("tests",), _start(keyword))
+        self.values.setdefault(("tests",), _start(keyword))
+        self.values[path] = _start(keyword)
         case: dict = {}
-        self._place(case, (*path, "name"), _unquote(name) if name.type == "STRING" else str(name), keyword.start_pos,
-                    name.start_pos, "the test's name")
+        self._place(case, (*path, "name"), _unquote(name) if name.type == "STRING" else str(name), _start(keyword),
+                    _start(name), "the test's name")
         for entry in entries:
             key, value = entry.children
-            self._place(case, (*path, str(key)), self._value(value, (*path, str(key))), key.start_pos, _start(value),
+            self._place(case, (*path, str(key)), self._value(value, (*path, str(key))), _start(key), _start(value),
                         f"`{key}` of test '{case['name']}'")
         self.data["tests"].append(case)
 
@@ -425,19 +444,24 @@ class _Builder:
             out: dict = {}
             for pair in value.children:
                 key, item = pair.children
+                key = _token(key)   # a NAME or a STRING
                 name = _unquote(key) if key.type == "STRING" else str(key)
-                self._place(out, (*path, name), self._value(item, (*path, name), level + 1), key.start_pos,
+                self._place(out, (*path, name), self._value(item, (*path, name), level + 1), _start(key),
                             _start(item), f"key '{name}'")
             return out
-        for i, item in enumerate(value.children):  # names, words, array
-            self.values[(*path, i)] = _start(item)
-        return [self._value(item, (*path, i), level + 1) for i, item in enumerate(value.children)]
+        return self._items(value, path, level)
 
-    def _names(self, names: Tree, path: PathKey) -> list:
-        return self._value(names, path)  # type: ignore[return-value]
+    def _items(self, tree: Tree, path: PathKey, level: int = 0) -> list[object]:
+        """The values of a `names`, `words` or `array` list, each with its position."""
+        for i, item in enumerate(tree.children):
+            self.values[(*path, i)] = _start(item)
+        return [self._value(item, (*path, i), level + 1) for i, item in enumerate(tree.children)]
+
+    def _names(self, names: Tree, path: PathKey) -> list[object]:
+        return self._items(names, path)
 
     def _signed(self, tree: Tree) -> int | float:
-        number = _to_number(tree.children[0])
+        number = _to_number(_token(tree.children[0]))
         return -number if self.text[tree.meta.start_pos] == "-" else number
 
     def _source(self, tree: Tree, path: PathKey) -> str:
@@ -456,4 +480,10 @@ class _Builder:
 
 
 def _start(item: Tree | Token) -> int:
-    return item.start_pos if isinstance(item, Token) else item.meta.start_pos
+    return _position(item) if isinstance(item, Token) else item.meta.start_pos
+
+
+def _token(item: Tree | Token) -> Token:
+    """A child the grammar makes a token (a keyword, a NAME, a STRING, a NUMBER)."""
+    assert isinstance(item, Token), item
+    return item

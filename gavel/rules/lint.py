@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,7 +37,7 @@ class Issue:
 
     description: ClassVar[str] = "rule issue"
     severity: ClassVar[Severity] = Severity.MEDIUM
-    rule: str
+    rule: str | None   # None only for a pack's own definitions (PackIssue)
     location: Location
     hint: str | None = None
 
@@ -272,7 +272,7 @@ def _macro_conditions(pack: Pack) -> list[tuple[Expr, Locate]]:
     return [(m.expr, m.location) for m in pack.macros.values()]
 
 
-def _reads(rule: RuleSpec, rule_names: Iterable[str]) -> set[tuple[Kind, str]]:
+def _reads(rule: RuleSpec, rule_names: Collection[str]) -> set[tuple[Kind, str]]:
     """Every (kind, name) the rule's condition and exceptions read, through the macros they expand."""
     seen: set[tuple[Kind, str]] = set()
     stack = [expr for expr, _ in _conditions(rule)]
@@ -359,15 +359,17 @@ class KOfRangeValidator(_AcrossRules):
     def __init__(self, ces: Sequence[str] | None = None) -> None:
         self.ces = ces
 
-    def _size(self, node: Select, groups: dict, lists: dict) -> tuple[str, int] | None:
+    def _size(self, node: Select, groups: Mapping[str, tuple[str, ...]], lists: Mapping[str, tuple[str, ...]]
+              ) -> tuple[str, int] | None:
         if node.group is None:
             return str(node)[str(node).index("("):], len(node.items)
-        members = groups.get(node.group) or lists.get(node.group)
+        members: Sequence[str] | None = groups.get(node.group) or lists.get(node.group)
         if members is None and "*" in node.group and self.ces is not None:
             members = wildcard_matches(node.group, self.ces) or None
         return None if members is None else (node.group, len(set(members)))
 
-    def _check(self, subject: dict, exprs: list[tuple[Expr, Locate]], groups: dict, lists: dict) -> list[Issue]:
+    def _check(self, subject: dict[str, str], exprs: list[tuple[Expr, Locate]], groups: Mapping[str, tuple[str, ...]],
+               lists: Mapping[str, tuple[str, ...]]) -> list[Issue]:
         issues: list[Issue] = []
         for expr, locate in exprs:
             for node in walk(expr):
@@ -492,9 +494,10 @@ class ShadowedNameValidator(_AcrossRules):
     def finalize(self) -> list[Issue]:
         issues: list[Issue] = []
         for pack in self.packs:
-            for kind, field, names, below in (
-                    ("list", "lists", pack.lists, (("macro", pack.macros), ("rule", self.rule_names))),
-                    ("macro", "macros", pack.macros, (("rule", self.rule_names),))):
+            definitions: tuple[tuple[Kind, str, Iterable[str], tuple[tuple[Kind, Iterable[str]], ...]], ...] = (
+                ("list", "lists", pack.lists, (("macro", pack.macros), ("rule", self.rule_names))),
+                ("macro", "macros", pack.macros, (("rule", self.rule_names),)))
+            for kind, field, names, below in definitions:
                 for name in names:
                     hidden = self._hidden(name, below)
                     if hidden is not None:
@@ -533,8 +536,9 @@ class ActionValidator(Validator):
         self.registry = registry or default_registry()
 
     def validate(self, rule: RuleSpec) -> list[Issue]:
-        return [ActionIssue(rule=rule.name, location=e.location, text=e.message.removeprefix(f"rule '{rule.name}': "),
-                            hint=e.hint) for e in check_actions([rule], self.registry)]
+        return [ActionIssue(rule=rule.name, location=e.location or rule.field_location("action"),
+                            text=e.message.removeprefix(f"rule '{rule.name}': "), hint=e.hint)
+                for e in check_actions([rule], self.registry)]
 
 
 class RequiredCEValidator(_AcrossRules):

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -40,6 +40,7 @@ __all__ = ["Group", "Identifier", "Macro", "Pack", "PackSpec", "ParamValue", "Re
            "RuleSource", "RuleSpec", "collect_rules", "load_rule_file", "load_rules"]
 
 StrPath = Union[str, "os.PathLike[str]"]
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
 _RULESET_KEYS = ("ruleset", "description", "library", "rules")
 
 
@@ -186,8 +187,8 @@ def _pydantic_error(err: Mapping, source: RuleSource, model: type[BaseModel], pr
     return RuleError(prefix + message, location=source.location(i), excerpt=excerpt(source.text, i), hint=hint)
 
 
-def _validate(model: type[BaseModel], data: object, source: RuleSource, prefix: str,
-              errors: list[RuleError]) -> BaseModel | None:
+def _validate(model: type[_ModelT], data: object, source: RuleSource, prefix: str,
+              errors: list[RuleError]) -> _ModelT | None:
     try:
         return model.model_validate(data)
     except ValidationError as e:

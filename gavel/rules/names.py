@@ -23,7 +23,9 @@ def references(expr: Expr) -> Iterator[tuple[str, int, bool]]:
 def resolve(name: str, *, groups: Collection[str] = (), lists: Collection[str] = (), macros: Collection[str] = (),
             rules: Collection[str] = ()) -> Kind:
     """What `name` stands for, in resolution order."""
-    for kind, names in (("group", groups), ("list", lists), ("macro", macros), ("rule", rules)):
+    order: tuple[tuple[Kind, Collection[str]], ...] = (("group", groups), ("list", lists), ("macro", macros),
+                                                        ("rule", rules))
+    for kind, names in order:
         if name in names:
             return kind
     return "wildcard" if "*" in name else "ce"

@@ -6,7 +6,9 @@ import hashlib
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, get_args
 
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
@@ -19,6 +21,7 @@ from gavel.rules.ast import (
     Aggregate,
     And,
     Compare,
+    Comparison,
     Expr,
     Name,
     Not,
@@ -82,7 +85,7 @@ class ConditionSyntaxError(RuleError):
         self.offset = offset
 
 
-def _cache_option() -> str | bool:
+def _cache_option() -> str | Literal[False]:
     """A cache file in a private, writable user directory, or False (Lark's /tmp cache is a shared pickle)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = Path(root) / "gavel"
@@ -130,7 +133,7 @@ class _ToAst(Transformer):
         return Name(str(children[0]), _span(meta))
 
     def compare(self, meta, children) -> Compare:
-        return Compare(str(children[0]), str(children[1]), children[2], _span(meta))
+        return Compare(str(children[0]), _comparison(children[1]), children[2], _span(meta))
 
     def number(self, meta, children) -> Number:
         token = children[0]
@@ -165,7 +168,7 @@ class _ToAst(Transformer):
     def _scope(self, token: Token) -> str:
         if token not in SCOPES:
             guess = did_you_mean(str(token), list(SCOPES))
-            raise self._fail(f"unknown scope '{token}'", token.start_pos,
+            raise self._fail(f"unknown scope '{token}'", _position(token),
                              hint=f"did you mean '{guess}'?" if guess else f"scopes: {', '.join(SCOPES)}")
         return str(token)
 
@@ -199,7 +202,8 @@ class _ToAst(Transformer):
                                                        "such as a slope")
         if function == "count" and not isinstance(value, (int, Param)):
             raise self._fail(f"`count` compares with a whole number, not {value}", meta.start_pos)
-        node = Aggregate(str(function), arg, windows[0] if windows else None, str(rest[cmp]), value, _span(meta))
+        node = Aggregate(str(function), arg, windows[0] if windows else None, _comparison(rest[cmp]), value,
+                         _span(meta))
         return Scoped(node, self._scope(scope), _span(meta)) if scope is not None else node
 
     def _check_plugin(self, function: Token, arg: Expr, windows: list, op: Token, value: Number) -> None:
@@ -208,10 +212,10 @@ class _ToAst(Transformer):
         if function not in plugins:
             guess = did_you_mean(str(function), [*FUNCTIONS, *plugins])
             listed = f"functions: {', '.join(FUNCTIONS)}" + (f"; from plugins: {', '.join(plugins)}" if plugins else "")
-            raise self._fail(f"unknown function '{function}'", function.start_pos,
+            raise self._fail(f"unknown function '{function}'", _position(function),
                              hint=f"did you mean '{guess}'?" if guess else listed)
         if not windows:
-            raise self._fail(f"`{function}` is a plugin function and needs a window", op.start_pos,
+            raise self._fail(f"`{function}` is a plugin function and needs a window", _position(op),
                              hint=f"plugin functions need a window: `{function}({arg}) over N tokens {op} {value}`")
 
     def action_text(self, meta, children) -> Action:
@@ -241,7 +245,7 @@ class _ToAst(Transformer):
                              name.start_pos, hint=f"did you mean '{guess}'?" if guess and name not in known else
                              "the phrase form (`rotate refusal by 60`) is for actions whose first arguments are an "
                              "artifact and an amount; write the others as `name` or `name(key=value, ...)`")
-        args: list[tuple[str, object]] = [(fields[0], str(artifact))]
+        args: list[tuple[str, str | Number]] = [(fields[0], str(artifact))]
         rest = list(rest)
         if rest and isinstance(rest[0], Token) and rest[0].type == "NAME" and rest[0] != "at":
             word, amount = rest.pop(0), rest.pop(0)
@@ -263,19 +267,20 @@ class _ToAst(Transformer):
 
     def _expect(self, token: Token, word: str) -> None:
         if str(token) != word:
-            raise self._fail(f"expected `{word}`, not '{token}'", token.start_pos,
+            raise self._fail(f"expected `{word}`, not '{token}'", _position(token),
                              hint="the phrase form reads `ACTION ARTIFACT by AMOUNT at layers L..M for N tokens`")
 
-    def _amount(self, meta, value) -> object:
+    def _amount(self, meta, value) -> Number:
         if isinstance(value, Token):
             return _to_number(value) if value.type == "NUMBER" else self.number(meta, [value])
         return value
 
-    def argument(self, meta, children) -> tuple[str, object]:
+    def argument(self, meta, children) -> tuple[str, str | Number]:
         value = children[1]
         if isinstance(value, Token):
-            value = {"STRING": _unquote, "NUMBER": _to_number, "NAME": str,
-                     "PARAM": lambda t: self.number(meta, [t])}[value.type](value)
+            literal: dict[str, Callable[[Token], str | Number]] = {
+                "STRING": _unquote, "NUMBER": _to_number, "NAME": str, "PARAM": lambda t: self.number(meta, [t])}
+            value = literal[value.type](value)
         return (str(children[0]), value)
 
     def negative(self, meta, children) -> Number:
@@ -288,6 +293,20 @@ def _plugin_functions() -> list[str]:
     from gavel.plugins.registry import registry
 
     return sorted(registry().plugins["functions"])
+
+
+def _position(token: Token) -> int:
+    """Where a token of the parsed text starts (Lark types `start_pos` as optional; its lexers always set it)."""
+    assert token.start_pos is not None
+    return token.start_pos
+
+
+def _comparison(token: Token) -> Comparison:
+    """The operator a CMP token holds (the grammar admits only the `Comparison`s)."""
+    op = next((c for c in get_args(Comparison) if c == token), None)
+    if op is None:
+        raise ValueError(f"not a comparison operator: {token!r}")
+    return op
 
 
 def _to_number(token: Token) -> int | float:
@@ -316,6 +335,12 @@ def _phrase_fields(plugin: object | None) -> list[str] | None:
 
 def _span(meta) -> Span:
     return Span(meta.start_pos, meta.end_pos)
+
+
+def _char_position(err: UnexpectedCharacters) -> int:
+    """Where the unexpected character is: Lark sets `pos_in_stream` to its int index, but declares it
+    `pos_in_stream = None` on UnexpectedInput, so its type is None (a wrong annotation in lark.exceptions)."""
+    return err.pos_in_stream  # type: ignore[return-value]
 
 
 def _signature(err: UnexpectedInput) -> tuple[object, ...]:
@@ -358,7 +383,8 @@ def _syntax_error(text: str, err: UnexpectedInput, start: str = "start") -> Cond
     elif isinstance(err, UnexpectedToken):
         offset, found = err.token.start_pos, f"`{err.token}`"
     else:
-        offset, found = err.pos_in_stream, f"`{err.char}`"
+        assert isinstance(err, UnexpectedCharacters)   # the basic lexer's; the parser's are UnexpectedTokens
+        offset, found = _char_position(err), f"`{err.char}`"
     accepted = _expected(text, err, start)
     words = ["a group or CE name"] if accepted == {"NAME"} else [w for t, w in _WORDS.items() if t in accepted]
     expected = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]

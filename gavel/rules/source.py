@@ -62,7 +62,7 @@ class SourceText:
     def excerpt(self, offset: int) -> str:
         """The source line around character `offset`, with a caret under it."""
         i = self._index(offset)
-        return excerpt(self.text, offset) if i is None else excerpt(self.source.text, i)
+        return excerpt(self.text, offset) if i is None or self.source is None else excerpt(self.source.text, i)
 
     def error(self, message: str, offset: int = 0, hint: str | None = None) -> RuleError:
         """A RuleError at character `offset` of this string."""

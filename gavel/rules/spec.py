@@ -111,12 +111,18 @@ class RuleException(_Spec):
         """The parsed condition with its parameters bound (raises RuleErrors, located, for unset ones)."""
         return bind_condition(parse_condition(self.condition), self._values, self.error)
 
+    def _source_text(self) -> SourceText:
+        """Where the condition is written: set by the rule the exception belongs to (`RuleSpec.attach`)."""
+        if self._text is None:
+            raise RuleError(f"exception '{self.name}' belongs to no rule: give it in a RuleSpec's `exceptions`")
+        return self._text
+
     def location(self, offset: int) -> Location:
-        return self._text.location(offset)
+        return self._source_text().location(offset)
 
     def error(self, message: str, offset: int, hint: str | None = None) -> RuleError:
         """A RuleError at a character of this exception's condition."""
-        return self._text.error(message, offset, hint)
+        return self._source_text().error(message, offset, hint)
 
 
 @dataclass(frozen=True, eq=False)

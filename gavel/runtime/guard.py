@@ -9,11 +9,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import overload
 
 import torch
 
 from gavel.errors import GavelError
 from gavel.io.conversations import Conversation
+from gavel.models.chat import decode_text
 from gavel.models.generation import PromptBatch, prompt_batch
 from gavel.models.handle import ModelHandle
 from gavel.probes.bank import CEBank
@@ -80,6 +82,13 @@ class Guard:
     def handle(self) -> ModelHandle:
         return self.monitor.handle
 
+    @overload
+    def generate(self, conversations: Conversation, max_new_tokens: int = 64, **generate_kwargs) -> GuardResult: ...
+
+    @overload
+    def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 64,
+                 **generate_kwargs) -> list[GuardResult]: ...
+
     def generate(self, conversations: Conversation | Sequence[Conversation], max_new_tokens: int = 64,
                  **generate_kwargs) -> GuardResult | list[GuardResult]:
         """Guarded generation (greedy unless told otherwise); one conversation gives one result."""
@@ -87,6 +96,12 @@ class Guard:
         generate_kwargs.setdefault("do_sample", False)
         results = self._finish(self.monitor.generate(batch, max_new_tokens=max_new_tokens, **generate_kwargs))
         return results[0] if single else results
+
+    @overload
+    def check(self, conversations: Conversation, batch_size: int = 16) -> GuardResult: ...
+
+    @overload
+    def check(self, conversations: Sequence[Conversation], batch_size: int = 16) -> list[GuardResult]: ...
 
     def check(self, conversations: Conversation | Sequence[Conversation], batch_size: int = 16
               ) -> GuardResult | list[GuardResult]:
@@ -124,7 +139,7 @@ class Guard:
                     out = handle.hf_model(input_ids=token, attention_mask=mask, use_cache=True, **_cache_of(out))
                 fired = self._newly_fired(session, reported)
                 reported |= set(fired)
-                step = StreamStep(handle.tokenizer.decode(token[0]), int(token[0, 0]), index, tuple(fired))
+                step = StreamStep(decode_text(handle.tokenizer, token[0]), int(token[0, 0]), index, tuple(fired))
                 index += 1
                 if bool(session.blocked[0]):
                     yield replace(step, blocked=True)
@@ -181,7 +196,7 @@ class Watch:
 
 
 def _as_batch(conversations) -> tuple[bool, list[Conversation]]:
-    single = isinstance(conversations, str) or (isinstance(conversations, Sequence) and conversations
+    single = isinstance(conversations, str) or (isinstance(conversations, Sequence) and bool(conversations)
                                                 and isinstance(conversations[0], dict))
     batch = [conversations] if single else list(conversations)
     return single, [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in batch]

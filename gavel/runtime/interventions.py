@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from gavel.errors import ArtifactError, GavelError
+from gavel.errors import ArtifactError, GavelError, RuleError
 from gavel.models.handle import ModelHandle
 from gavel.models.hooks import HookFn
-from gavel.plugins.interventions import Intervention, InterventionMethod
+from gavel.plugins.actions import Action
+from gavel.plugins.interventions import Intervention, InterventionMethod, PromptIntervention
 from gavel.plugins.registry import registry
 from gavel.rules.source import RuleErrors
 
@@ -40,12 +41,13 @@ class RuleIntervention:
     reads_prompt: bool
 
 
-def rule_interventions(rules: Sequence, actions: Sequence[type], handle: ModelHandle,
+def rule_interventions(rules: Sequence, actions: Sequence[type[Action]], handle: ModelHandle,
                        artifacts: Artifacts | None = None) -> list[RuleIntervention]:
     """The rules whose action is an intervention method, each with its intervention on the handle's device; every
     artifact that cannot be found, loaded or used is a RuleError located at its rule's action (all at once)."""
-    methods = registry().plugins["interventions"]
-    found, errors = [], []
+    methods = registry().interventions
+    found: list[RuleIntervention] = []
+    errors: list[RuleError] = []
     cache: dict[tuple[object, Path], object] = {}
     for index, (rule, action) in enumerate(zip(rules, actions)):
         method = methods.get(rule.action_call.name)
@@ -58,13 +60,17 @@ def rule_interventions(rules: Sequence, actions: Sequence[type], handle: ModelHa
         except GavelError as e:
             errors.append(rule.action_error(f"rule '{rule.name}': {e.message}", 0, hint=e.hint))
             continue
+        if method.reads_prompt and not isinstance(intervention, PromptIntervention):
+            errors.append(rule.action_error(f"rule '{rule.name}': '{method.name}' reads the prompt, but its "
+                                            f"{type(intervention).__name__} has no for_prompt(mask)", 0))
+            continue
         found.append(RuleIntervention(index, intervention, getattr(args, "duration", None), method.reads_prompt))
     if errors:
         raise RuleErrors(errors)
     return found
 
 
-def _artifact(method: InterventionMethod, name: str, rule, handle: ModelHandle, artifacts: Artifacts,
+def _artifact(method: type[InterventionMethod], name: str, rule, handle: ModelHandle, artifacts: Artifacts,
               cache: dict[tuple[object, Path], object]) -> object:
     """An artifact object the monitor was given, else a folder (given by name, or relative to the rule's file, or to
     the working directory) loaded by the method once per monitor."""

@@ -16,9 +16,11 @@ import torch
 from gavel.errors import GavelError, RuleError, did_you_mean
 from gavel.io.conversations import Conversation
 from gavel.models.batching import pad_sequences
-from gavel.models.chat import encode_conversation
-from gavel.models.generation import PromptBatch, prompt_batch
+from gavel.models.chat import decode_text, encode_conversation
+from gavel.models.generation import PromptBatch, generate_ids, prompt_batch
 from gavel.models.handle import ModelHandle
+from gavel.plugins.actions import HandlesEvents, handles_events
+from gavel.plugins.interventions import PromptIntervention
 from gavel.plugins.registry import registry
 from gavel.probes.bank import CEBank
 from gavel.rules import compile_rules
@@ -32,6 +34,15 @@ from gavel.runtime.interventions import Artifacts, rule_interventions
 from gavel.runtime.session import Session
 
 Policy = Literal["fail_open", "fail_closed"]
+POLICIES: tuple[Policy, ...] = ("fail_open", "fail_closed")
+
+
+def failure_policy(name: str) -> Policy:
+    """`name` as a failure policy; GavelError for an unknown one."""
+    for policy in POLICIES:
+        if name == policy:
+            return policy
+    raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {name!r}")
 
 
 class Monitor:
@@ -41,8 +52,7 @@ class Monitor:
                  score: Literal["rules", "all"] = "rules", artifacts: Artifacts | None = None) -> None:
         """`artifacts` names the steering artifacts rules may steer with (fitted planes or directories); a name
         not given is read as a directory relative to the rule's file."""
-        if policy not in ("fail_open", "fail_closed"):
-            raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {policy!r}")
+        policy = failure_policy(policy)
         self.handle, self.bank, self.policy = handle, bank, policy
         trace_with_hooks()
         rules = list(rules)
@@ -56,7 +66,7 @@ class Monitor:
         self.event_ces = [[n for n in dict.fromkeys([*r.ce_names, *sorted(ces_read(r, by_name))]) if n in bank.names]
                           for r in self.rules]
         self.calls = [r.action_call for r in self.rules]
-        actions = [registry().get("actions", c.name) for c in self.calls]
+        actions = [registry().actions[c.name] for c in self.calls]   # all known: check_actions above
         device = handle.device
         self.scoring = bank.to(device)
         self.heads = (list(range(len(bank.heads))) if score == "all"
@@ -70,9 +80,9 @@ class Monitor:
         thr = self.thresholds
         self.logit_thresholds = torch.where(thr <= 0, -torch.inf, torch.where(thr >= 1, torch.inf, torch.logit(thr)))
         # action plugins with a `handle(events, arguments)` get each batch's events of their rules on the host
-        instances: dict[type, object] = {}
+        instances: dict[type[HandlesEvents], HandlesEvents] = {}
         self.handlers = {r: (instances.setdefault(a, a()), a.params.model_validate(dict(c.args)) if a.params else None)
-                         for r, (a, c) in enumerate(zip(actions, self.calls)) if callable(getattr(a, "handle", None))}
+                         for r, (a, c) in enumerate(zip(actions, self.calls)) if handles_events(a)}
         self.stops = torch.tensor([a.stops_generation for a in actions], dtype=torch.bool, device=device)
         self.can_block = any(a.stops_generation for a in actions)
         self.action_names = [a.name for a in actions]
@@ -136,9 +146,8 @@ class Monitor:
         batch = prompt_batch(self.handle, conversations)
         for attempt in range(2):
             with self.perturbed_prompts(batch) as early, self.watch_prompts(batch) as session:
-                out = self.handle.hf_model.generate(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                    pad_token_id=self.handle.tokenizer.pad_token_id,
+                out = generate_ids(
+                    self.handle, batch, max_new_tokens=max_new_tokens,
                     stopping_criteria=StoppingCriteriaList([session.stopping_criterion()]), **generate_kwargs)
             if not session.blind or attempt:
                 break
@@ -169,7 +178,9 @@ class Monitor:
         for rule in self.prompt_interventions:
             rows = holds[:, rule.index] & ~taken
             taken |= rows
-            hooks += rule.intervention.for_prompt(batch.attention_mask).hooks(rows)
+            intervention = rule.intervention
+            assert isinstance(intervention, PromptIntervention), "rule_interventions checked it"
+            hooks += intervention.for_prompt(batch.attention_mask).hooks(rows)
         with self.handle.hooks(hooks):
             names = {self.rules[rule.index].name for rule in self.prompt_interventions}
             yield [[e for e in r.events if e.rule in names] for r in early]
@@ -196,7 +207,7 @@ class Monitor:
                 r.events = sorted(r.events + missing, key=lambda e: e.token_index)
         for i, r in enumerate(results):
             generated = r.token_ids[r.prompt_length:] if output_ids is None or r.blocked else output_ids[i, width:]
-            r.generated = self.handle.tokenizer.decode(generated, skip_special_tokens=True).strip()
+            r.generated = decode_text(self.handle.tokenizer, generated, skip_special_tokens=True).strip()
             r.reply = self.reply_for(r)
         self.dispatch(results)
         return results
@@ -262,7 +273,8 @@ def token_classes(roles: torch.Tensor) -> torch.Tensor:
 def _missing_requirements(rules: Sequence, ce_names: Sequence[str]) -> list[RuleError]:
     """`requires.ces` (a rule's own, or its pack's) the bank lacks, as located errors: those rules were written for
     CEs this bank cannot score."""
-    known, errors = set(ce_names), {}
+    known = set(ce_names)
+    errors: dict[tuple[str, str], RuleError] = {}
     for rule in rules:
         owners = [(rule, rule.requires)] + ([(rule.pack, rule.pack.requires)] if rule.pack else [])
         for owner, requires in owners:

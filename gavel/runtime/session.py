@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,7 +44,7 @@ class Session:
         self.holds: list[torch.Tensor] = []
 
     # ---- hooks
-    def before_forward(self, module, args, kwargs):
+    def before_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise GavelError("the monitor needs input_ids (inputs_embeds-only forwards are not supported yet)")
@@ -160,6 +160,7 @@ class Session:
             row_response = response[i][v]
             seen = row_scores * ~torch.isin(row_ids, special).unsqueeze(-1)   # as the rules saw them
             tokens = tok.convert_ids_to_tokens(row_ids.tolist())
+            assert isinstance(tokens, list), "a list of ids converts to a list of tokens"
             roles = torch.full((len(tokens),), 3, dtype=torch.uint8)
             roles[: prompt_lengths[i]] = prompt_roles[i][: len(tokens)]
             events = []

@@ -29,6 +29,7 @@ from gavel.serve.schema import (
     ChunkChoice,
     ErrorBody,
     ErrorResponse,
+    FinishReason,
     GavelEvent,
     GavelFired,
     GavelResult,
@@ -189,7 +190,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             log.error("chat completion stream failed", exc_info=first if isinstance(first, BaseException) else None)
             return error(500, "The server failed while generating; see its log.", "server_error")
 
-        def chunk(delta: DeltaBody, finish: str | None = None, **extra) -> str:
+        def chunk(delta: DeltaBody, finish: FinishReason | None = None, **extra) -> str:
             body = ChatCompletionChunk(id=ident, created=created, model=engine.name,
                                        choices=[ChunkChoice(delta=delta, finish_reason=finish)], **extra)
             return f"data: {body.model_dump_json()}\n\n"

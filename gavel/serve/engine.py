@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gavel.errors import GavelError
+from gavel.serve.schema import FinishReason
 
 
 class RequestError(GavelError):
@@ -55,7 +56,7 @@ class Completion:
 
     text: str
     generated: str
-    finish_reason: str              # stop | length | content_filter
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     verdict: str | None = None      # None when unguarded
@@ -162,7 +163,8 @@ class Engine:
                 text = handle.tokenizer.decode(ids, skip_special_tokens=True).strip()
                 done.append(Completion(text, text, "stop" if ended or count < max_new else "length", n, count))
             else:
-                finish = "content_filter" if result.blocked else "stop" if ended or count < max_new else "length"
+                finish: FinishReason = ("content_filter" if result.blocked
+                                        else "stop" if ended or count < max_new else "length")
                 done.append(self._guarded(result, finish, n, count))
         return done
 
@@ -190,7 +192,8 @@ class Engine:
                     return
                 if step.result is not None:
                     result = step.result
-                    finish = "content_filter" if result.blocked else "length" if count >= max_new else "stop"
+                    finish: FinishReason = ("content_filter" if result.blocked
+                                            else "length" if count >= max_new else "stop")
                     emit(self._guarded(result, finish, n, count))
                     return
                 count += 1
@@ -240,11 +243,11 @@ class Engine:
                                           **kwargs)
         if cancelled.is_set():
             return
-        finish = "stop" if count[1] or count[0] < max_new else "length"
+        finish: FinishReason = "stop" if count[1] or count[0] < max_new else "length"
         emit(Completion(text.text, text.text, finish, n, count[0]))
 
     # ---- internals
-    def _guarded(self, result, finish: str, prompt_tokens: int, completion_tokens: int) -> Completion:
+    def _guarded(self, result, finish: FinishReason, prompt_tokens: int, completion_tokens: int) -> Completion:
         # an event's `sequence` is its row in the server's own batch, nothing the client sent: left out
         events = tuple({k: v for k, v in e.to_dict().items() if k != "sequence"} for e in result.events)
         return Completion(result.text, result.generated, finish, prompt_tokens, completion_tokens,
@@ -256,7 +259,8 @@ class _TextDiff:
     handing out only what is new; text that decodes to an incomplete character waits for the next token."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self.tokenizer, self.text = tokenizer, ""
+        self.ids: list[int] = []
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -319,7 +323,8 @@ class WholeReplies:
         self._keys.pop(id(item[2]), None)
 
     def _serve(self) -> None:
-        chosen, key = [], None
+        chosen: list[tuple[Job, threading.Event, Future]] = []
+        key: tuple | None = None
         with self._lock:
             for item in list(self._waiting):
                 job, cancelled, future = item

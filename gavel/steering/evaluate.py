@@ -14,7 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from gavel.io.conversations import Conversation
-from gavel.models.generation import prompt_batch, until_end
+from gavel.models.chat import decode_text
+from gavel.models.generation import generate_ids, prompt_batch, until_end
 from gavel.models.handle import ModelHandle
 from gavel.steering.activations import last_prompt_activations
 from gavel.steering.intervention import steering
@@ -62,9 +63,7 @@ def generate_with_ids(handle: ModelHandle, conversations: Sequence[Conversation]
     out: list[torch.Tensor] = []
     for start in range(0, len(conversations), batch_size):
         batch = prompt_batch(handle, conversations[start:start + batch_size])
-        ids = handle.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=handle.tokenizer.pad_token_id)
+        ids = generate_ids(handle, batch, max_new_tokens=max_new_tokens, do_sample=False)
         out += [until_end(row, handle) for row in ids[:, batch.input_ids.shape[1]:].cpu()]
     return out
 
@@ -100,9 +99,9 @@ def sweep(handle: ModelHandle, plane: SteeringPlane, conversations: Sequence[Con
           max_new_tokens: int = 32, perplexity_limit: float = 2.0, examples: int = 3,
           progress: Callable[[int], None] | None = None) -> Sweep:
     """One SweepPoint per strength (one, ignored, for ablate), against the unsteered replies."""
-    decode = handle.tokenizer.decode
+    tok = handle.tokenizer
     base = generate_with_ids(handle, conversations, max_new_tokens)
-    base_text = [decode(r, skip_special_tokens=True).strip() for r in base]
+    base_text = [decode_text(tok, r, skip_special_tokens=True).strip() for r in base]
     chosen = list(plane.selected_sites if sites is None else sites)
     acts = last_prompt_activations(handle, conversations, chosen)
     points = []
@@ -111,7 +110,7 @@ def sweep(handle: ModelHandle, plane: SteeringPlane, conversations: Sequence[Con
         with steering(handle, intervention):
             replies = generate_with_ids(handle, conversations, max_new_tokens)
             perplexities = [reply_perplexity(handle, c, r) for c, r in zip(conversations, replies)]
-        texts = [decode(r, skip_special_tokens=True).strip() for r in replies]
+        texts = [decode_text(tok, r, skip_special_tokens=True).strip() for r in replies]
         ratios = [(intervention.apply(acts[s], s).norm(dim=-1) / acts[s].norm(dim=-1)).mean() for s in chosen]
         points.append(SweepPoint(
             method=method, strength=float(strength),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from gavel.errors import DataError, Location, did_you_mean, excerpt, line_column
 from gavel.io.yamlsource import YamlSource, index_document, line_starts, read_yaml
@@ -98,7 +99,7 @@ def read_ce_yaml(path: str | os.PathLike[str]) -> CEDefinition:
     return spec
 
 
-def _pydantic_error(err: dict, source: YamlSource, fail: Callable[..., DataError]) -> tuple[int, DataError]:
+def _pydantic_error(err: ErrorDetails, source: YamlSource, fail: Callable[..., DataError]) -> tuple[int, DataError]:
     """A pydantic error as (position in the file, DataError at that field)."""
     path = tuple(p for p in err["loc"] if p != "[key]")
     dotted = ".".join(map(str, path))
@@ -113,25 +114,33 @@ def _pydantic_error(err: dict, source: YamlSource, fail: Callable[..., DataError
     return i, fail(f"{dotted}: {err['msg'].removeprefix('Value error, ')}", i)
 
 
+def _skip_ws(text: str, i: int) -> int:
+    """The first offset at or after `i` that is not JSON whitespace."""
+    match = _WS.match(text, i)
+    assert match is not None   # the pattern matches the empty string, so it matches anywhere
+    return match.end()
+
+
 def _item_offsets(text: str, key: str) -> list[int]:
     """Character offset of each element of the list under top-level `key` of a JSON object known to parse."""
-    decoder, found = json.JSONDecoder(), []
-    i = _WS.match(text, text.index("{") + 1).end()
+    decoder = json.JSONDecoder()
+    found: list[int] = []
+    i = _skip_ws(text, text.index("{") + 1)
     while text[i] != "}":
         name, i = decoder.raw_decode(text, i)
-        i = _WS.match(text, _WS.match(text, i).end() + 1).end()  # past the colon
+        i = _skip_ws(text, _skip_ws(text, i) + 1)  # past the colon
         if name == key and text[i] == "[":
-            found, i = [], _WS.match(text, i + 1).end()
+            found, i = [], _skip_ws(text, i + 1)
             while text[i] != "]":
                 found.append(i)
                 _, i = decoder.raw_decode(text, i)
-                i = _WS.match(text, i).end()
-                i = _WS.match(text, i + 1).end() if text[i] == "," else i
+                i = _skip_ws(text, i)
+                i = _skip_ws(text, i + 1) if text[i] == "," else i
             i += 1
         else:
             _, i = decoder.raw_decode(text, i)
-        i = _WS.match(text, i).end()
-        i = _WS.match(text, i + 1).end() if text[i] == "," else i
+        i = _skip_ws(text, i)
+        i = _skip_ws(text, i + 1) if text[i] == "," else i
     return found
 
 

@@ -113,7 +113,8 @@ def _char_span(span: object, i: int, enc: Encoded, messages: list[dict[str, str]
     """(CE, tokens overlapping the span, description) for one character span; offsets are into the text or
     into message `message`'s content."""
     what = f"span {i}"
-    ce = check_ce_name(_keys(span, _SPAN_KEYS, what, where).get("ce"), where)
+    span = _keys(span, _SPAN_KEYS, what, where)
+    ce = check_ce_name(span.get("ce"), where)
     start, end = _int(span, "start", what, where), _int(span, "end", what, where)
     what = f"span {i} ({ce} [{start}, {end}))"
     if messages is None:
@@ -139,7 +140,8 @@ def _char_span(span: object, i: int, enc: Encoded, messages: list[dict[str, str]
 def _token_span(span: object, i: int, n_tokens: int, where: Location) -> tuple[str, torch.Tensor, str]:
     """(CE, tokens [start, end), description) for one token span."""
     what = f"token span {i}"
-    ce = check_ce_name(_keys(span, _TOKEN_SPAN_KEYS, what, where).get("ce"), where)
+    span = _keys(span, _TOKEN_SPAN_KEYS, what, where)
+    ce = check_ce_name(span.get("ce"), where)
     start, end = _int(span, "start", what, where), _int(span, "end", what, where)
     what = f"token span {i} ({ce} [{start}, {end}))"
     if not 0 <= start < end <= n_tokens:
@@ -209,7 +211,9 @@ def load_spans_jsonl(path: str | os.PathLike[str], tokenizer, *, roles: Sequence
     codes = role_codes(roles)
     path = Path(path)
     text = read_text(path)
-    parsed, sources, declared = [], [], {}
+    parsed: list[Parsed] = []
+    sources: list[str] = []
+    declared: dict[str, Location] = {}
     for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         line = line.removesuffix("\r")
         if not line.strip():

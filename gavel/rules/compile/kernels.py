@@ -116,9 +116,10 @@ def windowed_count(x: Tensor, history: Tensor, window: Tensor, exclude: Tensor, 
     `exclude`) and compare.
 
     x: bool [B, T, K]; history: bool [B, Nmax, K] (most recent last); window, exclude, threshold: [K];
-    view: bool [B, T]; packing: the view's packing, None when every token of the chunk is in view. Returns (bool [B, T, K], new history).
+    view: bool [B, T]; packing: the view's packing, None when every token of the chunk is in view.
+    Returns (bool [B, T, K], new history).
     """
-    batch, length, k = x.shape
+    batch, length, _ = x.shape
     longest = history.shape[1]
     packed = x if packing is None else packing.pack(x)
     seq = torch.cat([history, packed], dim=1)
@@ -333,7 +334,7 @@ def sparse_windowed_count(x: Tensor, segments: Segments, history: Tensor, window
     step_k = torch.cat([init_k, spawn_k[live]])
     step_pos = torch.cat([torch.zeros_like(init_b), spawn_pos[live]])
     step_group = step_k * batch + step_b
-    step_key, order = (step_group * span + step_pos + longest).sort()
+    _, order = (step_group * span + step_pos + longest).sort()
     step_b, step_k, step_pos, step_group = step_b[order], step_k[order], step_pos[order], step_group[order]
     hi = step_pos - exclude[step_k].long()
     counts = cumulative(step_group, hi) - cumulative(step_group, hi - window[step_k])

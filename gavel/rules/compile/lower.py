@@ -6,6 +6,7 @@ of comparisons. Every error of every rule is collected, located in the rule, lis
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, TypeGuard
 
 from gavel.errors import RuleError, did_you_mean
 from gavel.plugins.functions import SCORE_FUNCTIONS, ScoreFunction
@@ -29,6 +30,11 @@ from gavel.rules.ast import (
 from gavel.rules.compile.ir import EVERY, SCOPE_BITS, Compared, Count, Fired, Gate, Graph, Scope, Score
 from gavel.rules.load import RuleSpec
 from gavel.rules.names import resolve, wildcard_matches
+
+
+def all_built(refs: list[int | None]) -> TypeGuard[list[int]]:
+    """Whether every node was built (None: its expression had an error, already recorded)."""
+    return None not in refs
 
 
 class Lowering:
@@ -96,7 +102,7 @@ class Lowering:
         exceptions = [self.build(e, rule, e.expr, view, latch) for e in rule.exceptions]
         self.stack.pop()
         value = None
-        if condition is not None and None not in exceptions:
+        if condition is not None and all_built(exceptions):
             value = condition if not exceptions else self.all_of([condition, self.negate(self.any_of(exceptions))])
         self.rule_values[key] = value
         return value
@@ -105,7 +111,7 @@ class Lowering:
         """The node computing `expr` for `rule` (names resolve in its namespace); errors are located by `owner`."""
         if isinstance(expr, (And, Or)):
             refs = [self.build(owner, rule, t, view, latch) for t in expr.terms]
-            if None in refs:
+            if not all_built(refs):
                 return None
             return self.all_of(refs) if isinstance(expr, And) else self.any_of(refs)
         if isinstance(expr, Not):
@@ -145,6 +151,7 @@ class Lowering:
             a, b = self.build(owner, rule, expr.first, view, False), self.build(owner, rule, expr.second, view, False)
             return None if a is None or b is None else self.all_of([b, self.count(view, window, a, True, ">=", 1)])
         assert isinstance(expr, Sustained)
+        assert window is not None   # `for N tokens` always has its window
         x = self.build(owner, rule, expr.term, view, False)
         return None if x is None else self.count(view, window, x, False, ">=", window)
 
@@ -167,7 +174,7 @@ class Lowering:
         an error (the registry lost it since the condition was parsed, or it failed to start)."""
         if expr.function in self.reducers:
             return True
-        found = registry().plugins["functions"].get(expr.function)
+        found = registry().functions.get(expr.function)
         if found is None:
             self.errors.append(owner.error(f"unknown function '{expr.function}'", expr.span.start,
                                            hint="`gavel plugins list` shows the registered score functions"))
@@ -201,9 +208,10 @@ class Lowering:
             refs = [self.once(r, view) for r in refs] if latch else refs
             what = f"the CEs in '{expr.group}'"
         else:
-            refs = [self.build(owner, rule, item, view, latch) for item in expr.items]
-            if None in refs:
+            items = [self.build(owner, rule, item, view, latch) for item in expr.items]
+            if not all_built(items):
                 return None
+            refs = items
             what = "the items of the list"
         k = len(refs) if expr.quantifier == "all" else 1 if expr.quantifier == "any" else \
             self._number(owner, expr.quantifier, at)
@@ -299,7 +307,7 @@ class Lowering:
             return None
         return value
 
-    def _window(self, owner, window: Number | None, at: int) -> int | bool | None:
+    def _window(self, owner, window: Number | None, at: int) -> int | Literal[False] | None:
         """The window as an int, None for none, False after an error."""
         if window is None:
             return None

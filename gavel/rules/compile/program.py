@@ -23,7 +23,7 @@ from gavel.plugins.registry import registry
 from gavel.rules.actions import check_actions
 from gavel.rules.compile import kernels
 from gavel.rules.compile.ir import EVERY, RESPONSE, SCOPE_BITS, Compared, Count, Fired, Gate, Graph, Scope, Score
-from gavel.rules.compile.lower import Lowering
+from gavel.rules.compile.lower import Lowering, all_built
 from gavel.rules.compile.rowsets import RowSet, any_last
 from gavel.rules.load import RuleErrors, RuleSpec
 
@@ -89,6 +89,8 @@ class _Scores:
     reducer: ScoreFunction | None = None   # a plugin function's instance (always windowed); None: built in
 
 
+_Part = _Gates | _Counts | _Scores   # what a stage evaluates, batched
+
 _IDENTITY = {"max": -torch.inf, "min": torch.inf, "mean": 0.0}   # plugin functions' histories start as NaN
 
 
@@ -101,7 +103,7 @@ class RuleProgram:
     ce_indices: tuple[int, ...]        # the CEs the rules read
     width: int                         # value columns
     atoms: _Atoms
-    stages: tuple[tuple[object, ...], ...]
+    stages: tuple[tuple[_Part, ...], ...]
     outputs: Tensor                    # long [n_rules]: value column of each rule
     state_shapes: tuple[tuple[str, tuple[int, ...], torch.dtype, float], ...]  # kind, per-sequence shape, fill
     needs_scores: bool
@@ -187,14 +189,16 @@ class RuleProgram:
         rows = RowSet(batch, length, sparse=length > 1 and fired.device.type == "cpu")
         parts = [fired, *self._scopes(roles)]
         if self.atoms.compared and rows.sparse:
+            assert scores is not None   # the rules compare scores: `advance` checked they were given
             # comparisons are evaluated at the evaluated rows only; a CE's comparisons can only change where its
             # score is at or above its lowest compared constant, at that token or the one before
             near = any_last(kernels.at_least(scores, self.atoms.lowest, self.atoms.lowest32))
             rows.note(near | F.pad(near, (1, 0))[:, :-1])
-        for part in parts + ([] if mask is None else [mask.unsqueeze(-1)]):
-            rows.note_changes(part)
+        for grid in parts + ([] if mask is None else [mask.unsqueeze(-1)]):
+            rows.note_changes(grid)
         taken = [rows.take_grid(parts[0]).index_select(1, self.atoms.fired)]
         if self.atoms.compared:
+            assert scores is not None
             at_rows = rows.take_grid(scores)
             taken += [torch.cat(group(at_rows), dim=1).index_select(1, group.columns)
                       for group in self.atoms.compared]
@@ -204,7 +208,7 @@ class RuleProgram:
         views = _Views(mask, roles, batch, length, fired.device)
         tensors = list(state.tensors)
         for stage in self.stages:
-            updates = []
+            updates: list[tuple[int, Tensor]] = []
             for part in stage:
                 if isinstance(part, _Counts) and part.latch and rows.sparse:
                     self._latches(part, values, rows, views, tensors)
@@ -213,6 +217,7 @@ class RuleProgram:
                 elif isinstance(part, _Counts):
                     updates.append((part.start, self._counts(part, values, rows, views, tensors)))
                 elif isinstance(part, _Scores):
+                    assert scores is not None   # the rules aggregate scores: `advance` checked they were given
                     updates.append((part.start, self._scores(part, scores, views, tensors)))
             if updates:
                 flat = [out.reshape(batch * length, -1) for _, out in updates]
@@ -232,6 +237,7 @@ class RuleProgram:
         """The token-scope atoms, bool [B, T, n_s] (none when the rules use no scope)."""
         if not self.atoms.scopes.shape[0]:
             return []
+        assert roles is not None   # the rules use scopes: `advance` checked roles were given
         return [((self.atoms.scopes >> roles.long().unsqueeze(-1)) & 1).bool()]
 
     def _counts(self, part: _Counts, values: _Values, rows: RowSet, views: _Views, tensors: list[Tensor]) -> Tensor:
@@ -347,6 +353,7 @@ class _Views:
         if bits not in self._masks:
             valid = self._valid()
             if bits != EVERY:
+                assert self.roles is not None   # the rules use scopes: `advance` checked roles were given
                 valid = valid & ((bits >> self.roles.long()) & 1).bool()
             self._masks[bits] = valid
         return self._masks[bits]
@@ -394,7 +401,11 @@ def compile_rules(rules: Sequence[RuleSpec], ce_names: Sequence[str], *, actions
     if errors:
         raise RuleErrors(errors)
     public = [r.name for r in rules if not r.private]
-    return _assemble(lowering.graph, lowering.reducers, tuple(public), [values[n] for n in public], tuple(ce_names))
+    roots = [values[n] for n in public]
+    if not all_built(roots):   # only a cycle of macros leaves a rule unbuilt without an error (the loader finds them)
+        raise RuleErrors([RuleError(f"rule '{n}' cannot be compiled: its macros refer to each other in a cycle")
+                          for n in public if values[n] is None])
+    return _assemble(lowering.graph, lowering.reducers, tuple(public), roots, tuple(ce_names))
 
 
 def _assemble(graph: Graph, reducers: dict[str, ScoreFunction], rule_names: tuple[str, ...], roots: list[int],
@@ -424,14 +435,14 @@ def _assemble(graph: Graph, reducers: dict[str, ScoreFunction], rule_names: tupl
                    scopes=torch.tensor([n.bits for _, n in scoped], dtype=torch.long),
                    lowest=lowest, lowest32=kernels.float32_bounds(">=", lowest))
     shapes: list[tuple[str, tuple[int, ...], torch.dtype, float]] = []
-    stages = []
+    stages: list[tuple[_Part, ...]] = []
     by_depth: dict[int, list[int]] = {}
     for r, node in zip(order, live):
         if isinstance(node, (Gate, Count, Score)):
             by_depth.setdefault(graph.depth[r], []).append(r)
     for depth in sorted(by_depth):
         at_depth = by_depth[depth]
-        parts: list[object] = []
+        parts: list[_Part] = []
         counts: dict[tuple[int, bool], list[tuple[int, Count]]] = {}
         scores: dict[tuple[int, str, int | None], list[tuple[int, Score]]] = {}   # depth 0, where no count is
         for r in at_depth:

@@ -40,6 +40,7 @@ class RowSet:
     def index(self) -> Tensor:
         """long [n]: the evaluated rows."""
         if self._index is None:
+            assert self.changed is not None   # rows are noted (`note_changes`) before they are read
             self._index = self.changed.nonzero().squeeze(1)
         return self._index
 
@@ -47,6 +48,7 @@ class RowSet:
     def position(self) -> Tensor:
         """long [rows]: the evaluated row each row repeats."""
         if self._position is None:
+            assert self.changed is not None   # rows are noted (`note_changes`) before they are read
             self._position = self.changed.long().cumsum(0) - 1
         return self._position
 
@@ -78,6 +80,7 @@ class RowSet:
         """Evaluate `new_rows` too; returns, for each evaluated row, the previously evaluated row whose values
         it starts from."""
         before = self.position
+        assert self.changed is not None   # reading `position` needed it
         self.changed = self.changed.clone()
         self.changed[new_rows] = True
         self._index = self._position = None

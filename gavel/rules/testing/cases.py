@@ -189,8 +189,10 @@ class TextCase(BaseModel):
         return self
 
     def messages(self) -> list[dict[str, str]]:
-        return ([m.model_dump() for m in self.conversation] if self.conversation is not None
-                else [{"role": "user", "content": self.text}])
+        if self.conversation is not None:
+            return [m.model_dump() for m in self.conversation]
+        assert self.text is not None   # `_one_input`: a case has a conversation or a text
+        return [{"role": "user", "content": self.text}]
 
 
 Case = TypeVar("Case", TraceCase, TextCase)
@@ -202,6 +204,7 @@ _MODELS = (TraceCase, Expectation, TextCase, TextExpectation, Message)
 
 def read_pack_document(path: Path) -> tuple[RuleSource, object]:
     """A YAML or `.gvl` pack's positions and data; raises GavelError (RuleErrors for `.gvl` syntax errors)."""
+    data: object
     if path.suffix == ".gvl":
         doc = read_gvl(path)
         text, data, values, keys = doc.text, doc.data, doc.values, doc.keys
@@ -269,13 +272,19 @@ def _validate(model: type[Case], items: Iterable[tuple[object, Locator]], path: 
     return cases, errors
 
 
+def _at_line(where: Location) -> Locator:
+    """Where every field of a JSONL case is: its line."""
+    return lambda _at: (where, None)
+
+
 def read_jsonl(path: Path, model: type[Case]) -> tuple[list[Located[Case]], list[GavelError]]:
     """The cases of a JSONL fixture (one JSON object a line), and every malformed line, located file:line."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         return [], [DataError(f"cannot read this fixture: {e}", location=Location(str(path)))]
-    items, errors = [], []
+    items: list[tuple[object, Locator]] = []
+    errors: list[GavelError] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -284,7 +293,7 @@ def read_jsonl(path: Path, model: type[Case]) -> tuple[list[Located[Case]], list
         except json.JSONDecodeError as e:
             errors.append(DataError(f"invalid JSON: {e.msg}", location=Location(str(path), number, e.colno)))
             continue
-        items.append((data, lambda _at, where=Location(str(path), number): (where, None)))  # noqa: B008
+        items.append((data, _at_line(Location(str(path), number))))
     cases, bad = _validate(model, items, str(path))
     return cases, errors + bad
 
@@ -306,5 +315,8 @@ def read_pack_tests(path: Path) -> tuple[list[Located[TraceCase]], list[GavelErr
     if not isinstance(tests, list):
         location, text = locate(("tests",))
         return [], [DataError("a pack's `tests` must be a list of test cases", location=location, excerpt=text)]
-    return _validate(TraceCase, [(item, lambda at, i=i: locate(("tests", i, *at))) for i, item in enumerate(tests)],
-                     str(path))
+
+    def in_item(i: int) -> Locator:
+        return lambda at: locate(("tests", i, *at))
+
+    return _validate(TraceCase, [(item, in_item(i)) for i, item in enumerate(tests)], str(path))

@@ -64,7 +64,13 @@ class Firing:
 
 def deciding(firings: Iterable[Firing]) -> Firing | None:
     """The firing that sets the verdict: the highest-precedence kind, then the earliest token; None: clean."""
-    return min(firings, key=lambda f: (-PRECEDENCE[f.kind], f.token_index), default=None)
+    return min(firings, key=lambda f: (-_precedence(f), f.token_index), default=None)
+
+
+def _precedence(firing: Firing) -> int:
+    if firing.kind is None:
+        raise ValueError(f"rule '{firing.rule}' fired with no action kind looked up: a verdict needs each kind")
+    return PRECEDENCE[firing.kind]
 
 
 def outcome(firing: Firing | None) -> dict:
@@ -279,7 +285,7 @@ def ces_read(rule: RuleSpec, rules: Mapping[str, RuleSpec]) -> set[str]:
 
 def _kinds(rules: Iterable[RuleSpec]) -> tuple[dict[str, str], list[GavelError]]:
     """Each rule's action kind (block, steer, alert, log) from the action registry; unknown actions are errors."""
-    known = registry().plugins["actions"]
+    known = registry().actions
     rules = list(rules)
     kinds = {r.name: known[action_name(r)].kind for r in rules if action_name(r) in known}
     return kinds, list(check_actions([r for r in rules if r.name not in kinds], registry()))

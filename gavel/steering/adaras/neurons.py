@@ -126,7 +126,7 @@ class ReasoningNeurons(Estimator):
         self.polarity_ = polarity_ok
         self.kept_ = kept
         self.vectors_ = torch.where(kept, scores, torch.zeros_like(scores)).float()
-        self.control_seed_ = None
+        self.control_seed_: int | None = None
         return self
 
     def _index(self, site: str) -> int:

@@ -8,8 +8,10 @@ import torch
 
 from gavel.errors import DataError
 from gavel.io.conversations import Conversation, Problem
-from gavel.models.generation import prompt_batch
+from gavel.models.chat import decode_text
+from gavel.models.generation import generate_ids, prompt_batch
 from gavel.models.handle import ModelHandle
+from gavel.models.hooks import HookFn
 
 Checker = Callable[[str, str], bool]
 """Whether a reply (text) answers a problem whose expected answer is the second argument."""
@@ -28,18 +30,25 @@ def sample_traces(handle: ModelHandle, problem: Problem, samples: int, checker: 
     batch = prompt_batch(handle, [problem.conversation] * samples)
     if generator is not None:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    out = handle.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=True,
-                                   temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
-                                   pad_token_id=handle.tokenizer.pad_token_id)
+    out = generate_ids(handle, batch, do_sample=True, temperature=temperature, top_k=0,
+                       max_new_tokens=max_new_tokens)
     eos = set(handle.end_token_ids)
     traces = []
     for row in out[:, batch.input_ids.shape[1]:].cpu():
         ids = row.tolist()
         end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
         reply = row[:end]
-        text = handle.tokenizer.decode(reply, skip_special_tokens=True).strip()
+        text = decode_text(handle.tokenizer, reply, skip_special_tokens=True).strip()
         traces.append((reply, checker(text, problem.expected)))
     return traces
+
+
+def _capture(into: dict[str, torch.Tensor], site: str, start: int = 0) -> HookFn:
+    """A hook keeping the first row's activation at `site` from token `start` on in `into` (the activation is left
+    unchanged)."""
+    def hook(act: torch.Tensor) -> None:
+        into[site] = act[0, start:]
+    return hook
 
 
 @torch.no_grad()
@@ -54,7 +63,7 @@ def reply_means(handle: ModelHandle, conversation: Conversation, replies: Sequen
             raise DataError(f"reply {j} is empty: no tokens to average")
         captured: dict[str, torch.Tensor] = {}
         ids = torch.cat([prompt, reply])[None].to(handle.device)
-        with handle.hooks([(s, lambda a, s=s, into=captured: into.__setitem__(s, a[0, len(prompt):])) for s in sites]):
+        with handle.hooks([(s, _capture(captured, s, len(prompt))) for s in sites]):
             handle.forward(ids, torch.ones_like(ids))
         for s in sites:
             means[s].append(captured[s].double().mean(0).cpu())
@@ -101,7 +110,7 @@ def prompt_features(handle: ModelHandle, conversations: Sequence[Conversation], 
     for conversation in conversations:
         batch = prompt_batch(handle, [conversation])
         captured: dict[str, torch.Tensor] = {}
-        with handle.hooks([(s, lambda a, s=s, into=captured: into.__setitem__(s, a[0])) for s in sites]):
+        with handle.hooks([(s, _capture(captured, s)) for s in sites]):
             handle.forward(batch.input_ids, batch.attention_mask)
         out.append(torch.cat([captured[s].float().cpu() for s in sites], dim=-1))
     return out

@@ -33,9 +33,9 @@ def alignment_delta(handle: ModelHandle, alignment: VectorAlignment,
     for site in alignment.selected_:
         projection = output_projection(model, site)
         conv1d = type(projection).__name__ == "Conv1D"      # transformers' GPT-2 layer: weight [in, out]
-        weight = projection.weight.T if conv1d else projection.weight
-        delta = alignment.delta(site, weight)
-        deltas[names[id(projection.weight)]] = delta.T if conv1d else delta
+        parameter = projection.get_parameter("weight")
+        delta = alignment.delta(site, parameter.T if conv1d else parameter)
+        deltas[names[id(parameter)]] = delta.T if conv1d else delta
     return WeightDelta.for_model(model, handle.fingerprint(), deltas, provenance)
 
 

@@ -50,6 +50,9 @@ class PlaneMethod(SteeringMethod):
     """A steering action applied with a `SteeringPlane`: `method` is the `PlaneIntervention` method, `strength` the
     argument that holds its strength (None: it has none)."""
 
+    name: ClassVar[str]                  # set by each method (see `SteeringMethod`)
+    params: ClassVar[type[BaseModel]]
+    artifact: ClassVar[str]
     method: ClassVar[Method]
     strength: ClassVar[str | None] = None
 

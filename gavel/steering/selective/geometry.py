@@ -95,9 +95,9 @@ def rotation_2d(theta_degrees: PerRow, dtype: torch.dtype = torch.float32,
         radians = torch.deg2rad(torch.remainder(theta_degrees.to(device=device, dtype=dtype), 360.0))
         cos, sin = radians.cos(), radians.sin()
     else:
-        radians = math.radians(float(theta_degrees) % 360.0)
-        cos, sin = (torch.tensor(value, dtype=dtype, device=device) for value in (math.cos(radians),
-                                                                                   math.sin(radians)))
+        angle = math.radians(float(theta_degrees) % 360.0)
+        cos, sin = (torch.tensor(value, dtype=dtype, device=device) for value in (math.cos(angle),
+                                                                                   math.sin(angle)))
     return torch.stack([torch.stack([cos, -sin], dim=-1), torch.stack([sin, cos], dim=-1)], dim=-2)
 
 

@@ -19,7 +19,15 @@ from gavel.steering.selective.geometry import add_direction, angular_steer, proj
 from gavel.steering.selective.plane import SteeringPlane
 
 Method = Literal["rotate", "angular", "angular_adaptive", "add", "ablate"]
-METHODS: tuple[str, ...] = ("rotate", "angular", "angular_adaptive", "add", "ablate")
+METHODS: tuple[Method, ...] = ("rotate", "angular", "angular_adaptive", "add", "ablate")
+
+
+def steering_method(name: str) -> Method:
+    """`name` as a steering method; DataError for an unknown one."""
+    for method in METHODS:
+        if name == method:
+            return method
+    raise DataError(f"unknown steering method {name!r}; known: {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True)
@@ -37,8 +45,7 @@ class PlaneIntervention:
     def from_plane(cls, plane: SteeringPlane, method: Method, strength: float = 0.0,
                    sites: Sequence[str] | None = None) -> PlaneIntervention:
         """An intervention at the plane's selected sites (or the given ones, which it must have been fitted on)."""
-        if method not in METHODS:
-            raise DataError(f"unknown steering method {method!r}; known: {', '.join(METHODS)}")
+        method = steering_method(method)
         chosen = list(plane.selected_sites if sites is None else sites)
         unknown = [s for s in chosen if s not in plane.sites_]
         if unknown:
