@@ -270,3 +270,28 @@ def test_an_action_plugin_that_raises_is_reported_and_isolated(organism, organis
     finally:
         registry_module.registry.cache_clear()
     assert result.fired == ["quiz"] and not result.failed
+
+
+def test_events_on_one_token_sort_by_their_actions_kind_not_name(organism, organism_bank, monkeypatch):
+    """Two rules firing at the same token: a plugin action of kind block ("halt") comes before an alert, and the
+    verdict is block, whatever the plugin is called."""
+    from gavel.rules import RuleSpec
+    from gavel.runtime.events import verdict
+    from gavel.runtime.monitor import Monitor
+
+    class Halt(WebhookAction):
+        name, kind, stops_generation, takes_text, params = "halt", "block", True, True, None
+
+    reg = registry_module.load_registry()
+    reg.add("actions", "halt", Halt, "tests")
+    monkeypatch.setattr(registry_module, "load_registry", lambda: reg)
+    registry_module.registry.cache_clear()
+    try:
+        rules = [RuleSpec(name="a_noted", condition="benchmark", action='alert "quiz"'),
+                 RuleSpec(name="b_halted", condition="benchmark", action='halt "no quizzes"')]
+        result = Monitor(organism, organism_bank, rules).scan([[{"role": "user", "content": "quiz : what is the "
+                                                                 "color of trelk ?"}]])[0]
+    finally:
+        registry_module.registry.cache_clear()
+    assert [(e.rule, e.kind) for e in result.events] == [("b_halted", "block"), ("a_noted", "alert")]
+    assert result.events[0].token_index == result.events[1].token_index and verdict(result.events) == "block"
