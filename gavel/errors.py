@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
+
+C = TypeVar("C", bound=str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,17 @@ def check_is_fitted(estimator: object, attributes: tuple[str, ...]) -> None:
     """Raise NotFittedError unless every learned attribute is present."""
     if not all(getattr(estimator, a, None) is not None for a in attributes):
         raise NotFittedError(estimator)
+
+
+def one_of(value: str, choices: tuple[C, ...], what: str, error: type[GavelError] | None = None) -> C:
+    """`value` as one of `choices` (typically a Literal's values), or an error (`error`, default DataError) naming
+    `what` and the choices, with a suggestion."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    guess = did_you_mean(value, choices)
+    raise (error or DataError)(f"unknown {what} {value!r}; known: {', '.join(choices)}",
+                               hint=f"did you mean {guess!r}?" if guess else None)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

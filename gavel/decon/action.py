@@ -10,12 +10,10 @@ from pydantic import Field
 from gavel.plugins.interventions import Arguments, SteeringMethod
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from pydantic import BaseModel
 
     from gavel.decon.intervention import EmbeddingPerturbation
-    from gavel.decon.train import DeconIEP
     from gavel.models.handle import ModelHandle
 
 
@@ -31,19 +29,8 @@ class PerturbMethod(SteeringMethod):
     name: ClassVar[str] = "perturb"
     params: ClassVar[type[BaseModel]] = PerturbArgs
     artifact: ClassVar[str] = "perturbation"
+    artifact_type: ClassVar[str] = "gavel.decon.train:DeconIEP"
     reads_prompt: ClassVar[bool] = True
-
-    @classmethod
-    def load(cls, path: Path, handle: ModelHandle) -> DeconIEP:
-        from gavel.decon.train import DeconIEP
-
-        return DeconIEP.load(path, handle.fingerprint())
-
-    @classmethod
-    def accepts(cls, artifact: object) -> bool:
-        from gavel.decon.train import DeconIEP
-
-        return isinstance(artifact, DeconIEP)
 
     @classmethod
     def build(cls, artifact: object, args: BaseModel, handle: ModelHandle) -> EmbeddingPerturbation:

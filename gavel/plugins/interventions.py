@@ -18,6 +18,7 @@ fires. (Nothing here imports torch: the registry loads these declarations when r
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -100,10 +101,28 @@ class Duration(Arguments):
 
 class SteeringMethod:
     """Base of intervention plugins: the rule-action fields every one of them shares (kind "steer", no text, does
-    not stop generation). Subclasses set `name`, `params`, `artifact` and implement `load`, `accepts`, `build`."""
+    not stop generation), and `load` / `accepts` for an artifact class named by `artifact_type` ("module:Class",
+    imported on first use, whose `load(path, fingerprint)` follows the artifact contract). Subclasses set `name`,
+    `params`, `artifact` and `artifact_type`, and implement `build`."""
 
     kind: ClassVar[str] = "steer"
     stops_generation: ClassVar[bool] = False
     takes_text: ClassVar[bool] = False
     implemented: ClassVar[bool] = True
     reads_prompt: ClassVar[bool] = False
+    artifact_type: ClassVar[str]
+
+    @classmethod
+    def artifact_class(cls) -> type[Any]:
+        """The class `artifact_type` names."""
+        module, _, name = cls.artifact_type.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    @classmethod
+    def load(cls, path: Path, handle: ModelHandle) -> object:
+        """The artifact in folder `path`, refused when it was made for another model."""
+        return cls.artifact_class().load(path, handle.fingerprint())
+
+    @classmethod
+    def accepts(cls, artifact: object) -> bool:
+        return isinstance(artifact, cls.artifact_class())

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from gavel.errors import DataError
+from gavel.errors import DataError, one_of
 from gavel.models.collect import Activations, collect_activations
 from gavel.models.handle import ModelHandle
 from gavel.probes.bank import BankManifest, CEBank, CESpec, HeadSpec
@@ -37,10 +37,7 @@ CALIBRATIONS: tuple[Calibration, ...] = ("youden", "fpr")
 
 def calibration_method(name: str) -> Calibration:
     """`name` as a threshold calibration; DataError for an unknown one."""
-    for calibration in CALIBRATIONS:
-        if name == calibration:
-            return calibration
-    raise DataError(f"calibration must be 'youden' or 'fpr', not {name!r}")
+    return one_of(name, CALIBRATIONS, "calibration")
 
 
 def fit_head(extractor: str, sites: tuple[str, ...], X: torch.Tensor, Y: torch.Tensor, names: Sequence[str],

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from gavel.errors import GavelError, RuleError, did_you_mean
+from gavel.errors import GavelError, RuleError, did_you_mean, one_of
 from gavel.io.conversations import Conversation
 from gavel.models.batching import pad_sequences
 from gavel.models.chat import decode_text, encode_conversation
@@ -39,10 +39,7 @@ POLICIES: tuple[Policy, ...] = ("fail_open", "fail_closed")
 
 def failure_policy(name: str) -> Policy:
     """`name` as a failure policy; GavelError for an unknown one."""
-    for policy in POLICIES:
-        if name == policy:
-            return policy
-    raise GavelError(f"policy must be 'fail_open' or 'fail_closed', not {name!r}")
+    return one_of(name, POLICIES, "failure policy", GavelError)
 
 
 class Monitor:

@@ -49,16 +49,9 @@ class CapMethod(SteeringMethod):
 
     name: ClassVar[str] = "cap"
     params: ClassVar[type[BaseModel]] = CapArgs
-    artifact: ClassVar[str] = "plane"
+    artifact: ClassVar[str] = "plane"                 # the argument that names the artifact
+    artifact_type: ClassVar[str] = "gavel.steering.selective.plane:SteeringPlane"   # gives `load` and `accepts`
 
     @classmethod
-    def load(cls, path, handle) -> SteeringPlane:
-        return SteeringPlane.load(path, handle.fingerprint())
-
-    @classmethod
-    def accepts(cls, artifact: object) -> bool:
-        return isinstance(artifact, SteeringPlane)
-
-    @classmethod
-    def build(cls, artifact, args, handle) -> Cap:
+    def build(cls, artifact: SteeringPlane, args: CapArgs, handle) -> Cap:
         return Cap(tuple(artifact.sites_in(args.layers)), artifact.plane_[:, 0].float(), args.limit).to(handle.device)

@@ -9,13 +9,11 @@ from pydantic import Field
 from gavel.plugins.interventions import Duration, SteeringMethod
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from pydantic import BaseModel
 
     from gavel.models.handle import ModelHandle
     from gavel.steering.adaras.intervention import NeuronIntervention
-    from gavel.steering.adaras.neurons import ReasoningNeurons
 
 
 class SteerNeuronsArgs(Duration):
@@ -29,18 +27,7 @@ class SteerNeuronsMethod(SteeringMethod):
     name: ClassVar[str] = "steer_neurons"
     params: ClassVar[type[BaseModel]] = SteerNeuronsArgs
     artifact: ClassVar[str] = "neurons"
-
-    @classmethod
-    def load(cls, path: Path, handle: ModelHandle) -> ReasoningNeurons:
-        from gavel.steering.adaras.neurons import ReasoningNeurons
-
-        return ReasoningNeurons.load(path, handle.fingerprint())
-
-    @classmethod
-    def accepts(cls, artifact: object) -> bool:
-        from gavel.steering.adaras.neurons import ReasoningNeurons
-
-        return isinstance(artifact, ReasoningNeurons)
+    artifact_type: ClassVar[str] = "gavel.steering.adaras.neurons:ReasoningNeurons"
 
     @classmethod
     def build(cls, artifact: object, args: BaseModel, handle: ModelHandle) -> NeuronIntervention:

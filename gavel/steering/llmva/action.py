@@ -29,18 +29,14 @@ class AlignMethod(SteeringMethod):
     name: ClassVar[str] = "align"
     params: ClassVar[type[BaseModel]] = AlignArgs
     artifact: ClassVar[str] = "alignment"
+    artifact_type: ClassVar[str] = "gavel.steering.llmva.alignment:VectorAlignment"
 
     @classmethod
     def load(cls, path: Path, handle: ModelHandle) -> VectorAlignment:
+        """A `gavel align fit` folder's alignment (or an alignment folder itself)."""
         from gavel.steering.llmva.loop import load_alignment
 
         return load_alignment(path, handle.fingerprint())
-
-    @classmethod
-    def accepts(cls, artifact: object) -> bool:
-        from gavel.steering.llmva.alignment import VectorAlignment
-
-        return isinstance(artifact, VectorAlignment)
 
     @classmethod
     def build(cls, artifact: object, args: BaseModel, handle: ModelHandle) -> AlignmentIntervention:

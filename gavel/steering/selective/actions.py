@@ -16,13 +16,11 @@ from pydantic import Field
 from gavel.plugins.interventions import Duration, SteeringMethod
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from pydantic import BaseModel
 
     from gavel.models.handle import ModelHandle
     from gavel.steering.selective.intervene import Method, PlaneIntervention
-    from gavel.steering.selective.plane import SteeringPlane
 
 
 class PlaneArgs(Duration):
@@ -53,20 +51,9 @@ class PlaneMethod(SteeringMethod):
     name: ClassVar[str]                  # set by each method (see `SteeringMethod`)
     params: ClassVar[type[BaseModel]]
     artifact: ClassVar[str]
+    artifact_type: ClassVar[str] = "gavel.steering.selective.plane:SteeringPlane"
     method: ClassVar[Method]
     strength: ClassVar[str | None] = None
-
-    @classmethod
-    def load(cls, path: Path, handle: ModelHandle) -> SteeringPlane:
-        from gavel.steering.selective.plane import SteeringPlane
-
-        return SteeringPlane.load(path, handle.fingerprint())
-
-    @classmethod
-    def accepts(cls, artifact: object) -> bool:
-        from gavel.steering.selective.plane import SteeringPlane
-
-        return isinstance(artifact, SteeringPlane)
 
     @classmethod
     def build(cls, artifact: object, args: BaseModel, handle: ModelHandle) -> PlaneIntervention:

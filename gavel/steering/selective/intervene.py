@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from gavel.errors import DataError
+from gavel.errors import DataError, one_of
 from gavel.models.hooks import HookFn
 from gavel.steering.intervention import gated_hooks
 from gavel.steering.selective.geometry import add_direction, angular_steer, project_out, rotate_in_plane
@@ -24,10 +24,7 @@ METHODS: tuple[Method, ...] = ("rotate", "angular", "angular_adaptive", "add", "
 
 def steering_method(name: str) -> Method:
     """`name` as a steering method; DataError for an unknown one."""
-    for method in METHODS:
-        if name == method:
-            return method
-    raise DataError(f"unknown steering method {name!r}; known: {', '.join(METHODS)}")
+    return one_of(name, METHODS, "steering method")
 
 
 @dataclass(frozen=True)
