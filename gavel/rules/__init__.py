@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gavel.rules.actions import check_actions
+from gavel.rules.action_checks import check_actions
 from gavel.rules.ast import (
     Aggregate,
     And,

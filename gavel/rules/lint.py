@@ -15,7 +15,7 @@ from typing import ClassVar
 from gavel.errors import Location, did_you_mean
 from gavel.plugins.registry import Registry
 from gavel.plugins.registry import registry as default_registry
-from gavel.rules.actions import check_actions
+from gavel.rules.action_checks import check_actions
 from gavel.rules.ast import Expr, Select, params, walk
 from gavel.rules.names import Kind, references, resolve, wildcard_matches
 from gavel.rules.parser import parse_condition

@@ -24,7 +24,7 @@ from gavel.plugins.interventions import PromptIntervention
 from gavel.plugins.registry import registry
 from gavel.probes.bank import CEBank
 from gavel.rules import compile_rules
-from gavel.rules.actions import check_actions
+from gavel.rules.action_checks import check_actions
 from gavel.rules.compile.program import RESPONSE
 from gavel.rules.source import RuleErrors
 from gavel.rules.testing.run import Scan, ces_read

@@ -15,7 +15,7 @@ from gavel.cli.rules import rules_app
 from gavel.errors import RuleError
 from gavel.plugins.registry import load_registry
 from gavel.rules import RuleErrors, RuleSpec, collect_rules, lint, load_rules
-from gavel.rules.actions import check_actions
+from gavel.rules.action_checks import check_actions
 from gavel.rules.ast import Action, Once
 from gavel.rules.lint import (
     ActionIssue,

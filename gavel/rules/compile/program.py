@@ -20,7 +20,7 @@ from torch import Tensor
 from gavel.errors import RuleError
 from gavel.plugins.functions import ScoreFunction
 from gavel.plugins.registry import registry
-from gavel.rules.actions import check_actions
+from gavel.rules.action_checks import check_actions
 from gavel.rules.compile import kernels
 from gavel.rules.compile.ir import EVERY, RESPONSE, SCOPE_BITS, Compared, Count, Fired, Gate, Graph, Scope, Score
 from gavel.rules.compile.lower import Lowering, all_built

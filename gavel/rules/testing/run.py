@@ -22,7 +22,7 @@ from gavel.errors import DataError, GavelError, Location, RuleError, did_you_mea
 from gavel.io.conversations import Conversation, read_conversations
 from gavel.plugins.actions import PRECEDENCE
 from gavel.plugins.registry import registry
-from gavel.rules.actions import check_actions
+from gavel.rules.action_checks import check_actions
 from gavel.rules.compile.program import RuleProgram, compile_rules, first_firing
 from gavel.rules.load import RuleErrors, RuleSpec, collect_rules
 from gavel.rules.names import references, resolve
