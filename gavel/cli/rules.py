@@ -20,7 +20,7 @@ TestPathsArg = Annotated[list[Path], typer.Argument(
     help="Packs (with their `tests:`), rule.yaml files, fixtures (*.tests.jsonl, *.texts.jsonl, tests/*.json[l]) "
     "or folders.", exists=True,
     metavar="PATH")]
-COLOURS = {"error": "red", "high": "red", "medium": "yellow", "low": "cyan",
+COLOURS = {"error": "red", "high": "red", "medium": "yellow", "low": "cyan", "warning": "magenta",
            "pass": "green", "fail": "red", "skip": "yellow"}
 
 
@@ -97,20 +97,24 @@ def rules_check(paths: PathsArg,
                 param: Annotated[list[str] | None, typer.Option(
                     "--param", "-p", help="Set a pack parameter `${NAME}`: NAME=NUMBER (repeatable).")] = None,
                 as_json: JsonOpt = False) -> None:
-    """Load every rule and lint it; report every syntax error, load error and lint finding with its place.
+    """Load every rule and lint it; report every syntax error, load error and lint finding with its place, and
+    as warnings the keys of GAVEL library files that gavel keeps but does not read.
 
-    Exit 0: clean. Exit 1: any finding (syntax and load errors too). Exit 2: bad invocation.
+    Exit 0: clean (warnings allowed). Exit 1: any finding (syntax and load errors too). Exit 2: bad invocation.
     """
     from gavel.rules import collect_rules, lint
 
     with user_errors():
         known = _known_ces(bank, ces)
         params = _params(param or [])
-    rules, errors = collect_rules(paths, library=library, params=params)
+    warnings: list = []
+    rules, errors = collect_rules(paths, library=library, params=params, warnings=warnings)
     findings = [_error(e) for e in errors]
     findings += [_finding(i.location, i.severity.name.lower(), type(i).__name__, f"{i.subject}: {i.message}",
                           i.hint, rule=i.rule) for i in lint(rules, ces=known)]
+    findings += [_finding(w.location, "warning", type(w).__name__, w.message, w.hint, w.excerpt) for w in warnings]
     findings.sort(key=lambda f: (f["path"] or "", f["line"] or 0, f["column"] or 0))
+    n_warn = len(warnings)
     if as_json:
         print(json.dumps(findings, indent=2))
     else:
@@ -118,10 +122,12 @@ def rules_check(paths: PathsArg,
             _print_finding(f)
         n_err = sum(f["severity"] == "error" for f in findings)
         summary = (f"{_plural(len(rules), 'rule')}: {_plural(n_err, 'error')}, "
-                   f"{_plural(len(findings) - n_err, 'lint finding')}")
+                   f"{_plural(len(findings) - n_err - n_warn, 'lint finding')}"
+                   + (f", {_plural(n_warn, 'warning')}" if n_warn else ""))
         note = "" if known is not None else "  [dim](CE names not checked: pass --bank or --ces)[/]"
-        console.print(f"[{'red' if findings else 'green'}]{summary}[/]{note}")
-    raise typer.Exit(code=1 if findings else 0)
+        colour = "red" if len(findings) > n_warn else "magenta" if n_warn else "green"
+        console.print(f"[{colour}]{summary}[/]{note}")
+    raise typer.Exit(code=1 if len(findings) > n_warn else 0)
 
 
 @rules_app.command("test")

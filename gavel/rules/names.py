@@ -1,9 +1,12 @@
 """How a name in a condition resolves: the rule's groups -> the pack's lists -> its macros -> other rules -> an
-exact CE name -> a wildcard (semantics.md, "Names")."""
+exact CE name -> a wildcard (semantics.md, "Names"); and how GAVEL files write names of other files: `name`,
+`namespace/name` or `namespace/kind/name`."""
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 from gavel.rules.ast import Compare, Expr, Name, Select, walk
@@ -64,3 +67,28 @@ def macro_cycles(macros: Mapping[str, Expr], lists: Collection[str] = ()) -> lis
         if name not in colour:
             visit(name)
     return found
+
+
+_PART = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A name as a GAVEL file writes it: bare (`trust_seeding`), namespaced (`gavel/trust_seeding`) or fully
+    qualified (`gavel/ce/trust_seeding`); the kind comes from the field (`groups:` CEs, `rules:` rules)."""
+
+    name: str
+    namespace: str | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.namespace is None else f"{self.namespace}/{self.name}"
+
+
+def parse_reference(text: str, kind: Literal["ce", "rule"]) -> Reference:
+    """The reference `text` in a field that lists `kind`s; ValueError saying what is wrong with it."""
+    parts = text.split("/")
+    if len(parts) > 3 or not all(_PART.fullmatch(p) for p in parts):
+        raise ValueError(f"'{text}' is not a {kind} name, `namespace/name` or `namespace/{kind}/name`")
+    if len(parts) == 3 and parts[1] != kind:
+        raise ValueError(f"'{text}' names a {parts[1]}, but this field lists {kind}s")
+    return Reference(parts[-1], parts[0] if len(parts) > 1 else None)

@@ -28,6 +28,7 @@ from pydantic import (
 
 from gavel.errors import Location, RuleError
 from gavel.identifiers import RESERVED
+from gavel.io.gavel_format import DEFAULT_NAMESPACE, NAME, Namespace, Provenance, RulePublicId, RulesetPublicId
 from gavel.io.yamlsource import PathKey
 from gavel.rules.ast import Action, Expr, params
 from gavel.rules.names import references, resolve
@@ -204,12 +205,14 @@ class RuleSpec(_Spec):
     # GAVEL
     name: Identifier
     title: str | None = None
-    public_id: Annotated[str, StringConstraints(pattern=r"^rule_[0-9a-f]{32}$")] | None = None
+    public_id: RulePublicId | None = None
     schema_version: Literal[1] = 1
     categories: tuple[str, ...] = ()
     definition: str = ""
     groups: dict[Identifier, Group] = Field(default_factory=dict)
     condition: Condition
+    provenance: Provenance | None = None
+    namespace: Namespace | None = None  # the file's own; else its library's (`gavel.yaml`)
     # Sigma-style metadata
     description: str = ""
     severity: SeverityName = "medium"
@@ -228,6 +231,8 @@ class RuleSpec(_Spec):
     message: str | None = None   # older spelling of alert's text
     reply: str | None = None     # older spelling of block's text
     _context: _Context = PrivateAttr(default_factory=_Context)
+    _unknown: Mapping[str, Any] = PrivateAttr(default_factory=dict)
+    _library_namespace: str = PrivateAttr(default=DEFAULT_NAMESPACE)
 
     @model_validator(mode="before")
     @classmethod
@@ -265,6 +270,22 @@ class RuleSpec(_Spec):
             exception._text = self._string(("exceptions", i, "condition"), exception.condition,
                                          f"rule '{self.name}': exception '{exception.name}'")
             exception._values = values
+
+    def keep(self, unknown: Mapping[str, Any], library_namespace: str) -> None:
+        """What the loader read around a library rule: its file's unknown keys (kept, by dotted path) and the
+        namespace of its library."""
+        self._unknown, self._library_namespace = dict(unknown), library_namespace
+
+    @property
+    def unknown_fields(self) -> Mapping[str, Any]:
+        """Keys of the rule's GAVEL file that gavel does not read, by dotted path (`provenance.license`), as
+        written; reported as warnings when loaded."""
+        return self._unknown
+
+    @property
+    def resolved_namespace(self) -> str:
+        """The rule's namespace: its own `namespace:`, else its library's, else `local`."""
+        return self.namespace or self._library_namespace
 
     def _string(self, path: PathKey, text: str, label: str | None = None) -> SourceText:
         return SourceText(label or f"rule '{self.name}'", text, self._context.source, path, f"<rule {self.name}>")
@@ -390,21 +411,19 @@ def _raw_offset(action: str, offset: int) -> int:
     return i
 
 
-def field_names(model: type[BaseModel], path: PathKey) -> list[str]:
-    """The field names allowed at `path` below `model` (for "did you mean" on a misspelt nested field)."""
-    for part in path:
-        if isinstance(part, int):
-            continue
-        info = model.model_fields.get(part)
-        inner = _model_in(info.annotation) if info else None
-        if inner is None:
-            return []
-        model = inner
-    return list(model.model_fields)
 
+class RulesetSpec(_Spec):
+    """A ruleset file's fields: GAVEL's `rulesets/<name>.yaml`, or gavel's `{ruleset: name, library: folder}`.
+    `rules` are references (`name`, `namespace/name`, `namespace/rule/name`), resolved by the loader."""
 
-def _model_in(annotation: object) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next((m for a in typing.get_args(annotation) if (m := _model_in(a)) is not None), None)
-
+    name: Annotated[str, StringConstraints(pattern=NAME)] | None = None
+    ruleset: str | None = None  # gavel's spelling of the name
+    title: str | None = None
+    public_id: RulesetPublicId | None = None
+    schema_version: Literal[1] = 1
+    description: str = ""
+    categories: tuple[str, ...] = ()  # GAVEL derives them from the rules; kept as written
+    provenance: Provenance | None = None
+    namespace: Namespace | None = None
+    library: str | None = None
+    rules: tuple[str, ...]

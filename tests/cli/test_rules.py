@@ -46,10 +46,29 @@ def test_importing_the_commands_loads_neither_torch_nor_the_rule_parser():
 def test_check_a_clean_library():
     result = invoke("check", LIBRARY, "--bank", LIBRARY / "ces")
     assert result.exit_code == 0, result.output
-    assert "4 rules: 0 errors, 0 lint findings" in result.output
+    assert result.output.splitlines()[-1] == "5 rules: 0 errors, 0 lint findings"  # FORMAT.md's shapes, all read
     assert "not checked" in invoke("check", LIBRARY).output  # no CE names given: says so
     ruleset = LIBRARY / "rulesets" / "fraud.yaml"
     assert invoke("check", ruleset, "--library", LIBRARY, "--bank", LIBRARY / "ces").exit_code == 0
+
+
+def test_check_warns_about_unknown_keys_of_gavel_files_and_exits_0(tmp_path):
+    library = Path(shutil.copytree(LIBRARY, tmp_path / "lib"))
+    rule = library / "rules" / "tax_scam" / "rule.yaml"
+    rule.write_text(rule.read_text() + "license: MIT\n")
+    line = rule.read_text().splitlines().index("license: MIT") + 1
+    result = invoke("check", library, "--bank", library / "ces")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert f"{rule}:{line}:1: warning: rule 'tax_scam': unknown field 'license' (kept, not read by gavel)" in lines
+    assert lines[-1] == "5 rules: 0 errors, 0 lint findings, 1 warning"
+    found = json.loads(invoke("check", library, "--bank", library / "ces", "--json").stdout)
+    assert [(f["path"], f["line"], f["column"], f["severity"]) for f in found] == [(str(rule), line, 1, "warning")]
+    rule.write_text(rule.read_text().replace("tax_threat: [tax, making_threat]", "tax_threat: [tax, acme/threat]"))
+    result = invoke("check", library)  # a missing dependency is an error: exit 1, the warning still shown
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[-1].startswith("5 rules: 1 error, 0 lint findings, 1 warning")
+    assert "missing dependency: ce 'threat' of namespace 'acme'" in result.stdout
 
 
 def test_check_reports_every_problem_located(tmp_path):

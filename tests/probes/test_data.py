@@ -167,7 +167,7 @@ def test_ce_yaml_forms():
     refusal, threat = read_ce_yaml(CES / "refusal" / "ce.yaml"), read_ce_yaml(CES / "threat" / "ce.yaml")
     assert [(e.input, e.output) for e in refusal.examples] == [("i cannot help with that .", "YES"),
                                                               ("sure . here is how .", "NO")]
-    assert threat.schema_version == 2 and threat.provenance == {"created_by": "gavel-tests"}
+    assert threat.schema_version == 2 and threat.provenance.created_by == "gavel-tests"
     assert threat.examples[0].output == "YES"
     existing = FIXTURES / "gavel_library" / "ces" / "tax" / "ce.yaml"
     if existing.exists():
@@ -319,7 +319,9 @@ def library(tmp_path):
 
 
 @pytest.mark.parametrize("yaml_text, where, message", [
-    ("name: tax\ntitle: Tax\nrol: topic\n", ":3:1", "unknown field 'rol'"),
+    ("name: tax\ntags: [Scam]\n", ":2:8", "tags.0: String should match pattern"),
+    ("name: tax\nprovenance: {created_by: me, published_at: soon}\n", ":2:44", "not an ISO-8601 date and time"),
+    ("name: tax\npublic_id: ce_123\n", ":2:12", "public_id: String should match pattern"),
     ("name: tax\ntitle: [Tax\n", ":3:1", "invalid YAML"),
     ("name: tax\nrole: tax_topic\n", ":2:7", "role: Input should be"),
     ("name: tax\nexamples:\n  maybe: [a]\n", ":3:3", "examples: example groups are `yes` and `no`"),
@@ -335,8 +337,6 @@ def test_bad_ce_yaml_is_located(tok, library, yaml_text, where, message):
     with pytest.raises(DataError, match=message) as err:
         load_gavel_ces(library, tok)
     assert str(err.value).startswith(f"{library / 'tax' / 'ce.yaml'}{where}:")
-    if "rol:" in yaml_text:
-        assert "did you mean 'role'" in str(err.value)
 
 
 def test_bad_gavel_samples_are_located(tok, library):
@@ -373,6 +373,60 @@ def test_bad_gavel_samples_are_located(tok, library):
         load_gavel_ces(library, tok, names=["weapon"])
     with pytest.raises(DataError, match="no CEs here"):
         load_gavel_ces(library / "threat", tok)
+
+
+def test_the_documented_library_shapes_load_unchanged(tok):
+    """FORMAT.md's ce.yaml (public_id, provenance, tags, namespace) and sample envelopes (schema_version, ce,
+    ce_public_id, type, published_at, sample_count), CE names in upper case too."""
+    library = FIXTURES / "gavel_library"
+    warnings: list = []
+    d = load_gavel_ces(library, tok, warnings=warnings)
+    assert warnings == []
+    assert "LGBTQ" in d.names and len(d) == 2 * len(d.names)
+    cal = load_gavel_ces(library, tok, which="calibration", names=["LGBTQ", "tax"])
+    assert cal.names == ("LGBTQ", "tax") and len(cal) == 4
+    spec = read_ce_yaml(library / "ces" / "emotionally_engaging" / "ce.yaml")
+    assert spec.tags == ("scam.romance", "tone.affection") and spec.namespace == "gavel"
+    assert spec.provenance.publisher.hf_handle == "GavelPublicData"
+    assert spec.public_id == json.loads((library / "ces" / "emotionally_engaging" / "excitation.json").read_text())[
+        "ce_public_id"]
+
+
+def test_unknown_keys_of_ce_files_are_kept_and_warned_about(tok, library):
+    ce_yaml = library / "threat" / "ce.yaml"
+    ce_yaml.write_text(ce_yaml.read_text().replace("provenance:\n", "license: MIT\nprovenance:\n  reviewed_by: a\n"))
+    samples = library / "threat" / "excitation.json"
+    data = json.loads(samples.read_text())
+    samples.write_text(json.dumps({"schema_version": 1, "generator": "v2", **data}, indent=1))
+    warnings: list = []
+    plain = load_gavel_ces(CES, tok)
+    d = load_gavel_ces(library, tok, warnings=warnings)
+    assert d.digest() == plain.digest()  # the data is what it was: unknown keys change nothing
+    assert read_ce_yaml(ce_yaml).unknown_fields == {"license": "MIT", "provenance.reviewed_by": "a"}
+    ce_lines, sample_lines = ce_yaml.read_text().splitlines(), samples.read_text().splitlines()
+    expected = {(str(ce_yaml), ce_lines.index("license: MIT") + 1, 1, "unknown field 'license' (kept, not read by "
+                                                                     "gavel)"),
+                (str(ce_yaml), ce_lines.index("  reviewed_by: a") + 1, 3,
+                 "unknown field 'provenance.reviewed_by' (kept, not read by gavel)"),
+                (str(samples), sample_lines.index(' "generator": "v2",') + 1, 2,
+                 "unknown field 'generator' (kept, not read by gavel)")}
+    assert {(w.location.path, w.location.line, w.location.column, w.message) for w in warnings} == expected
+
+
+@pytest.mark.parametrize("envelope, message", [
+    ({"schema_version": 3}, "`schema_version` is 3; known: 1, 2"),
+    ({"published_at": "later"}, "`published_at`: 'later' is not an ISO-8601 date and time"),
+    ({"ce_public_id": "ce_ffffffffffffffffffffffffffffffff"}, "`ce_public_id` is 'ce_ffff"),
+])
+def test_sample_envelopes_are_checked(tok, library, envelope, message):
+    samples = library / "threat" / "excitation.json"
+    data = json.loads(samples.read_text())
+    samples.write_text(json.dumps({**data, **envelope}, indent=1))
+    with pytest.raises(DataError, match=message) as err:
+        load_gavel_ces(library, tok)
+    key = next(iter(envelope))
+    line = next(i for i, text in enumerate(samples.read_text().splitlines(), 1) if f'"{key}"' in text)
+    assert (err.value.location.line, err.value.location.column) == (line, 2)
 
 
 def test_gavel_single_ce_needs_negatives(tok, library):
