@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
 
 align_app = typer.Typer(help="LLM-VA: align the model's answering with its own benign/toxic judgement.",
                         no_args_is_help=True)
@@ -43,7 +42,7 @@ def fit(benign: SourcesOpt, toxic: SourcesOpt,
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     log_path.write_text("")
-    with user_errors(), progress_bar("aligning", iterations, enabled=not as_json) as advance:
+    with user_errors(), progress_bar("aligning", iterations) as advance:
         handle = load_model(model)
 
         def log(step) -> None:
@@ -58,9 +57,9 @@ def fit(benign: SourcesOpt, toxic: SourcesOpt,
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    table = Table(title="LLM-VA rounds (validation after each round's edit)")
-    for column in ("round", "edited sublayers", "val ASR", "val over-refusal", "val F1"):
-        table.add_column(column, justify="left" if column == "edited sublayers" else "right")
+    table = make_table("round", "edited sublayers", "val ASR", "val over-refusal", "val F1",
+                       title="LLM-VA rounds (validation after each round's edit)",
+                       numeric=("round", "val ASR", "val over-refusal", "val F1"))
     for h in result.history:
         mark = " *" if h.iteration == result.best else ""
         table.add_row(f"{h.iteration}{mark}", ", ".join(h.selected), f"{h.validation.asr:.2f}",
@@ -97,9 +96,8 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    table = Table(title=f"{len(b)} benign, {len(t)} toxic prompts")
-    for column in ("", "ASR", "over-refusal", "F1", "utility"):
-        table.add_column(column, justify="right")
+    columns = ("", "ASR", "over-refusal", "F1", "utility")
+    table = make_table(*columns, title=f"{len(b)} benign, {len(t)} toxic prompts", numeric=columns)
     for name, m in (("before", before), ("after", after)):
         table.add_row(name, f"{m.asr:.3f}", f"{m.over_refusal:.3f}", f"{m.f1:.3f}",
                       "-" if m.utility is None else f"{m.utility:.3f}")

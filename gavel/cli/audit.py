@@ -7,12 +7,14 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
 
 
-def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jsonl) or conversations (.json).")],
+def audit(data: Annotated[list[Path], typer.Option(
+              "--data", "-d", help="Prompts or conversations (.jsonl), GAVEL test sets (.json: positive*, "
+                                   "negative*), or folders of them (a GAVEL rules/ folder, a rule's folder or its "
+                                   "tests/); repeat it.")],
           bank: Annotated[Path, typer.Option("--bank", "-b", help="A CE bank folder (gavel ce fit).")],
           rules: Annotated[list[Path], typer.Option("--rules", "-r", help="Rule files or folders.")],
           model: ModelOpt = "builtin:organism",
@@ -35,20 +37,25 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
           gpus_per_worker: Annotated[float, typer.Option(help="GPUs each Ray actor reserves (the model goes to "
                                                               "cuda when > 0).")] = 0,
           as_json: JsonOpt = False) -> None:
-    """Audit a model: run every prompt or conversation through the guard; exit 1 when any rule fires."""
+    """Audit a model: run every prompt or conversation through the guard; exit 1 when any rule fires, 2 on bad input.
+    With labels, each rule gets precision, recall, FPR, the AUC of firing and of its soft score, and the AUC of
+    conversation length alone (the baseline to beat)."""
     from gavel.audit.local import guard_items, sarif, summarise
     from gavel.io.conversations import read_audit_data
 
     with user_errors():
         items = read_audit_data(data)
-        with progress_bar("auditing", len(items), enabled=not as_json) as advance:
+        with progress_bar("auditing", len(items)) as advance:
             if ray:
                 from gavel.audit.cluster import GuardRecipe, ray_guard_items
                 from gavel.probes.bank import CEBank
                 from gavel.rules import load_rules
+                from gavel.rules.compile.soft import SoftRules
 
                 ce_bank = CEBank.load(bank)
-                recipe = GuardRecipe(model, ce_bank, load_rules([str(r) for r in rules]),
+                all_rules = load_rules([str(r) for r in rules])
+                soft = SoftRules(all_rules, ce_bank.names)
+                recipe = GuardRecipe(model, ce_bank, all_rules,
                                      device="cuda" if gpus_per_worker > 0 else "cpu", device_map=device_map,
                                      threads=max(1, int(cpus_per_worker)))
                 name, reported, results = ray_guard_items(
@@ -64,7 +71,8 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
                 results = guard_items(guard, items, generate=generate, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size, progress=advance)
                 name, reported, names = guard.handle.name, guard.monitor.rules, guard.monitor.bank.names
-        report = summarise(name, reported, items, results, generate=generate)
+                soft = guard.monitor.soft
+        report = summarise(name, reported, items, results, generate=generate, soft=soft)
     if html_out is not None:
         from gavel.audit.html import audit_html
 
@@ -80,17 +88,18 @@ def audit(data: Annotated[Path, typer.Option("--data", "-d", help="Prompts (.jso
 
 
 def _print(report) -> None:
-    table = Table(title=f"{len(report.items)} conversations, {report.violations} flagged ({report.model})")
-    for column in ("rule", "severity", "fires", "precision", "recall", "FPR", "AUC", "length-only AUC"):
-        table.add_column(column)
+    numbers = ("fires", "labelled", "precision", "recall", "FPR", "AUC (fires)", "AUC (score)", "AUC (length only)")
+    table = make_table("rule", "severity", *numbers, numeric=numbers,
+                       title=f"{len(report.items)} conversations, {report.violations} flagged ({report.model})")
 
     def fmt(x):
         return "" if x is None else f"{x:.2f}"
     for r in report.rules:
-        table.add_row(escape(r.rule), r.severity, str(r.fires), fmt(r.precision), fmt(r.recall), fmt(r.fpr),
-                      fmt(r.auc), fmt(r.length_auc))
+        table.add_row(escape(r.rule), r.severity, str(r.fires), str(r.labelled), fmt(r.precision), fmt(r.recall),
+                      fmt(r.fpr), fmt(r.auc), fmt(r.score_auc), fmt(r.length_auc))
     console.print(table)
     for item in report.items:
         if item.verdict != "clean":
             fired = ", ".join(f"{e['rule']}@{e['token_index']}" for e in item.events)
-            console.print(f"{escape(item.source)}:{item.line} {item.verdict}: {escape(fired)}", soft_wrap=True)
+            where = f"{item.source}:{item.line}" if item.line else item.source   # JSON test sets have no lines
+            console.print(f"{escape(where)} {item.verdict}: {escape(fired)}", soft_wrap=True)

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
-from gavel.errors import GavelError
+from gavel.cli.common import JsonOpt, ModelOpt, console, err_console, make_table, progress_bar, user_errors
+from gavel.errors import GavelError, one_of
 
 ce_app = typer.Typer(help="Fit, evaluate and inspect cognitive-element (CE) banks.", no_args_is_help=True)
 BankOpt = Annotated[Path, typer.Option("--bank", "-b", help="A CE bank directory.")]
@@ -18,24 +18,45 @@ DataOpt = Annotated[list[str], typer.Option("--data", "-d", help="builtin:organi
                                             "or a GAVEL ces/ directory; repeat to merge.")]
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("tpr_at_1pct_fpr", "TPR@1%FPR"),
                   ("sequence_tpr", "seq TPR"), ("sequence_fpr", "seq FPR"))
+THRESHOLD_SOURCES = ("auto", "calibration", "split")
 
 
-def _load_data(specs: list[str], tokenizer):
-    from gavel.organism.datasets import load_dataset
+def _load_data(specs: list[str], tokenizer, which: str = "excitation", shown: set[str] | None = None):
+    """The datasets `specs` name, merged; keys of GAVEL files gavel keeps but does not read are shown as warnings
+    (each once, also across calls sharing `shown`)."""
+    from gavel.organism.datasets import gavel_folder, load_dataset
     from gavel.probes.data import merge_datasets
 
-    datasets = [load_dataset(spec, tokenizer) for spec in specs]
+    datasets, shown = [], set() if shown is None else shown
+    for spec in specs:
+        warnings: list = []
+        datasets.append(load_dataset(spec, tokenizer, which=which,
+                                     **({"warnings": warnings} if gavel_folder(spec) else {})))
+        for warning in dict.fromkeys(map(str, warnings)):
+            if warning not in shown:
+                shown.add(warning)
+                err_console.print(escape(warning), soft_wrap=True, highlight=False)
     return datasets[0] if len(datasets) == 1 else merge_datasets(*datasets)
 
 
+def _calibration_data(specs: list[str], tokenizer, source: str, shown: set[str]):
+    """GAVEL calibration sets for `ce fit`, or None for the split: `auto` uses them when every --data is a GAVEL
+    folder whose CEs all have calibration.json, `calibration` requires them, `split` never reads them."""
+    from gavel.organism.datasets import has_calibration
+
+    source = one_of(source, THRESHOLD_SOURCES, "--thresholds-from source")
+    missing = [spec for spec in specs if not has_calibration(spec)]
+    if source == "split" or (source == "auto" and missing):
+        return None
+    if missing:
+        raise GavelError(f"--thresholds-from calibration needs GAVEL ces/ folders whose every CE has a "
+                         f"calibration.json; {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not")
+    return _load_data(specs, tokenizer, which="calibration", shown=shown)
+
+
 def _metrics_table(title: str, rows: dict[str, dict[str, float]], extra: dict[str, str] | None = None) -> Table:
-    table = Table(title=title)
-    table.add_column("CE")
-    if extra:
-        table.add_column("read at")
-    for _, header in METRIC_COLUMNS:
-        table.add_column(header, justify="right")
-    table.add_column("threshold", justify="right")
+    table = make_table("CE", *(["read at"] if extra else []), *(header for _, header in METRIC_COLUMNS), "threshold",
+                       title=title, numeric=[header for _, header in METRIC_COLUMNS] + ["threshold"])
     for name, m in rows.items():
         cells = [f"{m[key]:.3f}" for key, _ in METRIC_COLUMNS]
         table.add_row(name, *([extra[name]] if extra else []), *cells, f"{m['threshold']:.3f}")
@@ -58,14 +79,26 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
                help="With --calibration fpr: sequence false-positive rate.")] = 0.01,
            C: Annotated[float, typer.Option("--C", help="Inverse L2 strength of linear probes.")] = 1.0,
            seed: Annotated[int, typer.Option(help="Seed of the train/calibration/test split.")] = 0,
+           thresholds_from: Annotated[str, typer.Option(
+               help="Where Platt scaling and thresholds are fitted: calibration (GAVEL folders' calibration.json "
+                    "conversations; the excitation samples are split train/test), split (20% of the examples), "
+                    "or auto (calibration when every --data folder has them, else split).")] = "auto",
+           max_rows: Annotated[int, typer.Option(
+               help="Training tokens kept per site (float32): bounds memory at about "
+                    "max-rows x d_model x sites x 4 bytes.")] = 20_000,
            as_json: JsonOpt = False) -> None:
-    """Fit a calibrated CE bank on labelled data and report held-out metrics per CE."""
+    """Fit a calibrated CE bank on labelled data and report held-out metrics per CE.
+
+    Activations stream through: memory holds a bounded sample of training rows and the scores of the held-out
+    rows, never a whole dataset's activations (see docs/probes.md, "Memory")."""
     from gavel.models.loading import load_model
     from gavel.probes.fit import calibration_method, fit_bank
 
     with user_errors():
         handle = load_model(model)
-        dataset = _load_data(data, handle.tokenizer)
+        shown: set[str] = set()
+        dataset = _load_data(data, handle.tokenizer, shown=shown)
+        calibration_data = _calibration_data(data, handle.tokenizer, thresholds_from, shown)
         sites = [f"blocks.{layer}.hook_resid_post" for layer in range(handle.n_layers)] if site == ["auto"] else site
         defaults: dict[str, dict[str, object]] = {
             "linear": {"C": C}, "diff_means": {},
@@ -78,22 +111,32 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
             if sae is None:
                 raise GavelError("--extractor sae needs --sae DIR (a saved sae-lens SAE)")
             loaded_sae = load_sae(sae)
-        with progress_bar("collecting activations", len(dataset.examples), enabled=not as_json) as advance:
+        total = len(dataset.examples) + (len(calibration_data.examples) if calibration_data is not None else 0)
+        provenance = {"data": " + ".join(data), "model": model}
+        if calibration_data is not None:
+            provenance["calibration_data"] = " + ".join(f"{spec} (calibration.json)" for spec in data)
+        with progress_bar("collecting activations", total) as advance:           # stderr: never in the JSON
             bank = fit_bank(handle, dataset, sites, extractor=extractor, concat=concat, params=params,
                             calibration=calibration_method(calibration), target_fpr=target_fpr, seed=seed,
-                            sae=loaded_sae, progress=advance, provenance={"data": " + ".join(data), "model": model})
+                            calibration_data=calibration_data, max_rows=max_rows, sae=loaded_sae, progress=advance,
+                            provenance=provenance)
         bank.save(out)
     rows = {c.name: {**c.metrics, "threshold": c.threshold} for c in bank.manifest.ces}
     if as_json:
-        print(json.dumps({"bank": str(out), "ces": rows}, indent=2))
+        print(json.dumps({"bank": str(out), "thresholds_from": bank.manifest.provenance["thresholds_from"],
+                          "ces": rows}, indent=2))
         return
     where = {c.name: "+".join(bank.heads[c.head].sites) for c in bank.manifest.ces}
-    console.print(_metrics_table(f"CE bank {out} (held-out test split)", rows, where))
+    console.print(_metrics_table(f"CE bank {out} (held-out test split; thresholds from "
+                                 f"{bank.manifest.provenance['thresholds_from']})", rows, where))
 
 
 @ce_app.command("eval")
 def ce_eval(bank: BankOpt, data: DataOpt, model: ModelOpt = "builtin:organism",
             force: Annotated[bool, typer.Option(help="Skip the model fingerprint check.")] = False,
+            which: Annotated[str, typer.Option(
+                help="With GAVEL ces/ folders: excitation (single exchanges) or calibration (their calibration.json "
+                     "conversations).")] = "excitation",
             as_json: JsonOpt = False) -> None:
     """Measure a CE bank on labelled data: AUROC, AUPRC, TPR at 1% FPR, sequence rates, support."""
     from gavel.models.loading import load_model
@@ -103,13 +146,14 @@ def ce_eval(bank: BankOpt, data: DataOpt, model: ModelOpt = "builtin:organism",
     with user_errors():
         handle = load_model(model)
         loaded = CEBank.load(bank, fingerprint=handle.fingerprint(), force=force)
-        dataset = _load_data(data, handle.tokenizer)
-        with progress_bar("collecting activations", len(dataset.examples), enabled=not as_json) as advance:
+        dataset = _load_data(data, handle.tokenizer, which)
+        with progress_bar("collecting activations", len(dataset.examples)) as advance:
             rows = evaluate_bank(handle, loaded, dataset, progress=advance)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    console.print(_metrics_table(f"CE bank {bank} on {' + '.join(data)}", rows))
+    suffix = " (calibration sets)" if which == "calibration" else ""
+    console.print(_metrics_table(f"CE bank {bank} on {' + '.join(data)}{suffix}", rows))
 
 
 @ce_app.command("list")
@@ -125,9 +169,8 @@ def ce_list(bank: BankOpt, as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{bank}: {len(rows)} CEs for {loaded.manifest.fingerprint.name}")
-    for column in ("CE", "role", "read at", "extractor", "threshold", "AUROC"):
-        table.add_column(column)
+    table = make_table("CE", "role", "read at", "extractor", "threshold", "AUROC", numeric=("threshold", "AUROC"),
+                       title=f"{bank}: {len(rows)} CEs for {loaded.manifest.fingerprint.name}")
     for c in loaded.manifest.ces:
         auroc = c.metrics.get("auroc")
         table.add_row(c.name, c.role or "", "+".join(loaded.heads[c.head].sites), c.extractor, f"{c.threshold:.3f}",

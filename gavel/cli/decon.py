@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
 from gavel.errors import DataError
 
 decon_app = typer.Typer(help="DeconIEP: train a bounded prompt-embedding perturbation, measure RC and BUD.",
@@ -68,7 +67,7 @@ def train(out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write
         est = DeconIEP(zeta=zeta, width=width, n_layers=layers, n_heads=heads, dropout=dropout, lr=lr, steps=steps,
                        batch_size=batch_size, lambda_kl=lambda_kl, lambda_ce=lambda_ce, temperature=temperature,
                        max_new_tokens=max_new_tokens, seed=seed)
-        with progress_bar("training G", steps, enabled=not as_json) as advance:
+        with progress_bar("training G", steps) as advance:
             est.fit(f_con, f_ref, prompts, on_step=lambda step, loss: advance(1),
                     checkpoint_dir=out / "checkpoints" if checkpoint_every else None,
                     checkpoint_every=checkpoint_every, data=data)
@@ -118,7 +117,7 @@ def evaluate(perturbation: Annotated[Path, typer.Option("--perturbation", "-p", 
             from gavel.runtime.guard import Guard
 
             guard = Guard(f_con, bank, [str(r) for r in rules], artifacts={"decon": est})
-        with progress_bar("evaluating", 2 + len(zetas or [0]) + (guard is not None), enabled=not as_json) as advance:
+        with progress_bar("evaluating", 2 + len(zetas or [0]) + (guard is not None)) as advance:
             report = evaluate_decon(f_con, f_clean, est, zetas, max_new_tokens=max_new_tokens, progress=advance,
                                     guard=guard,
                                     names={"model": model, "clean": clean, "perturbation": str(perturbation)})
@@ -126,9 +125,9 @@ def evaluate(perturbation: Annotated[Path, typer.Option("--perturbation", "-p", 
         print(report.model_dump_json(indent=2))
         return
     console.print(f"DeconIEP {perturbation} on {model} (clean: {clean})", soft_wrap=True, markup=False)
-    table = Table(title=f"RC before {report.rc_before:.3f} = |{report.acc_leaked:.3f} - {report.clean_acc_leaked:.3f}|")
-    for column in ("zeta", "acc leaked", "RC", "acc held-out", "acc arithmetic", "acc clean data", "BUD"):
-        table.add_column(column, justify="right")
+    columns = ("zeta", "acc leaked", "RC", "acc held-out", "acc arithmetic", "acc clean data", "BUD")
+    table = make_table(*columns, numeric=columns, title=f"RC before {report.rc_before:.3f} = "
+                                                        f"|{report.acc_leaked:.3f} - {report.clean_acc_leaked:.3f}|")
     table.add_row("none", f"{report.acc_leaked:.3f}", f"{report.rc_before:.3f}", f"{report.acc_heldout:.3f}",
                   f"{report.acc_arithmetic:.3f}", f"{report.acc_clean_data:.3f}", "")
     for p in report.points:

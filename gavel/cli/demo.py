@@ -1,4 +1,5 @@
-"""`gavel demo`: the main job on the built-in organism, end to end (fit a bank, guard replies, audit)."""
+"""`gavel demo`: the main job end to end (fit a bank on the organism's labelled corpus, guard replies, audit), on the
+built-in organism or any chat model (e.g. builtin:smollm2)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,31 +7,29 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
 
 
 def demo(model: ModelOpt = "builtin:organism", as_json: JsonOpt = False,
          max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 48,
+         examples: Annotated[int, typer.Option(min=30, help="Labelled organism conversations the CE probes are "
+                                                          "fitted on.")] = 1500,
          save_bank: Annotated[Path | None, typer.Option(help="Save the fitted CE bank to this directory.")] = None,
          audit_log: Annotated[Path | None, typer.Option(help="Append every guarded result to this JSONL log.")]
          = None,
          html: Annotated[Path | None, typer.Option(help="Write the audit page (per-token CE heat maps) here.")]
          = None) -> None:
-    """Fit CE probes on the organism, guard the demo prompts with the demo rules, and summarise."""
+    """Fit CE probes on the organism's labelled corpus, guard the demo prompts with the demo rules, and summarise."""
     from gavel.organism.demo import run_demo
 
-    with user_errors(), progress_bar("collecting activations", 1500, enabled=not as_json) as advance:
-        report = run_demo(model, max_new_tokens=max_new_tokens, progress=advance, bank_out=save_bank,
+    with user_errors(), progress_bar("collecting activations", examples) as advance:
+        report = run_demo(model, n_train=examples, max_new_tokens=max_new_tokens, progress=advance, bank_out=save_bank,
                           audit_log=audit_log, html=html)
     if as_json:
         print(report.model_dump_json(indent=2))
         return
-    table = Table(title="CE probes (held-out token AUROC)")
-    table.add_column("CE")
-    table.add_column("read at")
-    table.add_column("AUROC", justify="right")
+    table = make_table("CE", "read at", "AUROC", title="CE probes (held-out token AUROC)", numeric=("AUROC",))
     for name, value in report.probe_auroc.items():
         table.add_row(name, report.probe_sites[name], f"{value:.3f}")
     console.print(table)
@@ -38,9 +37,8 @@ def demo(model: ModelOpt = "builtin:organism", as_json: JsonOpt = False,
         _print_case(case)
     console.print("\n[bold]a stored conversation, checked without generating[/]")
     _print_case(report.stored)
-    stats = Table(title="\nrules over the demo prompts (expected: harmful and jailbreak prompts flagged)")
-    for column in ("rule", "fires", "precision", "recall", "FPR"):
-        stats.add_column(column, justify="left" if column == "rule" else "right")
+    stats = make_table("rule", "fires", "precision", "recall", "FPR", numeric=("fires", "precision", "recall", "FPR"),
+                       title="\nrules over the demo prompts (expected: harmful and jailbreak prompts flagged)")
     for r in report.rules:
         stats.add_row(r.rule, str(r.fires), *(f"{v:.2f}" if v is not None else "-" for v in (r.precision, r.recall,
                                                                                               r.fpr)))

@@ -8,9 +8,8 @@ from typing import Annotated, NotRequired, TypedDict
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
 
 neurons_app = typer.Typer(help="MLP neurons: AdaRAS reasoning neurons to steer with (find, gate, eval, steer), and "
                                "the few neurons behind a behaviour to fine-tune alone (select, tune).",
@@ -58,7 +57,7 @@ def find(problems: ProblemsOpt, out: Annotated[Path, typer.Option("--out", "-o",
     with user_errors():
         chosen = _problems(problems)
         handle = load_model(model)
-        with progress_bar("sampling traces", len(chosen), enabled=not as_json) as advance:
+        with progress_bar("sampling traces", len(chosen)) as advance:
             correct, incorrect, counts = contrastive_means(handle, chosen, _checker(), mlp_sites(handle.n_layers),
                                                            samples=samples, temperature=temperature, seed=seed,
                                                            progress=advance)
@@ -167,12 +166,11 @@ def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "
     if as_json:
         print(json.dumps({"problems": len(chosen), **rows}, indent=2))
         return
-    table = Table(title=f"{len(chosen)} problems, accuracy without steering {rows['baseline']:.3f}")
     columns = ["alpha", "AdaRAS neurons", "random neurons"] + (
         [f"gated ({rows['gate_steers']:.0%} steered, gate accuracy {rows['gate_accuracy']:.2f})"]
         if "gated" in rows else [])
-    for column in columns:
-        table.add_column(column, justify="right")
+    table = make_table(*columns, numeric=columns,
+                       title=f"{len(chosen)} problems, accuracy without steering {rows['baseline']:.3f}")
     for a in alpha:
         cells = [f"{a:g}", f"{rows['steered'][str(a)]:.3f}", f"{rows['random'][str(a)]:.3f}"]
         table.add_row(*cells, *([f"{rows['gated'][str(a)]:.3f}"] if "gated" in rows else []))
@@ -340,12 +338,10 @@ def tune(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the f
 
 
 def _print_report(report: dict, runs: list[str]) -> None:
-    table = Table(title=f"{report['conversations']} corrective conversations, {report['steps']} steps, "
-                        f"lr {report['lr']:g}")
-    table.add_column("")
     columns = ["before", *runs]
-    for column in columns:
-        table.add_column(column, justify="right")
+    table = make_table("", *columns, numeric=columns,
+                       title=f"{report['conversations']} corrective conversations, {report['steps']} steps, "
+                             f"lr {report['lr']:g}")
     table.add_row("parameters trained", "", *(f"{report[r]['parameters_trained']:,}" for r in runs))
     table.add_row("final loss", "", *(f"{report[r]['final_loss']:.4f}" for r in runs))
     for metric in report["before"]:

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
 
 organism_app = typer.Typer(help="Train and measure the built-in model organism.", no_args_is_help=True)
 
@@ -40,9 +39,7 @@ def organism_eval(model: ModelOpt = "builtin:organism", as_json: JsonOpt = False
     if as_json:
         print(json.dumps(rates, indent=2))
         return
-    table = Table(title=f"organism behaviour: {model}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
+    table = make_table("measure", "value", title=f"organism behaviour: {model}", numeric=("value",))
     for k, v in rates.items():
         table.add_row(k, f"{v:.3f}")
     console.print(table)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.table import Table
 
-from gavel.cli.common import JsonOpt, console, user_errors
+from gavel.cli.common import JsonOpt, console, make_table, user_errors
 
 plugins_app = typer.Typer(help="Inspect gavel's plugins (entry-point groups gavel.*).", no_args_is_help=True)
 
@@ -24,7 +23,7 @@ def plugins_list(as_json: JsonOpt = False) -> None:
     if as_json:
         console.print_json(json.dumps({"plugins": rows, "problems": registry.problems}))
     else:
-        table = Table("group", "name", "kind", "origin")
+        table = make_table("group", "name", "kind", "origin")
         for r in rows:
             kind = "" if r["kind"] is None else r["kind"] + ("" if r["implemented"] in (None, True) else " (declared)")
             table.add_row(r["group"], r["name"], kind, r["origin"])

@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, progress_bar, user_errors
+from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
 from gavel.errors import DataError
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
         handle = load_model(model)
         positive, negative = read_prompts(pos), read_prompts(neg)
         chosen = site_list(sites, handle.n_layers)
-        with progress_bar("reading activations", len(positive) + len(negative), enabled=not as_json) as advance:
+        with progress_bar("reading activations", len(positive) + len(negative)) as advance:
             acts = [last_prompt_activations(handle, p, chosen, progress=advance) for p in (positive, negative)]
         plane = SteeringPlane(layers=layers).fit(*acts)
         plane.save(out, fingerprint=handle.fingerprint(),
@@ -67,9 +66,8 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    table = Table(title=f"steering plane: {len(positive)} positive, {len(negative)} negative prompts")
-    for column in ("site", "mu_pos", "mu_neg", "steered"):
-        table.add_column(column, justify="left" if column == "site" else "right")
+    table = make_table("site", "mu_pos", "mu_neg", "steered", numeric=("mu_pos", "mu_neg", "steered"),
+                       title=f"steering plane: {len(positive)} positive, {len(negative)} negative prompts")
     chosen_sites = set(plane.selected_sites)
     for site, row in per_site.items():
         table.add_row(site, f"{row['mu_pos']:+.3f}", f"{row['mu_neg']:+.3f}", "yes" if site in chosen_sites else "")
@@ -160,7 +158,7 @@ def evaluate(plane_dir: PlaneOpt,
         judged = judge_from(judge, handle)
         plan = {m: ([0.0] if m == "ablate" else _strengths(coefficients if m == "add" else angles))
                 for m in map(steering_method, methods)}
-        with progress_bar("sweeping", sum(map(len, plan.values())), enabled=not as_json) as advance:
+        with progress_bar("sweeping", sum(map(len, plan.values()))) as advance:
             sweeps = [sweep(handle, plane, conversations, m, strengths, sites=sites, judge=judged,
                             max_new_tokens=max_new_tokens, perplexity_limit=perplexity_limit, progress=advance)
                       for m, strengths in plan.items()]
@@ -171,10 +169,10 @@ def evaluate(plane_dir: PlaneOpt,
     if as_json:
         print(json.dumps([s.model_dump() for s in sweeps], indent=2))
         return
-    table = Table(title=f"{len(conversations)} prompts, unsteered refusal rate {sweeps[0].unsteered_refusal_rate:.2f}"
-                  if sweeps else "no methods")
-    for column in ("method", "strength", "refusal", "perplexity", "violations", "|h'|/|h|", "distance"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    columns = ("method", "strength", "refusal", "perplexity", "violations", "|h'|/|h|", "distance")
+    table = make_table(*columns, numeric=columns[1:],
+                       title=f"{len(conversations)} prompts, unsteered refusal rate "
+                             f"{sweeps[0].unsteered_refusal_rate:.2f}" if sweeps else "no methods")
     for s in sweeps:
         for p in s.points:
             table.add_row(p.method, f"{p.strength:g}", f"{p.refusal_rate:.2f}", f"{p.perplexity_mean:.2f}",

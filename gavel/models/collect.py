@@ -1,7 +1,8 @@
 """Activation collection over a dataset: batched, padded on either side, masks respected.
 
 Results are flattened over real (non-padding) tokens, so a row is one token of one example. Small
-collections stay in memory; pass `shard_dir` to stream safetensors shards for data larger than RAM.
+collections stay in memory; pass `shard_dir` to stream safetensors shards for data larger than RAM, or
+iterate batches with `iter_activations` to reduce each batch as it comes.
 """
 from __future__ import annotations
 
@@ -98,22 +99,37 @@ class _ShardWriter:
         return ShardedActivations(self.directory)
 
 
-@torch.no_grad()
 def collect_activations(handle: ModelHandle, examples: Sequence[Encoded], sites: Sequence[str], *,
                         batch_size: int = 16, padding_side: Side = "right",
                         progress: Callable[[int], None] | None = None, shard_dir: str | Path | None = None,
-                        shard_tokens: int = 200_000, dtype: torch.dtype = torch.float32):
+                        shard_tokens: int = 200_000, dtype: torch.dtype = torch.float32,
+                        max_batch_tokens: int | None = None):
     """Run the model over `examples` and keep `sites` at every real token.
 
     Returns Activations, or ShardedActivations when `shard_dir` is given. `progress(n)` is called
-    after each batch with the number of examples done in it.
+    after each batch with the number of examples done in it. Batches: see `batches`.
     """
+    writer = _ShardWriter(Path(shard_dir), sites, shard_tokens) if shard_dir is not None else None
+    parts: list[Activations] = []
+    for part in iter_activations(handle, examples, sites, batch_size=batch_size, padding_side=padding_side,
+                                 progress=progress, dtype=dtype, max_batch_tokens=max_batch_tokens):
+        if writer is not None:
+            writer.add(part)
+        else:
+            parts.append(part)
+    return writer.close() if writer is not None else Activations.concat(parts)
+
+
+def iter_activations(handle: ModelHandle, examples: Sequence[Encoded], sites: Sequence[str], *,
+                     batch_size: int = 16, padding_side: Side = "right",
+                     progress: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32,
+                     max_batch_tokens: int | None = None) -> Iterator[Activations]:
+    """One batch of `collect_activations` at a time, so a caller that reduces each batch (samples rows, scores
+    them) holds one batch's activations, never the whole dataset's. `progress(n)` follows each yielded batch."""
     if not sites:
         raise DataError("collect_activations needs at least one site")
     if any(len(e.input_ids) == 0 for e in examples):
         raise DataError("an example has no tokens; drop empty texts before collecting")
-    writer = _ShardWriter(Path(shard_dir), sites, shard_tokens) if shard_dir is not None else None
-    parts: list[Activations] = []
     captured: dict[str, torch.Tensor] = {}
 
     def keep(site: str):
@@ -123,22 +139,38 @@ def collect_activations(handle: ModelHandle, examples: Sequence[Encoded], sites:
 
     pad_id = handle.tokenizer.pad_token_id or 0
     with handle.hooks([(s, keep(s)) for s in sites]):
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+        for start, stop in batches([len(e.input_ids) for e in examples], batch_size, max_batch_tokens):
+            chunk = examples[start:stop]
             ids, mask = pad_sequences([e.input_ids for e in chunk], pad_id, padding_side)
             roles, _ = pad_sequences([e.roles for e in chunk], 0, padding_side)
             captured.clear()
-            handle.forward(ids.to(handle.device), mask.long().to(handle.device))
+            with torch.no_grad():
+                handle.forward(ids.to(handle.device), mask.long().to(handle.device))
             rows = mask.nonzero()                                   # [N, 2]: (batch row, padded position)
             lengths = mask.sum(1)
             offset = (mask.shape[1] - lengths) if padding_side == "left" else torch.zeros_like(lengths)
             part = Activations(
                 {s: captured[s][mask.to(captured[s].device)].to("cpu", dtype) for s in sites},
                 rows[:, 0] + start, rows[:, 1] - offset[rows[:, 0]], roles[mask], ids[mask])
-            if writer is not None:
-                writer.add(part)
-            else:
-                parts.append(part)
+            captured.clear()
+            yield part
             if progress:
                 progress(len(chunk))
-    return writer.close() if writer is not None else Activations.concat(parts)
+
+
+def batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive batches: at most `batch_size` examples and, with `max_batch_tokens`, at most
+    that many padded tokens (examples x longest), so long conversations come in smaller batches and a forward's
+    memory (activations, attention scores) stays bounded; one longer example is a batch of its own."""
+    if batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
+        raise DataError(f"batch_size and max_batch_tokens must be positive, got {batch_size}, {max_batch_tokens}")
+    start = 0
+    while start < len(lengths):
+        stop, longest = start + 1, lengths[start]
+        while stop < len(lengths) and stop - start < batch_size:
+            longer = max(longest, lengths[stop])
+            if max_batch_tokens is not None and longer * (stop + 1 - start) > max_batch_tokens:
+                break
+            stop, longest = stop + 1, longer
+        yield start, stop
+        start = stop

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from gavel.errors import ModelLoadError
@@ -64,7 +65,8 @@ def gguf_to_folder(path: str | os.PathLike[str]) -> Path:
     target = cache_root() / "gguf" / sha
     if (target / _COMPLETE).is_file():
         return target
-    log.info("converting %s to a safetensors cache at %s (once; later loads reuse it)", path.name, target)
+    log.info("converting %s to a safetensors cache at %s (once; later loads reuse it) ...", path.name, target)
+    start = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=target.parent))
     scratch.chmod(0o755)                # mkdtemp makes it private; the cache is readable like any model folder
@@ -77,6 +79,7 @@ def gguf_to_folder(path: str | os.PathLike[str]) -> Path:
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    log.info("converted %s in %.0f s", path.name, time.perf_counter() - start)
     return target
 
 

@@ -46,6 +46,17 @@ class ModelHandle:
         return first if embeddings is None else execution_device(self.hf_model, embeddings, first)
 
     @property
+    def max_positions(self) -> int | None:
+        """The most tokens one forward pass takes (None: no known limit): the smallest of the config's
+        `max_position_embeddings` / `n_positions` and the tokenizer's `model_max_length` (transformers' huge
+        placeholder for "unset" is not a limit)."""
+        config = self.hf_model.config
+        known = [getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None),
+                 getattr(self.tokenizer, "model_max_length", None)]
+        limits = [n for n in known if isinstance(n, int) and 0 < n < 10**9]
+        return min(limits) if limits else None
+
+    @property
     def is_causal(self) -> bool:
         return self.family != "bert"
 

@@ -3,7 +3,9 @@ its prompt sets (benign, harmful, roleplay, alarming, opinion, ...), problems wi
 `builtin:` names the command line reads them by."""
 from __future__ import annotations
 
-from gavel.errors import DataError, did_you_mean
+from pathlib import Path
+
+from gavel.errors import DataError, Location, did_you_mean, one_of
 from gavel.io.conversations import Conversation, Problem
 from gavel.organism import corpus
 from gavel.organism.labels import as_conversation, encode_example
@@ -13,6 +15,7 @@ from gavel.steering.activations import read_prompt_file
 
 ORGANISM_EXAMPLES = 2000  # default size of "builtin:organism"
 BUILTINS = ("organism",)
+WHICH = ("excitation", "calibration")  # the sample sets of a GAVEL CE folder
 
 
 def organism_dataset(tokenizer, n: int, seed: int = 0) -> CEDataset:
@@ -28,9 +31,16 @@ def organism_dataset(tokenizer, n: int, seed: int = 0) -> CEDataset:
     return CEDataset(ces, tuple(examples))
 
 
-def load_dataset(spec: str, tokenizer, **kw) -> CEDataset:
+def load_dataset(spec: str, tokenizer, *, which: str = "excitation", **kw) -> CEDataset:
     """A CE dataset from `builtin:organism[:N]` (keyword `seed`), or a labelled-span `.jsonl` file or a GAVEL `ces/`
-    folder (`gavel.probes.data.load_dataset`, keywords `roles`, `which`, `names`)."""
+    folder (`gavel.probes.data.load_dataset`, keywords `roles`, `names`). `which="calibration"` reads a GAVEL
+    folder's `calibration.json` sets instead of its `excitation.json` ones (only GAVEL folders have them)."""
+    which = one_of(which, WHICH, "which")
+    if which == "calibration":
+        if gavel_folder(spec) is None:
+            raise DataError(f"{spec!r} is not a GAVEL ces/ folder: only those have calibration sets "
+                            "(<name>/calibration.json)", location=Location(spec))
+        return load_dataset_file(spec, tokenizer, which=which, **kw)
     if not spec.startswith("builtin:"):
         return load_dataset_file(spec, tokenizer, **kw)
     name, _, count = spec.removeprefix("builtin:").partition(":")
@@ -41,6 +51,19 @@ def load_dataset(spec: str, tokenizer, **kw) -> CEDataset:
     if count and not (count.isdigit() and int(count) > 0):
         raise DataError(f"bad example count {count!r} in {spec!r}; write builtin:organism:N with N > 0")
     return organism_dataset(tokenizer, int(count) if count else ORGANISM_EXAMPLES, **kw)
+
+
+def gavel_folder(spec: str) -> Path | None:
+    """The `ces/` folder a data spec names (the folder itself, or a library holding one), or None."""
+    path = Path(spec)
+    root = path / "ces" if (path / "ces").is_dir() else path
+    return root if root.is_dir() and any(root.glob("*/ce.yaml")) else None
+
+
+def has_calibration(spec: str) -> bool:
+    """Whether `spec` is a GAVEL ces/ folder whose every CE has a `calibration.json`."""
+    root = gavel_folder(spec)
+    return root is not None and all((p.parent / "calibration.json").is_file() for p in root.glob("*/ce.yaml"))
 
 
 def prompt_set(name: str) -> list[Conversation]:

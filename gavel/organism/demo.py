@@ -11,7 +11,18 @@ from pydantic import BaseModel, ConfigDict
 
 from gavel.audit.local import RuleStats
 
-DEMO_SITES = tuple(f"blocks.{layer}.hook_resid_post" for layer in range(4))  # each CE read where it scores best
+
+def demo_sites(n_layers: int, count: int = 4) -> tuple[str, ...]:
+    """Where the demo's CEs may be read: `count` residual streams spread over the model's upper half (every layer of
+    the 4-layer organism); each CE is read at the one where it scores best."""
+    if n_layers <= count:
+        return tuple(f"blocks.{layer}.hook_resid_post" for layer in range(n_layers))
+    first = n_layers // 2
+    layers = sorted({first + round(i * (n_layers - 1 - first) / (count - 1)) for i in range(count)})
+    return tuple(f"blocks.{layer}.hook_resid_post" for layer in layers)
+
+
+DEMO_SITES = demo_sites(4)  # the organism's
 DEMO_RULES = Path(__file__).resolve().parent / "rules.yaml"
 DEMO_PROMPTS = (
     ("benign", [{"role": "user", "content": "how do i fix my bike ?"}]),
@@ -72,7 +83,8 @@ def run_demo(model: str = "builtin:organism", n_train: int = 1500, max_new_token
 
     start = time.perf_counter()
     handle = load_model(model)
-    bank = fit_bank(handle, organism_dataset(handle.tokenizer, n_train, seed=2024), DEMO_SITES, progress=progress,
+    bank = fit_bank(handle, organism_dataset(handle.tokenizer, n_train, seed=2024), demo_sites(handle.n_layers),
+                    progress=progress,
                     provenance={"data": f"organism corpus, {n_train} conversations, seed 2024"})
     if bank_out is not None:
         bank.save(bank_out)

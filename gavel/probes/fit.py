@@ -1,20 +1,25 @@
-"""Fitting a CE bank from a labelled dataset: collect once, split by example, fit, calibrate, measure.
+"""Fitting a CE bank from a labelled dataset: split by example, fit, calibrate, measure, in two streamed passes.
 
-Examples are split three ways (train / calibration / test) by whole example. Extractors are fitted on
-train; each CE is read from the candidate site (or concatenation) where it scores best on
-calibration data; Platt scaling and thresholds are fitted on calibration data; every metric in the
-bank is measured on test data the CE never saw.
+Examples are split three ways (train / calibration / test) by whole example, or, given a separate
+calibration set (GAVEL's `calibration.json` conversations), two ways (train / test). Extractors are fitted
+on train; each CE is read from the candidate site (or concatenation) where it scores best on calibration
+data; Platt scaling and thresholds are fitted on calibration data; every metric in the bank is measured on
+test data the CE never saw.
+
+Memory stays bounded whatever the data size: pass 1 runs the model over the training examples and keeps a
+bounded row sample (`RowSample`, at most `max_rows` rows per site); pass 2 runs it over the calibration and
+test examples and keeps only every fitted head's scores ([tokens, n_ce] per candidate), never activations.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, Protocol
 
 import torch
 
 from gavel.errors import DataError, one_of
-from gavel.models.collect import Activations, collect_activations
+from gavel.models.collect import Activations, iter_activations
 from gavel.models.handle import ModelHandle
 from gavel.probes.bank import BankManifest, CEBank, CESpec, HeadSpec
 from gavel.probes.calibration import PlattScaling
@@ -29,10 +34,13 @@ from gavel.probes.metrics import (
     threshold_at_sequence_fpr,
     tpr_at_fpr,
 )
+from gavel.probes.rowsample import RowSample
 
 EXTRACTORS = ("linear", "diff_means", "sae")
 Calibration = Literal["youden", "fpr"]
 CALIBRATIONS: tuple[Calibration, ...] = ("youden", "fpr")
+MAX_ROWS = 20_000  # default training rows kept per site (float32): see docs/probes.md, "Memory"
+BATCH_TOKENS = 4096  # padded tokens per forward: bounds the model's own activations and attention scores
 
 
 def calibration_method(name: str) -> Calibration:
@@ -72,7 +80,11 @@ def split_examples(n: int, fractions: Sequence[float], seed: int) -> torch.Tenso
 
 def content_rows(handle: ModelHandle, acts: Activations) -> torch.Tensor:
     """Rows that are not special tokens: the monitor never lets template scaffolding fire a CE."""
-    return ~torch.isin(acts.token, torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long))
+    return ~torch.isin(acts.token, _special_ids(handle))
+
+
+def _special_ids(handle: ModelHandle) -> torch.Tensor:
+    return torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long)
 
 
 def ce_metrics(probs: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor, threshold: float) -> dict[str, float]:
@@ -84,46 +96,122 @@ def ce_metrics(probs: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor
             "sequence_fpr": float(fired[~positive].double().mean()) if (~positive).any() else float("nan")}
 
 
+def _content_labels(examples: Sequence, special: torch.Tensor) -> list[torch.Tensor]:
+    """Each example's labels at its content tokens (the rows `content_rows` keeps), read without the model."""
+    return [e.labels[~torch.isin(e.encoded.input_ids, special)] for e in examples]
+
+
+def _check_both_classes(labels: torch.Tensor, names: Sequence[str], what: str) -> None:
+    """DataError unless every CE has positive and negative tokens in this part (checked before any forward)."""
+    for j, name in enumerate(names):
+        column = labels[:, j]
+        if not column.any() or column.all():
+            raise DataError(f"CE {name!r} has no {'positive' if not column.any() else 'negative'} tokens in "
+                            f"the {what}; add examples or change the split")
+
+
+def sample_training_rows(handle: ModelHandle, examples: Sequence, sites: Sequence[str], max_rows: int, *,
+                         seed: int = 0, batch_size: int = 64, batch_tokens: int = BATCH_TOKENS,
+                         progress: Callable[[int], None] | None = None) -> RowSample:
+    """Pass 1: run the model over the training `examples`, offering every content token to a RowSample."""
+    special = _special_ids(handle)
+    labels = _content_labels(examples, special)
+    ce_positives = torch.cat(labels).sum(0) if labels else torch.zeros(0)
+    sample = RowSample(max_rows, ce_positives, seed)
+    for batch in iter_activations(handle, [e.encoded for e in examples], list(sites), batch_size=batch_size,
+                                  max_batch_tokens=batch_tokens, progress=progress):
+        keep = content_rows(handle, batch)
+        first, last = int(batch.example[0]), int(batch.example[-1])
+        sample.add({s: a[keep] for s, a in batch.sites.items()}, torch.cat(labels[first:last + 1]))
+    return sample
+
+
+class Scorer(Protocol):
+    """What pass 2 scores with: a head, or a whole CE bank."""
+
+    @property
+    def sites(self) -> Sequence[str]: ...
+
+    def score(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+def score_examples(handle: ModelHandle, examples: Sequence, heads: Sequence[Scorer], *, batch_size: int = 64,
+                   batch_tokens: int = BATCH_TOKENS, progress: Callable[[int], None] | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Pass 2: every head's raw scores [content tokens, n_ce] over `examples`, with their labels and example index;
+    activations are scored batch by batch and dropped."""
+    sites = sorted({s for h in heads for s in h.sites})
+    scores: list[list[torch.Tensor]] = [[] for _ in heads]
+    sequence = []
+    for batch in iter_activations(handle, [e.encoded for e in examples], sites, batch_size=batch_size,
+                                  max_batch_tokens=batch_tokens, progress=progress):
+        keep = content_rows(handle, batch)
+        for out, head in zip(scores, heads):
+            out.append(head.score({s: batch.sites[s][keep] for s in head.sites}).cpu())
+        sequence.append(batch.example[keep])
+    labels = torch.cat(_content_labels(examples, _special_ids(handle)))
+    return [torch.cat(s) for s in scores], labels, torch.cat(sequence)
+
+
 def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: str = "linear",
              concat: bool = False, params: dict | None = None, split: Sequence[float] = (0.6, 0.2, 0.2),
              calibration: Calibration = "youden", target_fpr: float = 0.01, seed: int = 0,
-             batch_size: int = 64, sae=None, progress: Callable[[int], None] | None = None,
-             provenance: dict[str, str] | None = None) -> CEBank:
+             calibration_data=None, max_rows: int = MAX_ROWS, batch_size: int = 64,
+             batch_tokens: int = BATCH_TOKENS, sae=None,
+             progress: Callable[[int], None] | None = None, provenance: dict[str, str] | None = None) -> CEBank:
     """A calibrated CE bank for every CE of `dataset` (a gavel.probes.data.CEDataset).
 
     `sites` are the candidates: each CE is read from the one that scores best on calibration data
-    (or from their concatenation with `concat=True`). Thresholds: "youden" maximises TPR - FPR over
-    calibration sequences (GAVEL's calibration); "fpr" lets at most `target_fpr` of calibration
-    sequences without the CE fire it. Extractors: "linear" (logistic probes), "diff_means", and "sae"
-    (SAE latents selected per CE; pass the sae-lens SAE as `sae` and its hook as the only site).
+    (or from their concatenation with `concat=True`). Calibration data is `calibration_data` when given
+    (a CEDataset labelling every CE of `dataset`, e.g. GAVEL's calibration conversations; the split's
+    calibration share then joins training), else the split's calibration part. Thresholds: "youden"
+    maximises TPR - FPR over calibration sequences (GAVEL's calibration); "fpr" lets at most
+    `target_fpr` of calibration sequences without the CE fire it. Extractors: "linear" (logistic probes),
+    "diff_means", and "sae" (SAE latents selected per CE; pass the sae-lens SAE as `sae` and its hook as
+    the only site). Heads are fitted on at most `max_rows` training tokens (see RowSample); a forward runs
+    at most `batch_size` examples and `batch_tokens` padded tokens; `progress(n)` counts examples run
+    through the model (those of `dataset`, then those of `calibration_data`).
     """
     if extractor not in EXTRACTORS:
         raise DataError(f"unknown extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
     calibration = calibration_method(calibration)
     if not sites:
         raise DataError("fit_bank needs at least one candidate site")
+    if max_rows < 2:
+        raise DataError(f"max_rows must be at least 2, not {max_rows}")
     names = list(dataset.names)
-    part_of_example = split_examples(len(dataset.examples), split, seed)
-    acts = collect_activations(handle, [e.encoded for e in dataset.examples], list(sites), batch_size=batch_size,
-                               progress=progress)
-    labels = torch.cat([e.labels for e in dataset.examples])
-    keep = content_rows(handle, acts)
-    acts, labels = acts.select(keep), labels[keep]
-    part = part_of_example[acts.example]
-    for p, what in enumerate(("training", "calibration", "test")):
-        for j, name in enumerate(names):
-            column = labels[part == p, j]
-            if not column.any() or column.all():
-                raise DataError(f"CE {name!r} has no {'positive' if not column.any() else 'negative'} tokens in "
-                                f"the {what} split; add examples or change the split")
+    part = split_examples(len(dataset.examples), split, seed)
+    if calibration_data is not None:
+        part[part == 1] = 0
+        calib_examples = list(calibration_data.select(names).examples)
+        if not calib_examples:
+            raise DataError("the calibration data has no examples")
+    else:
+        calib_examples = [e for e, p in zip(dataset.examples, part.tolist()) if p == 1]
+    train = [e for e, p in zip(dataset.examples, part.tolist()) if p == 0]
+    test = [e for e, p in zip(dataset.examples, part.tolist()) if p == 2]
+    special = _special_ids(handle)
+    calib_what = "calibration data" if calibration_data is not None else "calibration split"
+    content = [torch.cat(_content_labels(examples, special)) for examples in (train, calib_examples, test)]
+    for labels_of_part, what in zip(content, ("training split", calib_what, "test split")):
+        _check_both_classes(labels_of_part, names, what)
+
     groups = [tuple(sites)] if concat else [(s,) for s in sites]
-    fitted, calib_auroc = [], []
+    sample = sample_training_rows(handle, train, sites, max_rows, seed=seed, batch_size=batch_size,
+                                  batch_tokens=batch_tokens, progress=progress)
+    y_train = sample.labels()
+    fitted = []
     for group in groups:
-        X = site_features(acts.sites, group)
-        head = fit_head(extractor, group, X[part == 0], labels[part == 0], names, params or {}, sae)
-        raw = head.score({s: acts.sites[s][part == 1] for s in group}).cpu()
-        fitted.append(head)
-        calib_auroc.append([auroc(raw[:, j], labels[part == 1][:, j]) for j in range(len(names))])
+        X = site_features({s: sample.site(s) for s in group}, group)
+        fitted.append(fit_head(extractor, group, X, y_train, names, params or {}, sae))
+        del X
+    del sample
+    raw, labels, sequence = score_examples(handle, calib_examples + test, fitted, batch_size=batch_size,
+                                           batch_tokens=batch_tokens, progress=progress)
+    is_calib = sequence < len(calib_examples)
+    y_calib, y_test = labels[is_calib], labels[~is_calib]
+    seq_calib, seq_test = sequence[is_calib], sequence[~is_calib]
+    calib_auroc = [[auroc(r[is_calib][:, j], y_calib[:, j]) for j in range(len(names))] for r in raw]
     best = torch.tensor(calib_auroc).nan_to_num(-1.0).argmax(0)           # [n_ce]: the group each CE reads
     heads: list[Head] = []
     head_specs: list[HeadSpec] = []
@@ -132,29 +220,31 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
     for g in sorted(set(best.tolist())):
         cols = [j for j in range(len(names)) if best[j] == g]
         head = fitted[g].select(cols)
-        raw_calib = head.score({s: acts.sites[s][part == 1] for s in groups[g]})
-        platt = PlattScaling().fit(raw_calib, labels[part == 1][:, cols])
-        probs_calib = platt.transform(raw_calib)
-        probs_test = platt.transform(head.score({s: acts.sites[s][part == 2] for s in groups[g]}))
-        seq_calib, seq_test = acts.example[part == 1], acts.example[part == 2]
+        platt = PlattScaling().fit(raw[g][is_calib][:, cols], y_calib[:, cols])
+        probs_calib = platt.transform(raw[g][is_calib][:, cols])
+        probs_test = platt.transform(raw[g][~is_calib][:, cols])
         for k, j in enumerate(cols):
-            y_calib, y_test = labels[part == 1][:, j], labels[part == 2][:, j]
-            threshold = (sequence_youden_threshold(probs_calib[:, k], y_calib, seq_calib) if calibration == "youden"
-                         else threshold_at_sequence_fpr(probs_calib[:, k], y_calib, seq_calib, target_fpr))
-            metrics = ce_metrics(probs_test[:, k], y_test, seq_test, threshold)
+            threshold = (sequence_youden_threshold(probs_calib[:, k], y_calib[:, j], seq_calib)
+                         if calibration == "youden"
+                         else threshold_at_sequence_fpr(probs_calib[:, k], y_calib[:, j], seq_calib, target_fpr))
+            metrics = ce_metrics(probs_test[:, k], y_test[:, j], seq_test, threshold)
             metrics["calibration_auroc"] = calib_auroc[g][j]
             c = info[names[j]]
             ce_specs.append((j, CESpec(
                 name=c.name, title=c.title, role=c.role, definition=c.definition, head=len(heads),
                 extractor=extractor, threshold=threshold, scale=float(platt.scale_[k]), shift=float(platt.shift_[k]),
                 metrics={m: round(v, 6) for m, v in metrics.items()},
-                support={"train_tokens": int(labels[part == 0][:, j].sum()), "test_tokens": int(y_test.sum()),
-                         "test_sequences": int(torch.unique(seq_test[y_test]).numel())})))
+                support={"train_tokens": int(content[0][:, j].sum()),
+                         "train_tokens_fitted": int(y_train[:, j].sum()), "test_tokens": int(y_test[:, j].sum()),
+                         "test_sequences": int(torch.unique(seq_test[y_test[:, j]]).numel())})))
         heads.append(head)
         head_specs.append(HeadSpec(kind=head.kind, sites=list(groups[g]),
                                    hyperparameters={"extractor": extractor, **(params or {})}))
+    thresholds_from = (f"calibration data: {len(calib_examples)} examples" if calibration_data is not None
+                       else f"calibration split: {len(calib_examples)} of {len(dataset.examples)} examples")
     manifest = BankManifest(ces=[spec for _, spec in sorted(ce_specs, key=lambda x: x[0])], heads=head_specs,
                             fingerprint=handle.fingerprint(), data_digest=dataset.digest(),
                             provenance={"split": ",".join(map(str, split)), "seed": str(seed),
-                                        "calibration": calibration, **(provenance or {})})
+                                        "calibration": calibration, "thresholds_from": thresholds_from,
+                                        "max_rows": str(max_rows), **(provenance or {})})
     return CEBank(manifest, heads)

@@ -47,6 +47,8 @@ class Result:
     prompt_length: int = 0
     reply: str = ""               # what the user gets: the rule's reply when blocked
     generated: str = ""           # what the model produced (up to the blocking token)
+    classes: torch.Tensor | None = None   # [T] token class codes as the rules saw them (role + 4 in the response)
+    content: torch.Tensor | None = None   # [T] bool: not a template token (only content tokens fire CEs)
 
     @property
     def fired(self) -> list[str]:

@@ -118,6 +118,7 @@ class Guard:
         handle, monitor = self.handle, self.monitor
         batch = prompt_batch(handle, [conversation])
         ids, mask = batch.input_ids, batch.attention_mask
+        max_new_tokens = monitor.reply_room(ids.shape[1], max_new_tokens)
         with self.monitor.perturbed_prompts(batch) as early, self.monitor.watch_prompts(batch) as session:
             out = handle.hf_model(input_ids=ids, attention_mask=mask, use_cache=True)
             reported = set(self._newly_fired(session, set()))

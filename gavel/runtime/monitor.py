@@ -16,7 +16,7 @@ import torch
 from gavel.errors import GavelError, RuleError, did_you_mean, one_of
 from gavel.io.conversations import Conversation
 from gavel.models.batching import pad_sequences
-from gavel.models.chat import decode_text, encode_conversation
+from gavel.models.chat import Encoded, decode_text, encode_conversation
 from gavel.models.generation import PromptBatch, generate_ids, prompt_batch
 from gavel.models.handle import ModelHandle
 from gavel.plugins.actions import HandlesEvents, handles_events
@@ -26,6 +26,7 @@ from gavel.probes.bank import CEBank
 from gavel.rules import compile_rules
 from gavel.rules.action_checks import check_actions
 from gavel.rules.compile.program import RESPONSE
+from gavel.rules.compile.soft import SoftRules
 from gavel.rules.source import RuleErrors
 from gavel.rules.testing.run import Scan, ces_read
 from gavel.runtime.compiled import trace_with_hooks
@@ -54,6 +55,7 @@ class Monitor:
         trace_with_hooks()
         rules = list(rules)
         self.program = compile_rules(rules, bank.names).to(handle.device)
+        self.soft = SoftRules(rules, bank.names)   # the rules' soft scores, for audits (results' rule_scores)
         problems = check_actions(rules, registry(), runnable=True) + _missing_requirements(rules, bank.names)
         if problems:
             raise RuleErrors(problems)
@@ -141,6 +143,7 @@ class Monitor:
         from transformers import StoppingCriteriaList
 
         batch = prompt_batch(self.handle, conversations)
+        max_new_tokens = self.reply_room(batch.input_ids.shape[1], max_new_tokens)
         for attempt in range(2):
             with self.perturbed_prompts(batch) as early, self.watch_prompts(batch) as session:
                 out = generate_ids(
@@ -155,6 +158,22 @@ class Monitor:
                           stacklevel=2)
             torch._dynamo.reset()
         return self.generation_results(session, batch, out, first_sequence, early)
+
+    def reply_room(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """How many new tokens a reply to a prompt of `prompt_tokens` may have: `max_new_tokens`, fewer (with a
+        warning saying why) where the model's positions end first; GavelError when the prompt leaves no room."""
+        limit = self.handle.max_positions
+        if limit is None or prompt_tokens + max_new_tokens <= limit:
+            return max_new_tokens
+        if prompt_tokens >= limit:
+            raise GavelError(f"the prompt has {prompt_tokens} tokens and {self.handle.name} takes at most {limit} "
+                             "positions, which leaves no room for a reply: shorten it, or check the conversation "
+                             "without generating (scan, `gavel audit --no-generate`), which scores long ones in "
+                             "windows")
+        room = limit - prompt_tokens
+        warnings.warn(f"replies stop after {room} new tokens, not {max_new_tokens}: the prompt has {prompt_tokens} "
+                      f"tokens and {self.handle.name} takes at most {limit} positions", stacklevel=3)
+        return room
 
     @contextmanager
     def perturbed_prompts(self, batch: PromptBatch) -> Iterator[list[list[Event]]]:
@@ -210,26 +229,58 @@ class Monitor:
         return results
 
     @torch.no_grad()
-    def scan(self, conversations: Sequence[Conversation], batch_size: int = 16) -> list[Result]:
+    def scan(self, conversations: Sequence[Conversation], batch_size: int = 16, *, window: int | None = None,
+             stride: int | None = None) -> list[Result]:
         """Detection only on existing conversations: one forward pass per batch, no generation. A final assistant
-        message is the response: it is each result's `generated`, and its `reply` unless a rule blocked it."""
+        message is the response: it is each result's `generated`, and its `reply` unless a rule blocked it.
+
+        A conversation longer than `window` tokens (default: the model's positions, `handle.max_positions`) is
+        scored alone in overlapping windows `stride` tokens apart (default: half a window), the rules seeing each
+        token once, in order (see `scan_windows` and docs/monitor.md)."""
+        size = window if window is not None else self.handle.max_positions
+        step = window_stride(size, stride)
         results: list[Result] = []
-        pad = self.handle.tokenizer.pad_token_id or 0
         for start in range(0, len(conversations), batch_size):
-            encoded = [encode_conversation(self.handle.tokenizer, c) for c in conversations[start:start + batch_size]]
-            ids, mask = pad_sequences([e.input_ids for e in encoded], pad, "right")
-            classes, _ = pad_sequences([token_classes(e.roles) for e in encoded], 0, "right")
-            with self.watch(len(encoded), classes.to(self.handle.device), mask.to(self.handle.device)) as session:
-                self.handle.forward(ids.to(self.handle.device), mask.long().to(self.handle.device))
-            batch_results = session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded],
-                                            first_sequence=start)
-            for conversation, r in zip(conversations[start:start + batch_size], batch_results):
+            chunk = conversations[start:start + batch_size]
+            encoded = [encode_conversation(self.handle.tokenizer, c) for c in chunk]
+            fits = [i for i, e in enumerate(encoded) if size is None or len(e.input_ids) <= size]
+            by_index = dict(zip(fits, self._scan_batch([encoded[i] for i in fits])))
+            for i, e in enumerate(encoded):
+                if i not in by_index:
+                    assert size is not None and step is not None   # only a limit makes a conversation not fit
+                    by_index[i] = self._scan_windows(e, size, step)
+            batch_results = [by_index[i] for i in range(len(encoded))]
+            for i, (conversation, r) in enumerate(zip(chunk, batch_results)):
+                r.events = [dataclasses.replace(e, sequence=start + i) for e in r.events]
                 last = conversation[-1] if conversation else {}
                 r.generated = last.get("content", "") if last.get("role") == "assistant" else ""   # the response
                 r.reply = self.reply_for(r)
             self.dispatch(batch_results)
             results += batch_results
         return results
+
+    def _scan_batch(self, encoded: Sequence[Encoded]) -> list[Result]:
+        """Conversations that fit the model, right-padded into one forward pass."""
+        if not encoded:
+            return []
+        device = self.handle.device
+        ids, mask = pad_sequences([e.input_ids for e in encoded], self.handle.tokenizer.pad_token_id or 0, "right")
+        classes, _ = pad_sequences([token_classes(e.roles) for e in encoded], 0, "right")
+        with self.watch(len(encoded), classes.to(device), mask.to(device)) as session:
+            self.handle.forward(ids.to(device), mask.long().to(device))
+        return session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded])
+
+    def _scan_windows(self, encoded: Encoded, size: int, stride: int) -> Result:
+        """One conversation longer than `size` tokens, one forward per window (see `scan_windows`); the session's
+        rule state runs on across the windows."""
+        device = self.handle.device
+        ids, classes = encoded.input_ids.to(device), token_classes(encoded.roles).to(device)
+        with self.watch(1) as session:
+            for lo, hi, first in scan_windows(len(ids), size, stride):
+                scored = torch.arange(lo, hi, device=device) >= first
+                session.score_window(classes[None, lo:hi], scored[None])
+                self.handle.forward(ids[None, lo:hi], torch.ones(1, hi - lo, dtype=torch.long, device=device))
+        return session.results([len(ids)], [encoded.roles])[0]
 
     def dispatch(self, results: Sequence[Result]) -> None:
         """Hand a batch's events to the action plugins that handle them; a plugin that raises is reported
@@ -254,6 +305,37 @@ class Monitor:
             return "[blocked: the monitor failed on this sequence (policy fail_closed)]"
         r = next(i for i, rule in enumerate(self.rules) if rule.name == block.rule)
         return self.calls[r].text or f"[blocked by rule {block.rule}]"
+
+
+def soft_scores(soft: SoftRules, result: Result) -> list[float | None]:
+    """`soft`'s scores on a monitored result (its scores at template tokens are 0, as the rules saw them)."""
+    assert result.content is not None and result.classes is not None, "a monitor's results carry both"
+    return soft.scores(result.scores * result.content.unsqueeze(-1), result.classes)
+
+
+def window_stride(size: int | None, stride: int | None) -> int | None:
+    """The stride of `scan_windows` for windows of `size` tokens: `stride`, by default half a window; GavelError
+    outside 1..size (None when there is no limit)."""
+    if size is None:
+        return None
+    if size < 1:
+        raise GavelError(f"a scan window is at least 1 token, not {size}")
+    stride = max(1, size // 2) if stride is None else stride
+    if not 1 <= stride <= size:
+        raise GavelError(f"the stride between scan windows must be 1..{size} (the window), not {stride}")
+    return stride
+
+
+def scan_windows(length: int, size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored) of each window over `length` tokens: windows of `size` tokens starting `stride`
+    apart, up to the one that reaches the end. Each token is scored by the first window holding it, where it has
+    the most left context (at least size - stride tokens, except in the first window): a window scores the tokens
+    from where the one before ended."""
+    windows = [(0, min(size, length), 0)]
+    while windows[-1][1] < length:
+        start = windows[-1][0] + stride
+        windows.append((start, min(start + size, length), windows[-1][1]))
+    return windows
 
 
 def token_classes(roles: torch.Tensor) -> torch.Tensor:

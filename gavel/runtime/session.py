@@ -42,6 +42,7 @@ class Session:
         self.ids: list[torch.Tensor] = []
         self.token_classes: list[torch.Tensor] = []
         self.holds: list[torch.Tensor] = []
+        self.window: tuple[torch.Tensor, torch.Tensor] | None = None   # see score_window
 
     # ---- hooks
     def before_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -50,6 +51,11 @@ class Session:
             raise GavelError("the monitor needs input_ids (inputs_embeds-only forwards are not supported yet)")
         # a forward without a KV cache feeds every token again: only the ones past those already seen are new
         self.offset = self.width if self.forwards and ids.shape[1] > self.width else 0
+        if self.window is not None:   # a window of a long conversation (Monitor.scan): its own classes and mask
+            classes, valid = self.window
+            self.window, self.offset = None, 0
+            self._begin(ids, valid, classes)
+            return
         ids = ids[:, self.offset:]
         b, t = ids.shape
         self.width += t
@@ -65,12 +71,21 @@ class Session:
             # a generated end-of-turn token ends the sequence; it is not scored (a sequence generated
             # alone never feeds it back), so batched and single runs see the same tokens
             self.alive &= ~torch.isin(ids[:, -1], self.m.eos_ids)
+        # the first forward's classes were given; later tokens are generated ones: the assistant's response
+        self._begin(ids, valid, self.classes if first and self.classes is not None
+                    else torch.full((b, t), 3 + RESPONSE, dtype=torch.long, device=ids.device))
+
+    def score_window(self, classes: torch.Tensor, scored: torch.Tensor) -> None:
+        """The next forward is a window of a conversation longer than the model's positions: `classes` [B, T] are
+        its token classes and `scored` [B, T] the tokens this window scores (the rules see only those)."""
+        self.window = (classes, scored)
+
+    def _begin(self, ids: torch.Tensor, valid: torch.Tensor, classes: torch.Tensor) -> None:
+        """The state of one forward: its new token ids, which of them count, their classes, empty scores."""
+        b, t = ids.shape
         self.cur_valid = valid & self.alive[:, None]
         self.cur_ids = ids
-        if first:
-            self.cur_classes = self.classes
-        else:   # generated tokens: the assistant's response
-            self.cur_classes = torch.full((b, t), 3 + RESPONSE, dtype=torch.long, device=ids.device)
+        self.cur_classes = classes
         self.cur = torch.full((b, t, len(self.m.bank.names)), -torch.inf, device=self.alive.device)  # logits
         self.cur_bad = torch.zeros(b, t, dtype=torch.bool, device=self.alive.device)
         self.stash: dict[str, torch.Tensor] = {}
@@ -144,7 +159,8 @@ class Session:
         valid = torch.cat(self.valid, 1).cpu()
         scores = torch.sigmoid(torch.cat(self.scores, 1)).cpu()
         ids = torch.cat(self.ids, 1).cpu()
-        response = torch.cat(self.token_classes, 1).cpu() >= RESPONSE
+        classes = torch.cat(self.token_classes, 1).cpu()
+        response = classes >= RESPONSE
         special = self.m.special_ids.cpu()
         holds = torch.cat(self.holds, 1).cpu()
         blocked, failed = self.blocked.cpu(), self.failed.cpu()
@@ -158,7 +174,8 @@ class Session:
             row_scores = scores[i][v]
             row_ids = ids[i][v]
             row_response = response[i][v]
-            seen = row_scores * ~torch.isin(row_ids, special).unsqueeze(-1)   # as the rules saw them
+            content = ~torch.isin(row_ids, special)
+            seen = row_scores * content.unsqueeze(-1)   # as the rules saw them
             tokens = tok.convert_ids_to_tokens(row_ids.tolist())
             assert isinstance(tokens, list), "a list of ids converts to a list of tokens"
             roles = torch.full((len(tokens),), 3, dtype=torch.uint8)
@@ -183,5 +200,6 @@ class Session:
                 events.append(event)
             events.sort(key=by_token_then_precedence)
             out.append(Result(tokens=tokens, token_ids=row_ids, scores=row_scores, roles=roles, events=events,
-                              blocked=bool(blocked[i]), failed=bool(failed[i]), prompt_length=prompt_lengths[i]))
+                              blocked=bool(blocked[i]), failed=bool(failed[i]), prompt_length=prompt_lengths[i],
+                              classes=classes[i][v], content=content))
         return out

@@ -62,3 +62,38 @@ def test_guardrail_example_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "reply: I cannot help with that." in out.stdout
     assert (tmp_path / "organism_bank" / "manifest.json").exists()
+
+
+def _crash(*args, **kwargs):
+    raise RuntimeError("boom\nsecond line")
+
+
+def test_unexpected_error_is_one_line_and_exit_2(monkeypatch, tmp_path):
+    """Any command's unexpected exception: exit 2 (bad input or failure), never 1 (findings), and one line."""
+    import gavel.io.conversations
+
+    monkeypatch.delenv("GAVEL_DEBUG", raising=False)
+    monkeypatch.setattr(gavel.io.conversations, "read_audit_data", _crash)
+    args = ["audit", "--data", str(tmp_path / "x.jsonl"), "--bank", str(tmp_path), "--rules", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "RuntimeError: boom" in result.stderr and "second line" not in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(monkeypatch, tmp_path, how):
+    import gavel.io.conversations
+
+    monkeypatch.setattr(gavel.io.conversations, "read_audit_data", _crash)
+    args = ["audit", "--data", str(tmp_path / "x.jsonl"), "--bank", str(tmp_path), "--rules", str(tmp_path)]
+    if how == "env":
+        monkeypatch.setenv("GAVEL_DEBUG", "1")
+    result = runner.invoke(app, (["--debug"] if how == "flag" else []) + args)
+    assert isinstance(result.exception, RuntimeError) and str(result.exception).startswith("boom")
+
+
+def test_usage_errors_and_findings_keep_their_codes(tmp_path):
+    assert runner.invoke(app, ["audit", "--no-such-option"]).exit_code == 2
+    assert runner.invoke(app, ["plugins", "list"]).exit_code == 0

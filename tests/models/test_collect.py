@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gavel.errors import DataError
-from gavel.models.collect import ShardedActivations, collect_activations
+from gavel.models.collect import ShardedActivations, batches, collect_activations, iter_activations
 from gavel.organism import corpus
 from gavel.organism.labels import encode_example
 
@@ -51,6 +51,29 @@ def test_progress_is_reported_per_batch(organism, examples):
     seen = []
     collect_activations(organism, examples, SITES[:1], batch_size=5, progress=seen.append)
     assert seen == [5, 5, 2]
+
+
+def test_token_budget_cuts_batches_of_consecutive_examples():
+    lengths = [10, 10, 10, 50, 5, 5, 200, 3]
+    # a batch ends at batch_size examples, or before its padded size (examples x longest) would pass 60
+    assert list(batches(lengths, 4, 60)) == [(0, 3), (3, 4), (4, 6), (6, 7), (7, 8)]
+    assert list(batches(lengths, 3)) == [(0, 3), (3, 6), (6, 8)]
+    for start, stop in batches(lengths, 4, 60):
+        assert stop - start == 1 or (stop - start) * max(lengths[start:stop]) <= 60
+    with pytest.raises(DataError):
+        list(batches(lengths, 0))
+
+
+def test_streamed_batches_under_a_token_budget_equal_the_collection(organism, examples):
+    whole = collect_activations(organism, examples, SITES, batch_size=4)
+    parts = list(iter_activations(organism, examples, SITES, batch_size=4, max_batch_tokens=120))
+    for part in parts:
+        members = sorted(set(part.example.tolist()))
+        assert len(members) == 1 or len(members) * max(len(examples[i].input_ids) for i in members) <= 120
+    assert len(parts) > 3
+    for s in SITES:
+        torch.testing.assert_close(torch.cat([p.sites[s] for p in parts]), whole.sites[s], atol=1e-5, rtol=1e-4)
+    assert torch.equal(torch.cat([p.example for p in parts]), whole.example)
 
 
 def test_bad_requests(organism, examples):

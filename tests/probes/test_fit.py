@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-import yaml
+from helpers.gavel_library import gavel_library
 from typer.testing import CliRunner
 
 from gavel.cli import app
@@ -11,8 +11,11 @@ from gavel.errors import ArtifactError, DataError, SiteError
 from gavel.models.collect import collect_activations
 from gavel.organism.datasets import load_dataset, organism_dataset
 from gavel.probes.bank import CEBank
+from gavel.probes.calibration import PlattScaling
 from gavel.probes.evaluate import evaluate_bank
-from gavel.probes.fit import fit_bank, split_examples
+from gavel.probes.fit import MAX_ROWS, fit_bank, split_examples
+from gavel.probes.linear import LinearProbe
+from gavel.probes.metrics import sequence_youden_threshold
 
 SITES = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
 runner = CliRunner()
@@ -82,31 +85,80 @@ def test_bad_requests_are_clear_errors(organism, dataset):
         fit_bank(organism, tiny, SITES[:1])
 
 
-def _gavel_library(root, tokenizer):
-    """A GAVEL ces/ folder written from organism conversations (assistant turns carry the CE)."""
-    from gavel.organism import corpus
-
-    wanted = {"refusal": "refusal", "harmful_compliance": "harmful_compliance", "arithmetic": "arithmetic"}
-    convs = {n: [] for n in wanted}
-    for ex in corpus.generate_corpus(900, seed=9):
-        for name, concept in wanted.items():
-            if any(s.ce == concept and ex.messages[s.message].role == "assistant" for s in ex.spans):
-                convs[name].append([{"role": m.role, "content": m.content} for m in ex.messages])
-    for name, conversations in convs.items():
-        folder = root / "ces" / name
-        folder.mkdir(parents=True)
-        (folder / "ce.yaml").write_text(yaml.safe_dump({"name": name, "title": name.title(), "role": "llm_behavior",
-                                                        "definition": f"the assistant shows {name}"}))
-        (folder / "excitation.json").write_text(json.dumps({"conversations": conversations[:80]}))
-    return root / "ces"
-
-
 def test_gavel_library_ces_fit_end_to_end(organism, tmp_path):
-    data = load_dataset(str(_gavel_library(tmp_path, organism.tokenizer)), organism.tokenizer)
+    data = load_dataset(str(gavel_library(tmp_path, organism.tokenizer)), organism.tokenizer)
     bank = fit_bank(organism, data, SITES)
     assert bank.names == ["arithmetic", "harmful_compliance", "refusal"] or set(bank.names) == set(data.names)
     for c in bank.manifest.ces:
         assert c.role == "llm_behavior" and c.title and c.metrics["auroc"] > 0.9, c
+
+
+def _naive_fit(handle, dataset, site, seed=0):
+    """The reference: every activation in memory, the 60/20/20 split, a probe on train, Platt and sequence Youden
+    thresholds on calibration."""
+    acts = collect_activations(handle, [e.encoded for e in dataset.examples], [site], batch_size=1)
+    keep = ~torch.isin(acts.token, torch.tensor(handle.tokenizer.all_special_ids))
+    X, example = acts.sites[site][keep], acts.example[keep]
+    Y = torch.cat([e.labels for e in dataset.examples])[keep]
+    part = split_examples(len(dataset.examples), (0.6, 0.2, 0.2), seed)[example]
+    probe = LinearProbe().fit(X[part == 0], Y[part == 0])
+    raw = probe.decision_function(X[part == 1])
+    platt = PlattScaling().fit(raw, Y[part == 1])
+    probs = platt.transform(raw)
+    thresholds = [sequence_youden_threshold(probs[:, j], Y[part == 1][:, j], example[part == 1])
+                  for j in range(Y.shape[1])]
+    return probe, platt, thresholds, int((part == 0).sum())
+
+
+def test_streamed_fit_equals_a_naive_in_memory_fit(organism, dataset):
+    selected = dataset.select(["benchmark", "arithmetic", "refusal"])
+    data = type(selected)(selected.ces, selected.examples[:250])
+    site = "blocks.2.hook_resid_post"
+    probe, platt, thresholds, n_train = _naive_fit(organism, data, site)
+    assert n_train < MAX_ROWS                                     # under the cap: every training row is used
+    # unbatched on both sides: padding moves activations by float rounding, which an unconverged L-BFGS
+    # amplifies (tests/models/test_collect.py checks batching and padding)
+    bank = fit_bank(organism, data, [site], batch_size=1)
+    (head,) = bank.heads
+    torch.testing.assert_close(head.weight, probe.coef_, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head.bias, probe.intercept_, rtol=1e-4, atol=1e-5)
+    for j, spec in enumerate(bank.manifest.ces):
+        assert spec.scale == pytest.approx(float(platt.scale_[j]), rel=1e-4)
+        assert spec.shift == pytest.approx(float(platt.shift_[j]), rel=1e-4, abs=1e-5)
+        assert spec.threshold == pytest.approx(thresholds[j], abs=1e-5)
+        assert spec.support["train_tokens_fitted"] == spec.support["train_tokens"]
+    assert bank.manifest.provenance["thresholds_from"].startswith("calibration split")
+
+
+def test_beyond_the_row_cap_the_fit_uses_a_bounded_sample(organism, dataset):
+    data = dataset.select(["benchmark", "arithmetic", "refusal"])
+    bank = fit_bank(organism, data, SITES, max_rows=600)
+    for spec in bank.manifest.ces:
+        assert spec.support["train_tokens_fitted"] < spec.support["train_tokens"]
+        assert spec.metrics["auroc"] > 0.9, spec
+    assert bank.manifest.provenance["max_rows"] == "600"
+
+
+def test_calibration_sets_set_thresholds_and_excitation_is_split_train_test(organism, tmp_path):
+    ces = gavel_library(tmp_path, organism.tokenizer, calibration=True)
+    data = load_dataset(str(ces), organism.tokenizer)
+    calibration = load_dataset(str(ces), organism.tokenizer, which="calibration")
+    bank = fit_bank(organism, data, SITES, calibration_data=calibration)
+    assert bank.manifest.provenance["thresholds_from"] == f"calibration data: {len(calibration)} examples"
+    # the reference: the bank's own probabilities on the calibration conversations, sequence-level Youden J
+    acts = collect_activations(organism, [e.encoded for e in calibration.examples], bank.sites)
+    keep = ~torch.isin(acts.token, torch.tensor(organism.tokenizer.all_special_ids))
+    probs = bank.score({s: a[keep] for s, a in acts.sites.items()})
+    labels = torch.cat([e.labels for e in calibration.examples])[keep]
+    for j, spec in enumerate(bank.manifest.ces):
+        column = calibration.names.index(spec.name)
+        expected = sequence_youden_threshold(probs[:, j], labels[:, column], acts.example[keep])
+        assert spec.threshold == pytest.approx(expected, abs=1e-4), spec.name
+        assert spec.metrics["auroc"] > 0.9, spec
+    # 80% of the excitation examples trained (the split's calibration share joins training), 20% tested
+    assert sum(len(e.labels) for e in data.examples) > 0
+    test_sequences = sum(c.support["test_sequences"] for c in bank.manifest.ces)
+    assert 0.15 * len(data) < test_sequences < 0.25 * len(data)
 
 
 @pytest.mark.slow
