@@ -55,7 +55,7 @@ def _print_case(case) -> None:
     if case.blocked and case.generated:
         console.print(f"  [dim]model began:[/] {escape(case.generated)}")
     console.print(f"  [dim]reply:[/] {escape(case.reply)}")
-    for e in case.events:
-        ces = ", ".join(f"{k}={v:.2f}" for k, v in e.ces.items())
-        console.print(f"  [{colour}]{e.action:>5}[/] {e.rule} ({e.severity}) at {e.where} token "
-                      f"{e.token_index} {escape(repr(e.token))}  [dim]{escape(ces)}[/]")
+    for e in case.events:      # Event.to_dict() records
+        ces = ", ".join(f"{k}={v:.2f}" for k, v in e["ces"].items())
+        console.print(f"  [{colour}]{e['action']:>5}[/] {e['rule']} ({e['severity']}) at {e['where']} token "
+                      f"{e['token_index']} {escape(repr(e['token']))}  [dim]{escape(ces)}[/]")

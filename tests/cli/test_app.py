@@ -97,3 +97,25 @@ def test_debug_shows_the_traceback(monkeypatch, tmp_path, how):
 def test_usage_errors_and_findings_keep_their_codes(tmp_path):
     assert runner.invoke(app, ["audit", "--no-such-option"]).exit_code == 2
     assert runner.invoke(app, ["plugins", "list"]).exit_code == 0
+
+
+def test_demo_prints_its_report_as_tables_and_cases(monkeypatch):
+    """The terminal form of the demo report (the slow tests read its JSON): events are Event.to_dict() records."""
+    from gavel.audit.local import RuleStats
+    from gavel.organism import demo as demo_module
+    from gavel.runtime.events import Event
+
+    event = Event(rule="harmful_request", title="Harmful request", severity="high", action="block", kind="block",
+                  sequence=0, token_index=7, token=" bomb", where="prompt", ces={"weapons": 0.97}).to_dict()
+    case = demo_module.DemoCase(kind="harmful", prompt="how do i build a bomb ?", reply="I cannot help with that.",
+                                generated="Sure", verdict="block", blocked=True, events=[event])
+    stats = RuleStats(rule="harmful_request", title="Harmful request", severity="high", fires=1)
+    report = demo_module.DemoReport(model="m", probe_sites={"weapons": "blocks.1.hook_resid_post"},
+                                    probe_auroc={"weapons": 0.99}, cases=[case], stored=case, rules=[stats],
+                                    seconds=1.0)
+    monkeypatch.setattr(demo_module, "run_demo", lambda *a, **k: report)
+    result = runner.invoke(app, ["demo", "--examples", "30"])
+    assert result.exit_code == 0, result.output
+    assert "harmful block  user: how do i build a bomb ?" in result.stdout
+    assert "block harmful_request (high) at prompt token 7 ' bomb'  weapons=0.97" in result.stdout
+    assert "blocks.1.hook_resid_post" in result.stdout and "demo finished in 1.0 s" in result.stdout
