@@ -9,6 +9,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -55,7 +56,7 @@ class Monitor:
         trace_with_hooks()
         rules = list(rules)
         self.program = compile_rules(rules, bank.names).to(handle.device)
-        self.soft = SoftRules(rules, bank.names)   # the rules' soft scores, for audits (results' rule_scores)
+        self.all_rules = rules   # private ones too: what the program and the soft scores are built from
         problems = check_actions(rules, registry(), runnable=True) + _missing_requirements(rules, bank.names)
         if problems:
             raise RuleErrors(problems)
@@ -281,6 +282,11 @@ class Monitor:
                 session.score_window(classes[None, lo:hi], scored[None])
                 self.handle.forward(ids[None, lo:hi], torch.ones(1, hi - lo, dtype=torch.long, device=device))
         return session.results([len(ids)], [encoded.roles])[0]
+
+    @cached_property
+    def soft(self) -> SoftRules:
+        """The rules' soft scores (results' `rule_scores` in audits), built the first time an audit asks."""
+        return SoftRules(self.all_rules, self.bank.names)
 
     def dispatch(self, results: Sequence[Result]) -> None:
         """Hand a batch's events to the action plugins that handle them; a plugin that raises is reported
