@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "gavel"
 # bottom up; a package may import its own modules and those of lower layers, never a package of its own layer
 LAYERS = [
     ["gavel.errors"],
-    ["gavel.artifacts", "gavel.io", "gavel.identifiers"],
+    ["gavel.artifacts", "gavel.io", "gavel.identifiers", "gavel.packs"],
     ["gavel.base"],
     ["gavel.models"],
     ["gavel.plugins"],

@@ -74,6 +74,9 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
                help="With --extractor sae: a saved sae-lens SAE directory.")] = None,
            latents: Annotated[int, typer.Option(help="With --extractor sae: latents combined per CE.")] = 8,
            concat: Annotated[bool, typer.Option(help="Read every CE from all sites concatenated.")] = False,
+           pool: Annotated[list[int], typer.Option(
+               help="Candidate pooling widths: a CE's score is the mean over the last N tokens (1: each token "
+                    "alone); repeat to let each CE pick the width that scores best on calibration data.")] = [1],
            calibration: Annotated[str, typer.Option(help="youden (max TPR-FPR over sequences) or fpr.")] = "youden",
            target_fpr: Annotated[float, typer.Option(
                help="With --calibration fpr: sequence false-positive rate.")] = 0.01,
@@ -116,7 +119,7 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
         if calibration_data is not None:
             provenance["calibration_data"] = " + ".join(f"{spec} (calibration.json)" for spec in data)
         with progress_bar("collecting activations", total) as advance:           # stderr: never in the JSON
-            bank = fit_bank(handle, dataset, sites, extractor=extractor, concat=concat, params=params,
+            bank = fit_bank(handle, dataset, sites, extractor=extractor, concat=concat, pools=pool, params=params,
                             calibration=calibration_method(calibration), target_fpr=target_fpr, seed=seed,
                             calibration_data=calibration_data, max_rows=max_rows, sae=loaded_sae, progress=advance,
                             provenance=provenance)
@@ -126,7 +129,7 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
         print(json.dumps({"bank": str(out), "thresholds_from": bank.manifest.provenance["thresholds_from"],
                           "ces": rows}, indent=2))
         return
-    where = {c.name: "+".join(bank.heads[c.head].sites) for c in bank.manifest.ces}
+    where = {c.name: bank.read_at(c.head) for c in bank.manifest.ces}
     console.print(_metrics_table(f"CE bank {out} (held-out test split; thresholds from "
                                  f"{bank.manifest.provenance['thresholds_from']})", rows, where))
 
@@ -164,6 +167,7 @@ def ce_list(bank: BankOpt, as_json: JsonOpt = False) -> None:
     with user_errors():
         loaded = CEBank.load(bank)
     rows = [{"name": c.name, "title": c.title, "role": c.role, "sites": loaded.heads[c.head].sites,
+             "pool": loaded.pools[c.head],
              "extractor": c.extractor, "threshold": c.threshold, "auroc": c.metrics.get("auroc")}
             for c in loaded.manifest.ces]
     if as_json:
@@ -173,7 +177,7 @@ def ce_list(bank: BankOpt, as_json: JsonOpt = False) -> None:
                        title=f"{bank}: {len(rows)} CEs for {loaded.manifest.fingerprint.name}")
     for c in loaded.manifest.ces:
         auroc = c.metrics.get("auroc")
-        table.add_row(c.name, c.role or "", "+".join(loaded.heads[c.head].sites), c.extractor, f"{c.threshold:.3f}",
+        table.add_row(c.name, c.role or "", loaded.read_at(c.head), c.extractor, f"{c.threshold:.3f}",
                       "" if auroc is None else f"{auroc:.3f}")
     console.print(table)
 
@@ -189,7 +193,7 @@ def ce_show(bank: BankOpt, name: Annotated[str, typer.Argument(help="The CE to s
         spec = loaded.spec(name)
     head = loaded.manifest.heads[spec.head]
     record = {**spec.model_dump(), "sites": head.sites, "head_kind": head.kind,
-              "hyperparameters": head.hyperparameters, "data_digest": loaded.manifest.data_digest}
+              "pool": head.pool, "hyperparameters": head.hyperparameters, "data_digest": loaded.manifest.data_digest}
     if as_json:
         print(json.dumps(record, indent=2))
         return

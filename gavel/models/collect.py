@@ -6,6 +6,7 @@ iterate batches with `iter_activations` to reduce each batch as it comes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,10 @@ def collect_activations(handle: ModelHandle, examples: Sequence[Encoded], sites:
     return writer.close() if writer is not None else Activations.concat(parts)
 
 
+class _Collected(Exception):
+    """Raised by the last site hook of a forward: every activation wanted is captured."""
+
+
 def iter_activations(handle: ModelHandle, examples: Sequence[Encoded], sites: Sequence[str], *,
                      batch_size: int = 16, padding_side: Side = "right",
                      progress: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32,
@@ -135,8 +140,11 @@ def iter_activations(handle: ModelHandle, examples: Sequence[Encoded], sites: Se
     def keep(site: str):
         def hook(act: torch.Tensor) -> None:
             captured[site] = act
+            if len(captured) == len(wanted):   # the layers above the last site are not needed: stop the forward
+                raise _Collected
         return hook
 
+    wanted = set(sites)
     pad_id = handle.tokenizer.pad_token_id or 0
     with handle.hooks([(s, keep(s)) for s in sites]):
         for start, stop in batches([len(e.input_ids) for e in examples], batch_size, max_batch_tokens):
@@ -144,7 +152,7 @@ def iter_activations(handle: ModelHandle, examples: Sequence[Encoded], sites: Se
             ids, mask = pad_sequences([e.input_ids for e in chunk], pad_id, padding_side)
             roles, _ = pad_sequences([e.roles for e in chunk], 0, padding_side)
             captured.clear()
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.suppress(_Collected):
                 handle.forward(ids.to(handle.device), mask.long().to(handle.device))
             rows = mask.nonzero()                                   # [N, 2]: (batch row, padded position)
             lengths = mask.sum(1)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from gavel.artifacts import Manifest, ModelFingerprint, read_artifact, write_artifact
 from gavel.errors import ArtifactError, did_you_mean
 from gavel.probes.heads import Head, head_class
+from gavel.probes.pooling import pool_rows
 
 
 class CESpec(BaseModel):
@@ -37,12 +38,14 @@ class CESpec(BaseModel):
 
 
 class HeadSpec(BaseModel):
-    """A scoring head: its kind, the sites it reads and the extractor's hyperparameters."""
+    """A scoring head: its kind, the sites it reads, the extractor's hyperparameters, and the trailing window its
+    scores are averaged over (1: each token alone; see gavel.probes.pooling)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
     sites: list[str]
     hyperparameters: dict[str, Any] = {}
+    pool: int = Field(default=1, ge=1)
 
 
 class BankManifest(Manifest):
@@ -56,7 +59,8 @@ class BankManifest(Manifest):
 
 
 class CEBank:
-    """All CEs of a model. `score(acts)` gives calibrated probabilities [..., n_ce] in bank order."""
+    """All CEs of a model. `score_rows(acts, example)` gives calibrated probabilities [N, n_ce] in bank order;
+    `score(acts)` gives them token by token, for banks whose heads do not pool."""
 
     def __init__(self, manifest: BankManifest, heads: Sequence[Head]) -> None:
         if manifest.kind != "ce_bank":
@@ -74,6 +78,7 @@ class CEBank:
             if head.n_ces != len(cols):
                 raise ArtifactError(f"head {h} scores {head.n_ces} CEs but the manifest assigns it {len(cols)}")
         self.sites: list[str] = list(dict.fromkeys(s for head in self.heads for s in head.sites))
+        self.pools: list[int] = [spec.pool for spec in manifest.heads]
         self.thresholds = torch.tensor([c.threshold for c in manifest.ces], dtype=torch.float32)
         self.scale = torch.tensor([c.scale for c in manifest.ces], dtype=torch.float32)
         self.shift = torch.tensor([c.shift for c in manifest.ces], dtype=torch.float32)
@@ -87,6 +92,11 @@ class CEBank:
     def spec(self, name: str) -> CESpec:
         return self.manifest.ces[self.index(name)]
 
+    def read_at(self, head: int) -> str:
+        """Where a head reads, for people: its sites, and the trailing window it averages over when it pools."""
+        sites, pool = "+".join(self.heads[head].sites), self.pools[head]
+        return f"{sites} (mean of {pool})" if pool > 1 else sites
+
     def to(self, device: torch.device | str) -> CEBank:
         """A copy whose heads and calibration tensors live on `device`."""
         bank = CEBank(self.manifest, [h.to(device) for h in self.heads])
@@ -98,18 +108,27 @@ class CEBank:
         wanted = set(ce_indices)
         return [h for h, cols in enumerate(self.columns) if wanted.intersection(cols)]
 
-    def score_head(self, h: int, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Calibrated probabilities [..., k] of head h's CEs (its columns, in order)."""
-        cols = self.columns[h]
-        raw = self.heads[h].score(acts).float()
-        return torch.sigmoid(raw * self.scale[cols] + self.shift[cols])
-
     def score(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Calibrated probabilities [..., n_ce] in bank order from activations at every bank site."""
+        """Calibrated probabilities [..., n_ce] in bank order from activations at every bank site, each token alone;
+        a bank with pooled heads needs to know the sequences: use `score_rows`."""
+        if any(p > 1 for p in self.pools):
+            raise ArtifactError("this bank pools scores over trailing tokens: score it with score_rows(acts, example) "
+                                "or through the Monitor")
+        return self._score(acts, None)
+
+    def score_rows(self, acts: Mapping[str, torch.Tensor], example: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities [N, n_ce] of N token rows, `example` [N] saying which sequence each row is from
+        (rows of an example contiguous, in position order): pooled heads average over each example's past rows."""
+        return self._score(acts, example)
+
+    def _score(self, acts: Mapping[str, torch.Tensor], example: torch.Tensor | None) -> torch.Tensor:
         first = acts[self.sites[0]]
         out = torch.empty(*first.shape[:-1], len(self.names), dtype=torch.float32, device=first.device)
         for h, cols in enumerate(self.columns):
-            out[..., cols] = self.score_head(h, acts)
+            logits = self.heads[h].score(acts).float() * self.scale[cols] + self.shift[cols]
+            if example is not None:
+                logits = pool_rows(logits, example, self.pools[h])
+            out[..., cols] = torch.sigmoid(logits)
         return out
 
     def save(self, directory: str | os.PathLike[str]) -> Path:

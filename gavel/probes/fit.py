@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -34,6 +35,7 @@ from gavel.probes.metrics import (
     threshold_at_sequence_fpr,
     tpr_at_fpr,
 )
+from gavel.probes.pooling import check_width, pool_rows
 from gavel.probes.rowsample import RowSample
 
 EXTRACTORS = ("linear", "diff_means", "sae")
@@ -111,9 +113,10 @@ def _check_both_classes(labels: torch.Tensor, names: Sequence[str], what: str) -
 
 
 def sample_training_rows(handle: ModelHandle, examples: Sequence, sites: Sequence[str], max_rows: int, *,
-                         seed: int = 0, batch_size: int = 64, batch_tokens: int = BATCH_TOKENS,
-                         progress: Callable[[int], None] | None = None) -> RowSample:
-    """Pass 1: run the model over the training `examples`, offering every content token to a RowSample."""
+                         pools: Sequence[int] = (1,), seed: int = 0, batch_size: int = 64,
+                         batch_tokens: int = BATCH_TOKENS, progress: Callable[[int], None] | None = None) -> RowSample:
+    """Pass 1: run the model over the training `examples`, offering every content token to a RowSample, one
+    feature set per site and pooling width (keyed by `feature_key`)."""
     special = _special_ids(handle)
     labels = _content_labels(examples, special)
     ce_positives = torch.cat(labels).sum(0) if labels else torch.zeros(0)
@@ -122,24 +125,46 @@ def sample_training_rows(handle: ModelHandle, examples: Sequence, sites: Sequenc
                                   max_batch_tokens=batch_tokens, progress=progress):
         keep = content_rows(handle, batch)
         first, last = int(batch.example[0]), int(batch.example[-1])
-        sample.add({s: a[keep] for s, a in batch.sites.items()}, torch.cat(labels[first:last + 1]))
+        features = {feature_key(s, w): pool_rows(a, batch.example, w)[keep]
+                    for s, a in batch.sites.items() for w in pools}
+        sample.add(features, torch.cat(labels[first:last + 1]))
     return sample
 
 
+def feature_key(site: str, width: int) -> str:
+    """The row sample's name for `site`'s activations pooled over `width` tokens."""
+    return site if width == 1 else f"{site}#mean{width}"
+
+
+@dataclass(frozen=True)
+class PooledHead:
+    """A fitted candidate head with the pooling width its features were averaged over."""
+
+    head: Head
+    pool: int
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self.head.sites
+
+    def score_rows(self, acts: Mapping[str, torch.Tensor], example: torch.Tensor) -> torch.Tensor:
+        return pool_rows(self.head.score(acts), example, self.pool)
+
+
 class Scorer(Protocol):
-    """What pass 2 scores with: a head, or a whole CE bank."""
+    """What pass 2 scores with: a pooled head, or a whole CE bank."""
 
     @property
     def sites(self) -> Sequence[str]: ...
 
-    def score(self, acts: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+    def score_rows(self, acts: Mapping[str, torch.Tensor], example: torch.Tensor) -> torch.Tensor: ...
 
 
 def score_examples(handle: ModelHandle, examples: Sequence, heads: Sequence[Scorer], *, batch_size: int = 64,
                    batch_tokens: int = BATCH_TOKENS, progress: Callable[[int], None] | None = None
                    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Pass 2: every head's raw scores [content tokens, n_ce] over `examples`, with their labels and example index;
-    activations are scored batch by batch and dropped."""
+    activations are scored batch by batch (pooled heads over every token of the example) and dropped."""
     sites = sorted({s for h in heads for s in h.sites})
     scores: list[list[torch.Tensor]] = [[] for _ in heads]
     sequence = []
@@ -147,14 +172,15 @@ def score_examples(handle: ModelHandle, examples: Sequence, heads: Sequence[Scor
                                   max_batch_tokens=batch_tokens, progress=progress):
         keep = content_rows(handle, batch)
         for out, head in zip(scores, heads):
-            out.append(head.score({s: batch.sites[s][keep] for s in head.sites}).cpu())
+            out.append(head.score_rows({s: batch.sites[s] for s in head.sites}, batch.example)[keep].cpu())
         sequence.append(batch.example[keep])
     labels = torch.cat(_content_labels(examples, _special_ids(handle)))
     return [torch.cat(s) for s in scores], labels, torch.cat(sequence)
 
 
 def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: str = "linear",
-             concat: bool = False, params: dict | None = None, split: Sequence[float] = (0.6, 0.2, 0.2),
+             concat: bool = False, pools: Sequence[int] = (1,), params: dict | None = None,
+             split: Sequence[float] = (0.6, 0.2, 0.2),
              calibration: Calibration = "youden", target_fpr: float = 0.01, seed: int = 0,
              calibration_data=None, max_rows: int = MAX_ROWS, batch_size: int = 64,
              batch_tokens: int = BATCH_TOKENS, sae=None,
@@ -168,9 +194,11 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
     maximises TPR - FPR over calibration sequences (GAVEL's calibration); "fpr" lets at most
     `target_fpr` of calibration sequences without the CE fire it. Extractors: "linear" (logistic probes),
     "diff_means", and "sae" (SAE latents selected per CE; pass the sae-lens SAE as `sae` and its hook as
-    the only site). Heads are fitted on at most `max_rows` training tokens (see RowSample); a forward runs
-    at most `batch_size` examples and `batch_tokens` padded tokens; `progress(n)` counts examples run
-    through the model (those of `dataset`, then those of `calibration_data`).
+    the only site). `pools` are candidate pooling widths (gavel.probes.pooling): a linear head is fitted on
+    activations averaged over each width's trailing tokens, and each CE reads the (site, width) that scores best
+    on calibration data, like its site. Heads are fitted on at most `max_rows` training tokens (see RowSample);
+    a forward runs at most `batch_size` examples and `batch_tokens` padded tokens; `progress(n)` counts examples
+    run through the model (those of `dataset`, then those of `calibration_data`).
     """
     if extractor not in EXTRACTORS:
         raise DataError(f"unknown extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
@@ -179,6 +207,12 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
         raise DataError("fit_bank needs at least one candidate site")
     if max_rows < 2:
         raise DataError(f"max_rows must be at least 2, not {max_rows}")
+    pools = list(dict.fromkeys(check_width(w) for w in pools))
+    if not pools:
+        raise DataError("fit_bank needs at least one pooling width (1: no pooling)")
+    if extractor == "sae" and pools != [1]:
+        raise DataError("pooling applies to linear heads (linear, diff_means); the sae extractor reads each token "
+                        "alone")
     names = list(dataset.names)
     part = split_examples(len(dataset.examples), split, seed)
     if calibration_data is not None:
@@ -196,14 +230,14 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
     for labels_of_part, what in zip(content, ("training split", calib_what, "test split")):
         _check_both_classes(labels_of_part, names, what)
 
-    groups = [tuple(sites)] if concat else [(s,) for s in sites]
-    sample = sample_training_rows(handle, train, sites, max_rows, seed=seed, batch_size=batch_size,
+    groups = [(group, w) for group in ([tuple(sites)] if concat else [(s,) for s in sites]) for w in pools]
+    sample = sample_training_rows(handle, train, sites, max_rows, pools=pools, seed=seed, batch_size=batch_size,
                                   batch_tokens=batch_tokens, progress=progress)
     y_train = sample.labels()
     fitted = []
-    for group in groups:
-        X = site_features({s: sample.site(s) for s in group}, group)
-        fitted.append(fit_head(extractor, group, X, y_train, names, params or {}, sae))
+    for group, w in groups:
+        X = site_features({s: sample.site(feature_key(s, w)) for s in group}, group)
+        fitted.append(PooledHead(fit_head(extractor, group, X, y_train, names, params or {}, sae), w))
         del X
     del sample
     raw, labels, sequence = score_examples(handle, calib_examples + test, fitted, batch_size=batch_size,
@@ -219,7 +253,7 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
     info = {c.name: c for c in dataset.ces}
     for g in sorted(set(best.tolist())):
         cols = [j for j in range(len(names)) if best[j] == g]
-        head = fitted[g].select(cols)
+        head = fitted[g].head.select(cols)
         platt = PlattScaling().fit(raw[g][is_calib][:, cols], y_calib[:, cols])
         probs_calib = platt.transform(raw[g][is_calib][:, cols])
         probs_test = platt.transform(raw[g][~is_calib][:, cols])
@@ -238,7 +272,7 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
                          "train_tokens_fitted": int(y_train[:, j].sum()), "test_tokens": int(y_test[:, j].sum()),
                          "test_sequences": int(torch.unique(seq_test[y_test[:, j]]).numel())})))
         heads.append(head)
-        head_specs.append(HeadSpec(kind=head.kind, sites=list(groups[g]),
+        head_specs.append(HeadSpec(kind=head.kind, sites=list(groups[g][0]), pool=groups[g][1],
                                    hyperparameters={"extractor": extractor, **(params or {})}))
     thresholds_from = (f"calibration data: {len(calib_examples)} examples" if calibration_data is not None
                        else f"calibration split: {len(calib_examples)} of {len(dataset.examples)} examples")
@@ -246,5 +280,6 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
                             fingerprint=handle.fingerprint(), data_digest=dataset.digest(),
                             provenance={"split": ",".join(map(str, split)), "seed": str(seed),
                                         "calibration": calibration, "thresholds_from": thresholds_from,
-                                        "max_rows": str(max_rows), **(provenance or {})})
+                                        "max_rows": str(max_rows), "pools": ",".join(map(str, pools)),
+                                        **(provenance or {})})
     return CEBank(manifest, heads)

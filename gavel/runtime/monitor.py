@@ -94,8 +94,9 @@ class Monitor:
         self.special_ids = torch.tensor(handle.tokenizer.all_special_ids, dtype=torch.long, device=device)
 
     def _scoring_step(self, h: int, columns: list[int]) -> tuple:
-        """(head, bank columns, calibration) scoring only `columns` of head h: a head with CEs the rules never read
-        is narrowed to the rest (a linear head to their weight columns, an SAE head to the latents they use)."""
+        """(head, bank columns, calibration, gather device, pooling width) scoring only `columns` of head h: a head
+        with CEs the rules never read is narrowed to the rest (a linear head to their weight columns, an SAE head to
+        the latents they use)."""
         head = self.scoring.heads[h]
         if len(columns) < len(self.bank.columns[h]):
             head = head.select([self.bank.columns[h].index(c) for c in columns])
@@ -103,7 +104,7 @@ class Monitor:
         device = self.handle.site_device(head.sites[0])
         spread = {self.handle.site_device(s) for s in head.sites} != {device}
         return (head.to(device), _as_index(columns), self.scoring.scale[columns].to(device),
-                self.scoring.shift[columns].to(device), device if spread else None)
+                self.scoring.shift[columns].to(device), device if spread else None, self.bank.pools[h])
 
     @contextmanager
     def watch(self, batch_size: int, classes: torch.Tensor | None = None,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gavel.errors import GavelError
+from gavel.probes.pooling import TrailingMean
 from gavel.rules.compile.program import RESPONSE
 from gavel.runtime.events import Event, Result, by_token_then_precedence, render_message
 from gavel.runtime.interventions import Steerer
@@ -43,6 +44,7 @@ class Session:
         self.token_classes: list[torch.Tensor] = []
         self.holds: list[torch.Tensor] = []
         self.window: tuple[torch.Tensor, torch.Tensor] | None = None   # see score_window
+        self.pooling = [TrailingMean(step[-1]) for step in monitor.plan]  # per head: its past scores
 
     # ---- hooks
     def before_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -54,6 +56,8 @@ class Session:
         if self.window is not None:   # a window of a long conversation (Monitor.scan): its own classes and mask
             classes, valid = self.window
             self.window, self.offset = None, 0
+            for pooled in self.pooling:   # a window is scored from its own tokens (it overlaps the last one)
+                pooled.reset()
             self._begin(ids, valid, classes)
             return
         ids = ids[:, self.offset:]
@@ -101,12 +105,12 @@ class Session:
             self.blind += 1
             self.errors.append(f"forward {self.forwards}: the hooks on {', '.join(missing)} did not run")
         acts = {site: act[:, self.offset:] for site, act in self.stash.items()} if self.offset else self.stash
-        for head, columns, scale, shift, gather in self.m.plan if not missing else ():
+        for (head, columns, scale, shift, gather, _), pooled in zip(self.m.plan, self.pooling) if not missing else ():
             try:
                 read = {s: acts[s].to(gather) for s in head.sites} if gather is not None else acts
                 logits = (head.score(read).float() * scale + shift).to(self.cur.device, non_blocking=True)
-                self.cur[..., columns] = logits
                 self.cur_bad |= ~torch.isfinite(logits).all(-1)  # NaN/inf activations make the scores non-finite
+                self.cur[..., columns] = pooled(logits, self.cur_valid)
             except Exception as e:  # the policy decides: every sequence of the batch is marked failed
                 self.errors.append(f"head on {', '.join(head.sites)}: {type(e).__name__}: {e}")
                 self.cur_bad |= True

@@ -125,9 +125,9 @@ def test_unknown_action_fails_at_construction(organism, organism_bank):
 def test_a_scoring_exception_follows_the_policy(organism, organism_bank):
     for policy, blocked in (("fail_open", False), ("fail_closed", True)):
         monitor = Monitor(organism, organism_bank, RULES, policy=policy)
-        head, columns, scale, shift, gather = monitor.plan[0]
+        head, columns, scale, shift, gather, pool = monitor.plan[0]
         broken = LinearHead(head.sites, head.weight[:-1], head.bias)  # scoring will raise
-        monitor.plan[0] = (broken, columns, scale, shift, gather)
+        monitor.plan[0] = (broken, columns, scale, shift, gather, pool)
         with monitor.watch(1) as session:
             result = monitor.handle.hf_model.generate(
                 input_ids=torch.tensor([[2, 5, 9]]), max_new_tokens=2, do_sample=False,

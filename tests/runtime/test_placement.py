@@ -48,7 +48,7 @@ def test_the_monitor_places_each_head_on_its_sites_device(organism, organism_ban
               for s in organism_bank.sites}
     monkeypatch.setattr(type(handle), "site_device", lambda self, site: placed[site])
     monitor = Monitor(handle, organism_bank, [], score="all")
-    for head, _, scale, shift, gather in monitor.plan:
+    for head, _, scale, shift, gather, _ in monitor.plan:
         want = placed[head.sites[0]]
         assert {t.device for t in head.tensors().values()} == {want} and scale.device == shift.device == want
         assert gather is None
