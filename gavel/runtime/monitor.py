@@ -33,7 +33,7 @@ from gavel.rules.testing.run import Scan, ces_read
 from gavel.runtime.compiled import trace_with_hooks
 from gavel.runtime.events import Event, Result
 from gavel.runtime.interventions import Artifacts, rule_interventions
-from gavel.runtime.session import Session
+from gavel.runtime.session import Session, SitesRead
 
 Policy = Literal["fail_open", "fail_closed"]
 POLICIES: tuple[Policy, ...] = ("fail_open", "fail_closed")
@@ -269,7 +269,7 @@ class Monitor:
         ids, mask = pad_sequences([e.input_ids for e in encoded], self.handle.tokenizer.pad_token_id or 0, "right")
         classes, _ = pad_sequences([token_classes(e.roles) for e in encoded], 0, "right")
         with self.watch(len(encoded), classes.to(device), mask.to(device)) as session:
-            self.handle.forward(ids.to(device), mask.long().to(device))
+            self._read_sites(session, ids.to(device), mask.long().to(device))
         return session.results([len(e.input_ids) for e in encoded], [e.roles for e in encoded])
 
     def _scan_windows(self, encoded: Encoded, size: int, stride: int) -> Result:
@@ -281,8 +281,17 @@ class Monitor:
             for lo, hi, first in scan_windows(len(ids), size, stride):
                 scored = torch.arange(lo, hi, device=device) >= first
                 session.score_window(classes[None, lo:hi], scored[None])
-                self.handle.forward(ids[None, lo:hi], torch.ones(1, hi - lo, dtype=torch.long, device=device))
+                self._read_sites(session, ids[None, lo:hi], torch.ones(1, hi - lo, dtype=torch.long, device=device))
         return session.results([len(ids)], [encoded.roles])[0]
+
+    def _read_sites(self, session: Session, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """One scanning forward, stopped once every CE site is read (the layers above and the logits are not
+        needed to score existing text), then scored as the model-level hook would have."""
+        session.scanning = bool(self.sites)
+        try:
+            self.handle.forward(ids, mask)
+        except SitesRead:
+            session.after_forward(None, (), {}, None)
 
     @cached_property
     def soft(self) -> SoftRules:

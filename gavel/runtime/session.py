@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from gavel.runtime.monitor import Monitor
 
 
+class SitesRead(Exception):
+    """Ends a scanning forward at the last CE site; the scan then scores it (`Session.after_forward`) itself."""
+
+
 class Session:
     """Per-batch monitor state, all tensors on the model's device until `results()`."""
 
@@ -44,6 +48,7 @@ class Session:
         self.token_classes: list[torch.Tensor] = []
         self.holds: list[torch.Tensor] = []
         self.window: tuple[torch.Tensor, torch.Tensor] | None = None   # see score_window
+        self.scanning = False    # set by Monitor.scan: forwards stop once every CE site is read (see SitesRead)
         self.pooling = [TrailingMean(step[-1]) for step in monitor.plan]  # per head: its past scores
 
     # ---- hooks
@@ -97,6 +102,8 @@ class Session:
     def site_hook(self, site: str):
         def hook(act: torch.Tensor) -> None:
             self.stash[site] = act
+            if self.scanning and len(self.stash) == len(self.m.sites):
+                raise SitesRead   # a scan needs no layer above the last CE site, nor the logits
         return hook
 
     def after_forward(self, module, args, kwargs, output):

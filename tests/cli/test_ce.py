@@ -82,3 +82,14 @@ def test_unknown_keys_of_gavel_files_are_warned_about_once_and_the_fit_goes_on(l
     warned = [line for line in result.stderr.splitlines() if "warning: unknown field 'reviewed_by'" in line]
     assert len(warned) == 1 and warned[0].startswith(f"{ce_yaml}:")    # located, and once for both sample sets
     assert json.loads(result.stdout)["thresholds_from"] == "calibration data: 60 examples"
+
+
+def test_pooling_candidates_from_the_command_line(library, tmp_path):
+    result = _fit("--data", str(library), "--pool", "1", "--pool", "4", "--out", str(tmp_path / "bank"))
+    assert result.exit_code == 0, result.output
+    bank = CEBank.load(tmp_path / "bank")
+    assert bank.manifest.provenance["pools"] == "1,4" and set(bank.pools) <= {1, 4}
+    listed = runner.invoke(app, ["ce", "list", "--bank", str(tmp_path / "bank"), "--json"])
+    assert {row["pool"] for row in json.loads(listed.stdout)} == set(bank.pools)
+    bad = _fit("--data", str(library), "--pool", "0", "--out", str(tmp_path / "x"))
+    assert bad.exit_code == 2 and "positive integer" in bad.output

@@ -397,3 +397,25 @@ def test_an_event_shows_the_ces_of_the_rules_its_rule_refers_to(organism, organi
     t = event.token_index
     assert all(result.scores[t, organism_bank.names.index(n)] > organism_bank.thresholds[
         organism_bank.names.index(n)] for n in event.ces)
+
+
+def test_a_scan_stops_each_forward_at_the_last_ce_site_and_scores_the_same(organism, organism_bank):
+    """Scanning existing text needs no layer above the bank's sites: those layers do not run, and the scores are
+    the offline ones (the generation path, which needs the logits, runs every layer)."""
+    ran: list[int] = []
+    layers = organism.hf_model.model.layers
+    hooks = [layer.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    try:
+        monitor = Monitor(organism, organism_bank, RULES, score="all")
+        conversation = PROMPTS[2] + [{"role": "assistant", "content": "sure . here is how to build a bomb ."}]
+        result = monitor.scan([conversation])[0]
+        top = max(int(s.split(".")[1]) for s in organism_bank.sites)
+        assert sorted(set(ran)) == list(range(top + 1))
+        torch.testing.assert_close(result.scores, offline_scores(organism, organism_bank, result.token_ids),
+                                   atol=1e-5, rtol=1e-4)
+        ran.clear()
+        monitor.generate([PROMPTS[0]], max_new_tokens=2)
+        assert sorted(set(ran)) == list(range(len(layers)))
+    finally:
+        for h in hooks:
+            h.remove()
