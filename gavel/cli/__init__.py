@@ -25,6 +25,7 @@ from gavel.cli.neurons import neurons_app
 from gavel.cli.organism import organism_app
 from gavel.cli.plugins import plugins_app
 from gavel.cli.rules import rules_app
+from gavel.cli.sae import sae_app
 from gavel.cli.serve import serve
 from gavel.cli.steer import steer_app
 
@@ -81,6 +82,7 @@ app.add_typer(steer_app, name="steer")
 app.add_typer(align_app, name="align")
 app.add_typer(neurons_app, name="neurons")
 app.add_typer(decon_app, name="decon")
+app.add_typer(sae_app, name="sae")
 app.command()(audit)
 app.command()(chat)
 app.command()(serve)

@@ -159,6 +159,42 @@ def ce_eval(bank: BankOpt, data: DataOpt, model: ModelOpt = "builtin:organism",
     console.print(_metrics_table(f"CE bank {bank} on {' + '.join(data)}{suffix}", rows))
 
 
+@ce_app.command("threshold")
+def ce_threshold(bank: BankOpt, data: DataOpt,
+                 out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the new bank to.")],
+                 model: ModelOpt = "builtin:organism",
+                 which: Annotated[str, typer.Option(
+                     help="With GAVEL ces/ folders: excitation or calibration (their conversations).")] = "calibration",
+                 target_fpr: Annotated[float, typer.Option(
+                     help="Share of the neutral conversations each CE may fire in.")] = 0.01,
+                 force: Annotated[bool, typer.Option(help="Skip the model fingerprint check.")] = False,
+                 as_json: JsonOpt = False) -> None:
+    """Set a bank's thresholds again, without refitting, so each CE fires in at most --target-fpr of the neutral
+    conversations (those carrying no CE) of --data: the false-positive rate of everyday text."""
+    from gavel.models.loading import load_model
+    from gavel.probes.bank import CEBank
+    from gavel.probes.rethreshold import neutral_examples, threshold_on_benign
+
+    with user_errors():
+        handle = load_model(model)
+        loaded = CEBank.load(bank, fingerprint=handle.fingerprint(), force=force)
+        dataset = _load_data(data, handle.tokenizer, which)
+        with progress_bar("scoring neutral conversations", len(neutral_examples(dataset))) as advance:
+            new = threshold_on_benign(handle, loaded, dataset, target_fpr=target_fpr, source=" + ".join(data),
+                                      progress=advance)
+        new.save(out)
+    rows = {c.name: {"old": old.threshold, "new": c.threshold} for c, old in zip(new.manifest.ces, loaded.manifest.ces)}
+    if as_json:
+        print(json.dumps({"bank": str(out), "thresholds_from": new.manifest.provenance["thresholds_from"],
+                          "thresholds": rows}, indent=2))
+        return
+    table = make_table("CE", "old threshold", "new threshold", numeric=("old threshold", "new threshold"),
+                       title=f"{out}: thresholds from {new.manifest.provenance['thresholds_from']}")
+    for name, row in rows.items():
+        table.add_row(name, f"{row['old']:.5f}", f"{row['new']:.5f}")
+    console.print(table)
+
+
 @ce_app.command("list")
 def ce_list(bank: BankOpt, as_json: JsonOpt = False) -> None:
     """List the CEs of a bank with where they are read and their thresholds."""
