@@ -167,6 +167,9 @@ def ce_threshold(bank: BankOpt, data: DataOpt,
                      help="With GAVEL ces/ folders: excitation or calibration (their conversations).")] = "calibration",
                  target_fpr: Annotated[float, typer.Option(
                      help="Share of the neutral conversations each CE may fire in.")] = 0.01,
+                 ce_fpr: Annotated[list[str], typer.Option(
+                     help="NAME=RATE: another share for one CE (e.g. one that rules only combine with others); "
+                          "repeat for several.")] = [],
                  force: Annotated[bool, typer.Option(help="Skip the model fingerprint check.")] = False,
                  as_json: JsonOpt = False) -> None:
     """Set a bank's thresholds again, without refitting, so each CE fires in at most --target-fpr of the neutral
@@ -179,9 +182,16 @@ def ce_threshold(bank: BankOpt, data: DataOpt,
         handle = load_model(model)
         loaded = CEBank.load(bank, fingerprint=handle.fingerprint(), force=force)
         dataset = _load_data(data, handle.tokenizer, which)
+        per_ce = {}
+        for item in ce_fpr:
+            name, _, rate = item.partition("=")
+            try:
+                per_ce[name.strip()] = float(rate)
+            except ValueError:
+                raise GavelError(f"--ce-fpr takes NAME=RATE (e.g. impersonation=0.05), not {item!r}") from None
         with progress_bar("scoring neutral conversations", len(neutral_examples(dataset))) as advance:
-            new = threshold_on_benign(handle, loaded, dataset, target_fpr=target_fpr, source=" + ".join(data),
-                                      progress=advance)
+            new = threshold_on_benign(handle, loaded, dataset, target_fpr=target_fpr, per_ce=per_ce,
+                                      source=" + ".join(data), progress=advance)
         new.save(out)
     rows = {c.name: {"old": old.threshold, "new": c.threshold} for c, old in zip(new.manifest.ces, loaded.manifest.ces)}
     if as_json:

@@ -8,7 +8,7 @@ thresholds came from.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -26,12 +26,18 @@ def neutral_examples(dataset: CEDataset) -> CEDataset:
 
 
 def threshold_on_benign(handle: ModelHandle, bank: CEBank, dataset: CEDataset, *, target_fpr: float = 0.01,
-                        source: str = "", batch_size: int = 16, batch_tokens: int = BATCH_TOKENS,
+                        per_ce: Mapping[str, float] | None = None, source: str = "", batch_size: int = 16,
+                        batch_tokens: int = BATCH_TOKENS,
                         progress: Callable[[int], None] | None = None) -> CEBank:
-    """A copy of `bank` whose every threshold lets at most `target_fpr` of the neutral conversations of `dataset`
-    fire that CE (a CE latches: a conversation fires when any token passes)."""
-    if not 0 <= target_fpr < 1:
-        raise DataError(f"target_fpr must be in [0, 1), not {target_fpr}")
+    """A copy of `bank` whose every threshold lets at most `target_fpr` (or the CE's rate in `per_ce`) of the
+    neutral conversations of `dataset` fire that CE (a CE latches: a conversation fires when any token passes).
+    A CE that rules only use together with others may take a higher rate: the rule fires less often than either."""
+    rates = {name: float((per_ce or {}).get(name, target_fpr)) for name in bank.names}
+    for name in per_ce or {}:
+        bank.index(name)   # an unknown CE is an error, with did-you-mean
+    for name, rate in rates.items():
+        if not 0 <= rate < 1:
+            raise DataError(f"the target FPR of {name!r} must be in [0, 1), not {rate}")
     neutral = neutral_examples(dataset)
     if len(neutral) < 2:
         raise DataError(f"need neutral conversations (carrying no CE) to set thresholds on, found {len(neutral)}",
@@ -40,11 +46,13 @@ def threshold_on_benign(handle: ModelHandle, bank: CEBank, dataset: CEDataset, *
                                            batch_tokens=batch_tokens, progress=progress)
     no_labels = torch.zeros(len(probs), dtype=torch.bool)
     ces = [spec.model_copy(update={"threshold": threshold_at_sequence_fpr(probs[:, j], no_labels, sequence,
-                                                                          target_fpr)})
+                                                                          rates[spec.name])})
            for j, spec in enumerate(bank.manifest.ces)]
+    others = ", ".join(f"{name} {rate:g}" for name, rate in (per_ce or {}).items())
     provenance = {**bank.manifest.provenance, "calibration": "fpr on benign",
                   "thresholds_from": f"{len(neutral)} neutral conversations{f' of {source}' if source else ''}, "
-                                     f"at most {target_fpr:g} of them firing each CE"}
+                                     f"at most {target_fpr:g} of them firing each CE"
+                                     + (f" ({others})" if others else "")}
     manifest = BankManifest.model_validate({**bank.manifest.model_dump(), "ces": [c.model_dump() for c in ces],
                                             "provenance": provenance, "tensors": {}})
     return CEBank(manifest, bank.heads)

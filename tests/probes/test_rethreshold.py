@@ -34,3 +34,16 @@ def test_no_neutral_conversations_is_a_data_error(organism, organism_bank):
     only_labelled = type(data)(data.ces, tuple(e for e in data.examples if e.labels.any()))
     with pytest.raises(DataError, match="neutral conversations"):
         threshold_on_benign(organism, organism_bank, only_labelled)
+
+
+def test_a_ce_may_take_its_own_rate(organism, organism_bank):
+    from gavel.errors import ArtifactError
+
+    data = organism_dataset(organism.tokenizer, 120, seed=32)
+    strict = threshold_on_benign(organism, organism_bank, data, target_fpr=0.0)
+    loose = threshold_on_benign(organism, organism_bank, data, target_fpr=0.0, per_ce={"threat": 0.5})
+    for a, b in zip(strict.manifest.ces, loose.manifest.ces):
+        assert (b.threshold < a.threshold) if a.name == "threat" else (b.threshold == a.threshold), a.name
+    assert "threat 0.5" in loose.manifest.provenance["thresholds_from"]
+    with pytest.raises(ArtifactError, match="did you mean 'threat'"):
+        threshold_on_benign(organism, organism_bank, data, per_ce={"threats": 0.5})
