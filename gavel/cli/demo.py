@@ -1,7 +1,8 @@
-"""`gavel demo`: the main job end to end (fit a bank on the organism's labelled corpus, guard replies, audit), on the
-built-in organism or any chat model (e.g. builtin:smollm2)."""
+"""`gavel demo`: the main job end to end (a CE bank, guarded replies, an audit): builtin:smollm2 uses the pack gavel
+ships for it; the organism and any other chat model get a bank fitted on the organism's labelled corpus."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -14,16 +15,20 @@ from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_ba
 def demo(model: ModelOpt = "builtin:organism", as_json: JsonOpt = False,
          max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 48,
          examples: Annotated[int, typer.Option(min=30, help="Labelled organism conversations the CE probes are "
-                                                          "fitted on.")] = 1500,
+                                                          "fitted on (models without a shipped pack).")] = 1500,
          save_bank: Annotated[Path | None, typer.Option(help="Save the fitted CE bank to this directory.")] = None,
          audit_log: Annotated[Path | None, typer.Option(help="Append every guarded result to this JSONL log.")]
          = None,
          html: Annotated[Path | None, typer.Option(help="Write the audit page (per-token CE heat maps) here.")]
          = None) -> None:
-    """Fit CE probes on the organism's labelled corpus, guard the demo prompts with the demo rules, and summarise."""
+    """Guard the demo prompts with a CE bank and rules, and summarise: the shipped pack of builtin:smollm2, else probes
+    fitted on the organism's labelled corpus with the organism's demo rules."""
     from gavel.organism.demo import run_demo
+    from gavel.packs import pack_dir
 
-    with user_errors(), progress_bar("collecting activations", examples) as advance:
+    # only a model without a shipped pack has probes to fit
+    fitting = progress_bar("collecting activations", examples) if pack_dir(model) is None else nullcontext(None)
+    with user_errors(), fitting as advance:
         report = run_demo(model, n_train=examples, max_new_tokens=max_new_tokens, progress=advance, bank_out=save_bank,
                           audit_log=audit_log, html=html)
     if as_json:
