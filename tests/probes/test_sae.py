@@ -285,7 +285,7 @@ def test_sae_ces_through_fit_bank_the_cli_and_the_monitor(organism, tmp_path):
     assert results[0].fired == ["sums"] and results[1].fired == []
     # the monitor computes only the latents of the CE the rule reads, and those scores equal the whole head's
     a = loaded.index("arithmetic")
-    (head, _columns, _, _, _), = monitor.plan
+    (head, _columns, _, _, _, _), = monitor.plan
     used = int((loaded.heads[0].combination[:, loaded.columns[0].index(a)] > 0).sum())
     assert head.n_ces == 1 and head.encoder.shape[1] == used < loaded.heads[0].encoder.shape[1]
     for r in results:
