@@ -9,34 +9,23 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, err_console, make_table, progress_bar, user_errors
+from gavel.cli.common import (
+    DataOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    load_data,
+    make_table,
+    progress_bar,
+    user_errors,
+)
 from gavel.errors import GavelError, one_of
 
 ce_app = typer.Typer(help="Fit, evaluate and inspect cognitive-element (CE) banks.", no_args_is_help=True)
 BankOpt = Annotated[Path, typer.Option("--bank", "-b", help="A CE bank directory.")]
-DataOpt = Annotated[list[str], typer.Option("--data", "-d", help="builtin:organism[:N], a labelled-span .jsonl file, "
-                                            "or a GAVEL ces/ directory; repeat to merge.")]
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("tpr_at_1pct_fpr", "TPR@1%FPR"),
                   ("sequence_tpr", "seq TPR"), ("sequence_fpr", "seq FPR"))
 THRESHOLD_SOURCES = ("auto", "calibration", "split")
-
-
-def _load_data(specs: list[str], tokenizer, which: str = "excitation", shown: set[str] | None = None):
-    """The datasets `specs` name, merged; keys of GAVEL files gavel keeps but does not read are shown as warnings
-    (each once, also across calls sharing `shown`)."""
-    from gavel.organism.datasets import gavel_folder, load_dataset
-    from gavel.probes.data import merge_datasets
-
-    datasets, shown = [], set() if shown is None else shown
-    for spec in specs:
-        warnings: list = []
-        datasets.append(load_dataset(spec, tokenizer, which=which,
-                                     **({"warnings": warnings} if gavel_folder(spec) else {})))
-        for warning in dict.fromkeys(map(str, warnings)):
-            if warning not in shown:
-                shown.add(warning)
-                err_console.print(escape(warning), soft_wrap=True, highlight=False)
-    return datasets[0] if len(datasets) == 1 else merge_datasets(*datasets)
 
 
 def _calibration_data(specs: list[str], tokenizer, source: str, shown: set[str]):
@@ -51,7 +40,7 @@ def _calibration_data(specs: list[str], tokenizer, source: str, shown: set[str])
     if missing:
         raise GavelError(f"--thresholds-from calibration needs GAVEL ces/ folders whose every CE has a "
                          f"calibration.json; {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not")
-    return _load_data(specs, tokenizer, which="calibration", shown=shown)
+    return load_data(specs, tokenizer, which="calibration", shown=shown)
 
 
 def _metrics_table(title: str, rows: dict[str, dict[str, float]], extra: dict[str, str] | None = None) -> Table:
@@ -100,7 +89,7 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
     with user_errors():
         handle = load_model(model)
         shown: set[str] = set()
-        dataset = _load_data(data, handle.tokenizer, shown=shown)
+        dataset = load_data(data, handle.tokenizer, shown=shown)
         calibration_data = _calibration_data(data, handle.tokenizer, thresholds_from, shown)
         sites = [f"blocks.{layer}.hook_resid_post" for layer in range(handle.n_layers)] if site == ["auto"] else site
         defaults: dict[str, dict[str, object]] = {
@@ -149,7 +138,7 @@ def ce_eval(bank: BankOpt, data: DataOpt, model: ModelOpt = "builtin:organism",
     with user_errors():
         handle = load_model(model)
         loaded = CEBank.load(bank, fingerprint=handle.fingerprint(), force=force)
-        dataset = _load_data(data, handle.tokenizer, which)
+        dataset = load_data(data, handle.tokenizer, which)
         with progress_bar("collecting activations", len(dataset.examples)) as advance:
             rows = evaluate_bank(handle, loaded, dataset, progress=advance)
     if as_json:
@@ -181,7 +170,7 @@ def ce_threshold(bank: BankOpt, data: DataOpt,
     with user_errors():
         handle = load_model(model)
         loaded = CEBank.load(bank, fingerprint=handle.fingerprint(), force=force)
-        dataset = _load_data(data, handle.tokenizer, which)
+        dataset = load_data(data, handle.tokenizer, which)
         per_ce = {}
         for item in ce_fpr:
             name, _, rate = item.partition("=")

@@ -105,3 +105,25 @@ class ProgressLines:
         clock = f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
         err_console.print(f"{self.description}: {self.done}/{self.total}{percent} {clock} elapsed",
                           markup=False, highlight=False, soft_wrap=True)
+
+
+DataOpt = Annotated[list[str], typer.Option("--data", "-d", help="builtin:organism[:N], a labelled-span .jsonl file, "
+                                            "or a GAVEL ces/ directory; repeat to merge.")]
+
+
+def load_data(specs: list[str], tokenizer, which: str = "excitation", shown: set[str] | None = None):
+    """The datasets `specs` name, merged; keys of GAVEL files gavel keeps but does not read are shown as warnings
+    (each once, also across calls sharing `shown`)."""
+    from gavel.organism.datasets import gavel_folder, load_dataset
+    from gavel.probes.data import merge_datasets
+
+    datasets, shown = [], set() if shown is None else shown
+    for spec in specs:
+        warnings: list = []
+        datasets.append(load_dataset(spec, tokenizer, which=which,
+                                     **({"warnings": warnings} if gavel_folder(spec) else {})))
+        for warning in dict.fromkeys(map(str, warnings)):
+            if warning not in shown:
+                shown.add(warning)
+                err_console.print(escape(warning), soft_wrap=True, highlight=False)
+    return datasets[0] if len(datasets) == 1 else merge_datasets(*datasets)

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gavel.cli.ce import DataOpt, _load_data
-from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
+from gavel.cli.common import DataOpt, JsonOpt, ModelOpt, console, load_data, make_table, progress_bar, user_errors
 from gavel.errors import GavelError
 
 sae_app = typer.Typer(help="Train sparse autoencoders (SAEs) for SAE-latent CEs.", no_args_is_help=True)
@@ -62,7 +61,7 @@ def sae_train(out: Annotated[Path, typer.Option("--out", "-o", help="Directory t
             field = str(error["loc"][0])
             raise GavelError(f"{_OPTION_OF.get(field, '--' + field.replace('_', '-'))}: {error['msg']}") from None
         handle = load_model(model)
-        dataset = _load_data(data, handle.tokenizer)
+        dataset = load_data(data, handle.tokenizer)
         sae, report = train_sae(handle, dataset, site, config, progress=progress_bar)
         save_trained(sae, report, out)
     if as_json:
