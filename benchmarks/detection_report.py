@@ -312,8 +312,20 @@ class Spread(_Model):
     values: list[float]
 
 
+class BankFigures(_Model):
+    """Another bank's reading of a CE on the same test conversations (the SAE-latent CEs beside the linear ones)."""
+
+    read_at: str                   # the head's site and pooling
+    kind: str                      # the head's kind: linear, sae, ...
+    token_auroc: Interval
+    conversation_auroc: Interval
+    benign_fpr_at_threshold: Interval
+    tpr_at_benign_fpr: Interval
+
+
 class CEFigures(_Model):
     ce: str
+    read_at: str                   # the bank head's site and pooling
     positives: int                 # test conversations carrying the CE
     negatives: int
     benign: int
@@ -329,6 +341,7 @@ class CEFigures(_Model):
     bow_auroc: Spread | None = None
     bow_tpr_at_benign_fpr: Spread | None = None
     random_auroc: Spread | None = None
+    compared: BankFigures | None = None   # the --compare-bank's figures, when one is given
 
 
 class RuleFigures(_Model):
@@ -363,6 +376,7 @@ class Target(_Model):
 class DetectionReport(_Model):
     model: str
     bank: str
+    compare_bank: str | None = None
     rules_from: str
     train: str
     test: str
@@ -497,21 +511,25 @@ class Inputs:
     train_rules: dict[str, tuple[list[Conversation], list[Conversation]]]
     test_rules: dict[str, tuple[list[Conversation], list[Conversation]]]
     benign: list[Conversation]
-    describe: dict[str, str]      # model, bank, rules_from, train, test, benign_pool
+    describe: dict[str, str]      # model, bank, rules_from, train, test, benign_pool (and compare_bank)
+    compare: CEBank | None = None  # another bank read on the same CE test conversations and benign pool
 
 
 def ce_figures(inputs: Inputs, scanned: dict[str, Scanned], control: RandomDirections | None,
-               platt: dict[int, torch.Tensor], seeds: int, resamples: int) -> tuple[list[CEFigures], list[str]]:
+               platt: dict[int, torch.Tensor], seeds: int, resamples: int,
+               compared: dict[str, Scanned] | None = None) -> tuple[list[CEFigures], list[str]]:
+    """Per CE of the bank: its figures on the test split beside its baselines; `compared` holds the compare bank's
+    scans of the same conversations."""
     bank, test = inputs.bank, inputs.test
     notes = []
-    benign = [scanned[key(c)] for c in inputs.benign]
-    pool_scope = [s.content & torch.isin(s.roles, torch.tensor(test.roles)) for s in benign]
     items = [i for i in test.items if i.scope.any()]
     scans = [scanned[key(i.conversation)] for i in items]
     for s, i in zip(scans, items):
         if len(s.scores) != len(i.labels):
             raise GavelError(f"the monitor read {len(s.scores)} tokens where the data has {len(i.labels)}: "
                              f"{i.conversation}")
+    pool_scope = [s.content & torch.isin(s.roles, torch.tensor(test.roles)) for s in
+                  (scanned[key(c)] for c in inputs.benign)]
     names = [n for n in bank.names if n in test.names]
     bags = ce_bags_of_words(inputs, items, [n for n in names if n in inputs.train.names], seeds)
     notes += [f"CE {n}: no bag of words (one class only in the train split)" for n in names
@@ -524,25 +542,17 @@ def ce_figures(inputs: Inputs, scanned: dict[str, Scanned], control: RandomDirec
             notes.append(f"CE {name}: the test split has no {'negative' if positive.all() else 'positive'} "
                          "conversation; left out")
             continue
-        threshold = float(bank.thresholds[j])
-        conv = torch.tensor([conversation_max(s, j, i.scope & s.content) for s, i in zip(scans, items)])
-        pool = torch.tensor([conversation_max(s, j, scope) for s, scope in zip(benign, pool_scope)])
-        # token level: the scoped tokens of every conversation, resampled by conversation
-        tokens = torch.cat([s.scores[i.scope & s.content, j] for s, i in zip(scans, items)])
-        token_labels = torch.cat([i.labels[i.scope & s.content, col] for s, i in zip(scans, items)])
-        units = torch.cat([torch.full((int((i.scope & s.content).sum()),), n) for n, (s, i) in
-                           enumerate(zip(scans, items))])
+        read = BankReading(bank, j, scans, [scanned[key(c)] for c in inputs.benign], items, pool_scope, col,
+                           positive, resamples)
         length = torch.tensor([float((i.scope & s.content).sum()) for s, i in zip(scans, items)])
         pool_length = torch.tensor([float(scope.sum()) for scope in pool_scope])
         fig = CEFigures(
-            ce=name, positives=int(positive.sum()), negatives=int((~positive).sum()), benign=len(benign),
-            threshold=threshold,
-            token_auroc=auc_interval(tokens, token_labels, positive.long(), resamples, 1, units),
-            conversation_auroc=auc_interval(conv, positive, positive.long(), resamples, 2),
-            tpr_at_threshold=rate_interval(conv[positive] > threshold, resamples, 3),
-            fpr_at_threshold=rate_interval(conv[~positive] > threshold, resamples, 4),
-            benign_fpr_at_threshold=rate_interval(pool > threshold, resamples, 5),
-            tpr_at_benign_fpr=pool_interval(conv[positive], pool, resamples, 6),
+            ce=name, read_at=bank.read_at(bank.manifest.ces[j].head), positives=int(positive.sum()),
+            negatives=int((~positive).sum()), benign=len(inputs.benign),
+            threshold=read.threshold, token_auroc=read.token_auroc(), conversation_auroc=read.conversation_auroc(),
+            tpr_at_threshold=rate_interval(read.conv[positive] > read.threshold, resamples, 3),
+            fpr_at_threshold=rate_interval(read.conv[~positive] > read.threshold, resamples, 4),
+            benign_fpr_at_threshold=read.benign_fpr_at_threshold(), tpr_at_benign_fpr=read.tpr_at_benign_fpr(),
             length_auroc=auc_interval(length, positive, positive.long(), resamples, 7),
             length_tpr_at_benign_fpr=pool_interval(length[positive], pool_length, resamples, 8))
         if name in bags:
@@ -551,8 +561,46 @@ def ce_figures(inputs: Inputs, scanned: dict[str, Scanned], control: RandomDirec
             fig.random_auroc = spread([auroc(torch.tensor([_control_max(s, i.scope & s.content, j, k, platt[j])
                                                            for s, i in zip(scans, items)]), positive)
                                        for k in range(seeds)])
+        other = inputs.compare
+        if other is not None and compared is not None and name in other.names:
+            k = other.index(name)
+            theirs = BankReading(other, k, [compared[key(i.conversation)] for i in items],
+                                 [compared[key(c)] for c in inputs.benign], items, pool_scope, col, positive, resamples)
+            head = other.manifest.ces[k].head
+            fig.compared = BankFigures(
+                read_at=other.read_at(head), kind=other.heads[head].kind, token_auroc=theirs.token_auroc(),
+                conversation_auroc=theirs.conversation_auroc(),
+                benign_fpr_at_threshold=theirs.benign_fpr_at_threshold(), tpr_at_benign_fpr=theirs.tpr_at_benign_fpr())
         out.append(fig)
     return out, notes
+
+
+class BankReading:
+    """One bank's scores of one CE over the test conversations (`scans`, labelled `items`) and the benign pool, and
+    the figures read off them; seeded like every other figure of the report, so two banks resample alike."""
+
+    def __init__(self, bank: CEBank, j: int, scans: list[Scanned], benign: list[Scanned], items: list[Labelled],
+                 pool_scope: list[torch.Tensor], col: int, positive: torch.Tensor, resamples: int) -> None:
+        self.threshold, self.positive, self.resamples = float(bank.thresholds[j]), positive, resamples
+        self.conv = torch.tensor([conversation_max(s, j, i.scope & s.content) for s, i in zip(scans, items)])
+        self.pool = torch.tensor([conversation_max(s, j, scope) for s, scope in zip(benign, pool_scope)])
+        # token level: the scoped tokens of every conversation, resampled by conversation
+        self.tokens = torch.cat([s.scores[i.scope & s.content, j] for s, i in zip(scans, items)])
+        self.token_labels = torch.cat([i.labels[i.scope & s.content, col] for s, i in zip(scans, items)])
+        self.units = torch.cat([torch.full((int((i.scope & s.content).sum()),), n)
+                                for n, (s, i) in enumerate(zip(scans, items))])
+
+    def token_auroc(self) -> Interval:
+        return auc_interval(self.tokens, self.token_labels, self.positive.long(), self.resamples, 1, self.units)
+
+    def conversation_auroc(self) -> Interval:
+        return auc_interval(self.conv, self.positive, self.positive.long(), self.resamples, 2)
+
+    def benign_fpr_at_threshold(self) -> Interval:
+        return rate_interval(self.pool > self.threshold, self.resamples, 5)
+
+    def tpr_at_benign_fpr(self) -> Interval:
+        return pool_interval(self.conv[self.positive], self.pool, self.resamples, 6)
 
 
 def _control_max(s: Scanned, scope: torch.Tensor, j: int, seed: int, platt: torch.Tensor) -> float:
@@ -710,8 +758,13 @@ def build_report(inputs: Inputs, *, seeds: int = 3, resamples: int = 1000, batch
     every = ([i.conversation for i in inputs.test.items] + inputs.benign
              + [c for pos, neg in inputs.test_rules.values() for c in pos + neg])
     scanned = scan_all(monitor, every, control, batch_size, "test")
+    compared = None
+    if inputs.compare is not None:
+        other = Monitor(inputs.handle, inputs.compare, [], score="all")
+        compared = scan_all(other, [i.conversation for i in inputs.test.items] + inputs.benign, None, batch_size,
+                            "test (compare bank)")
     platt = fit_control(monitor, control, inputs.train, control_limit, batch_size) if control else {}
-    ces, ce_notes = ce_figures(inputs, scanned, control, platt, seeds, resamples)
+    ces, ce_notes = ce_figures(inputs, scanned, control, platt, seeds, resamples, compared)
     rules, rule_notes = rule_figures(inputs, scanned, seeds, resamples)
     notes = ce_notes + rule_notes
     off = [c.ce for c in ces if c.random_auroc and not 0.4 <= c.random_auroc.mean <= 0.6]
@@ -775,6 +828,21 @@ def markdown(report: DetectionReport) -> str:
                      f"{_iv(c.benign_fpr_at_threshold)} | {_iv(c.tpr_at_benign_fpr)} | {_iv(c.length_auroc)} | "
                      f"{_iv(c.length_tpr_at_benign_fpr)} | {_sp(c.bow_auroc)} | {_sp(c.bow_tpr_at_benign_fpr)} | "
                      f"{_sp(c.random_auroc)} |")
+    compared = [c for c in report.ces if c.compared is not None]
+    if compared:
+        lines += ["", f"## Per CE: `{report.bank}` beside `{report.compare_bank}`", "",
+                  "Both banks read the same test conversations and benign pool; intervals resample them alike.", "",
+                  "| CE | read at | token AUROC | conversation AUROC | TPR at 1% benign FPR | compared: read at | "
+                  "compared: kind | compared: token AUROC | compared: conversation AUROC | compared: TPR at 1% benign "
+                  "FPR | compared: benign FPR at its threshold |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in compared:
+            o = c.compared
+            assert o is not None
+            lines.append(f"| {c.ce} | {c.read_at} | {_iv(c.token_auroc)} | {_iv(c.conversation_auroc)} | "
+                         f"{_iv(c.tpr_at_benign_fpr)} | {o.read_at} | {o.kind} | {_iv(o.token_auroc)} | "
+                         f"{_iv(o.conversation_auroc)} | {_iv(o.tpr_at_benign_fpr)} | "
+                         f"{_iv(o.benign_fpr_at_threshold)} |")
     if report.rules:
         lines += ["", "## Per rule", "",
                   "Score AUC: the rule's soft score, test positives against hard negatives and the benign pool. "
@@ -852,14 +920,20 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         part = "" if args.per_file is None else f" (at most {args.per_file} conversations of each file)"
         describe = {"train": shown(train_dir), "test": f"{shown(test_dir)}{part}", "benign_pool":
                     shown(benign_path) + ("" if args.benign_limit is None else f" (at most {args.benign_limit})")}
+    compare = None
+    if args.compare_bank is not None:
+        compare = CEBank.load(args.compare_bank, handle.fingerprint())
+        describe["compare_bank"] = shown(args.compare_bank)
     return Inputs(handle, bank, load_rules([str(rules_path)]), train, test, train_rules, test_rules, benign,
-                  {"model": args.model, "bank": bank_name, "rules_from": shown(rules_path), **describe})
+                  {"model": args.model, "bank": bank_name, "rules_from": shown(rules_path), **describe}, compare)
 
 
 def main(argv: Sequence[str] | None = None) -> DetectionReport:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2")
     parser.add_argument("--bank", type=Path, help="CE bank (default: gavel/packs/smollm2/bank; the organism: fitted)")
+    parser.add_argument("--compare-bank", type=Path, help="another CE bank (an SAE-latent one) whose CEs are read on "
+                                                          "the same test conversations and shown beside the bank's")
     parser.add_argument("--rules", type=Path, help="rules (default: gavel/packs/smollm2/rules)")
     parser.add_argument("--train", type=Path, help="train split (default: data/english/train)")
     parser.add_argument("--test", type=Path, help="test split (default: data/english/test)")

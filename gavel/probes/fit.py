@@ -52,16 +52,24 @@ def calibration_method(name: str) -> Calibration:
 
 def fit_head(extractor: str, sites: tuple[str, ...], X: torch.Tensor, Y: torch.Tensor, names: Sequence[str],
              params: dict, sae=None) -> Head:
-    """One head scoring every CE from features X [N, width] of `sites` (concatenated)."""
+    """One head scoring every CE from features X [N, width] of `sites` (concatenated); for the sae extractor, X
+    holds the SAE's latents [N, d_sae] (see `sae_encoder`)."""
     if extractor == "sae":
-        from gavel.probes.sae import SAELatentSelector, build_head, encode_all
+        from gavel.probes.sae import SAELatentSelector, build_head
 
         if sae is None or len(sites) != 1:
             raise DataError("the sae extractor needs an SAE (--sae DIR) and exactly one site: the SAE's hook")
-        selector = SAELatentSelector(**params).fit(encode_all(sae, X), Y, names)
-        return build_head(sae, selector, sites[0])
+        return build_head(sae, SAELatentSelector(**params).fit(X, Y, names), sites[0])
     est = (LinearProbe if extractor == "linear" else DiffMeansDirection)(**params).fit(X, Y, names)
     return LinearHead(sites, est.coef_, est.intercept_)
+
+
+def sae_encoder(sae, site: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rows of `site`'s activations to the SAE's latents [N, d_sae]: the sae extractor pools latents, not
+    activations, since an SAE head's score is linear in its latents but not in the activations."""
+    from gavel.probes.sae import encode_all
+
+    return lambda a: encode_all(sae, site_features({site: a}, (site,)))
 
 
 def split_examples(n: int, fractions: Sequence[float], seed: int) -> torch.Tensor:
@@ -114,9 +122,11 @@ def _check_both_classes(labels: torch.Tensor, names: Sequence[str], what: str) -
 
 def sample_training_rows(handle: ModelHandle, examples: Sequence, sites: Sequence[str], max_rows: int, *,
                          pools: Sequence[int] = (1,), seed: int = 0, batch_size: int = 64,
-                         batch_tokens: int = BATCH_TOKENS, progress: Callable[[int], None] | None = None) -> RowSample:
+                         batch_tokens: int = BATCH_TOKENS, progress: Callable[[int], None] | None = None,
+                         encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RowSample:
     """Pass 1: run the model over the training `examples`, offering every content token to a RowSample, one
-    feature set per site and pooling width (keyed by `feature_key`)."""
+    feature set per site and pooling width (keyed by `feature_key`); `encode` maps each site's activation rows to
+    the features pooled and kept (default: the activations)."""
     special = _special_ids(handle)
     labels = _content_labels(examples, special)
     ce_positives = torch.cat(labels).sum(0) if labels else torch.zeros(0)
@@ -125,8 +135,9 @@ def sample_training_rows(handle: ModelHandle, examples: Sequence, sites: Sequenc
                                   max_batch_tokens=batch_tokens, progress=progress):
         keep = content_rows(handle, batch)
         first, last = int(batch.example[0]), int(batch.example[-1])
+        encoded = {s: a if encode is None else encode(a) for s, a in batch.sites.items()}
         features = {feature_key(s, w): pool_rows(a, batch.example, w)[keep]
-                    for s, a in batch.sites.items() for w in pools}
+                    for s, a in encoded.items() for w in pools}
         sample.add(features, torch.cat(labels[first:last + 1]))
     return sample
 
@@ -195,10 +206,11 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
     `target_fpr` of calibration sequences without the CE fire it. Extractors: "linear" (logistic probes),
     "diff_means", and "sae" (SAE latents selected per CE; pass the sae-lens SAE as `sae` and its hook as
     the only site). `pools` are candidate pooling widths (gavel.probes.pooling): a linear head is fitted on
-    activations averaged over each width's trailing tokens, and each CE reads the (site, width) that scores best
-    on calibration data, like its site. Heads are fitted on at most `max_rows` training tokens (see RowSample);
-    a forward runs at most `batch_size` examples and `batch_tokens` padded tokens; `progress(n)` counts examples
-    run through the model (those of `dataset`, then those of `calibration_data`).
+    activations averaged over each width's trailing tokens (an SAE head on its latents so averaged), and each CE
+    reads the (site, width) that scores best on calibration data, like its site. Heads are fitted on at most
+    `max_rows` training tokens (see RowSample); a forward runs at most `batch_size` examples and `batch_tokens`
+    padded tokens; `progress(n)` counts examples run through the model (those of `dataset`, then those of
+    `calibration_data`).
     """
     if extractor not in EXTRACTORS:
         raise DataError(f"unknown extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
@@ -210,9 +222,8 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
     pools = list(dict.fromkeys(check_width(w) for w in pools))
     if not pools:
         raise DataError("fit_bank needs at least one pooling width (1: no pooling)")
-    if extractor == "sae" and pools != [1]:
-        raise DataError("pooling applies to linear heads (linear, diff_means); the sae extractor reads each token "
-                        "alone")
+    if extractor == "sae" and (sae is None or len(sites) != 1 or concat):
+        raise DataError("the sae extractor needs an SAE (--sae DIR) and exactly one site: the SAE's hook")
     names = list(dataset.names)
     part = split_examples(len(dataset.examples), split, seed)
     if calibration_data is not None:
@@ -232,7 +243,8 @@ def fit_bank(handle: ModelHandle, dataset, sites: Sequence[str], *, extractor: s
 
     groups = [(group, w) for group in ([tuple(sites)] if concat else [(s,) for s in sites]) for w in pools]
     sample = sample_training_rows(handle, train, sites, max_rows, pools=pools, seed=seed, batch_size=batch_size,
-                                  batch_tokens=batch_tokens, progress=progress)
+                                  batch_tokens=batch_tokens, progress=progress,
+                                  encode=sae_encoder(sae, sites[0]) if extractor == "sae" else None)
     y_train = sample.labels()
     fitted = []
     for group, w in groups:

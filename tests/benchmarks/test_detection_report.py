@@ -132,7 +132,7 @@ def test_the_script_end_to_end_on_the_organism(organism, organism_bank, tmp_path
     out_json, out_md = tmp_path / "report.json", tmp_path / "figures.md"
     argv = ["--model", "builtin:organism", "--bank", str(bank), "--rules", str(rules), "--train",
             str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--benign", str(benign), "--seeds", "2",
-            "--resamples", "60", "--out-json", str(out_json), "--out-md", str(out_md)]
+            "--resamples", "60", "--out-json", str(out_json), "--out-md", str(out_md), "--compare-bank", str(bank)]
     report = report_script.main(argv)
     assert report_script.DetectionReport.model_validate_json(out_json.read_text()) == report
     assert [c.ce for c in report.ces] == [n for n in organism_bank.names if n in CES]
@@ -156,9 +156,16 @@ def test_the_script_end_to_end_on_the_organism(organism, organism_bank, tmp_path
         assert figure.positives == int(positive.sum()) and figure.benign == len(pool)
         assert len(figure.random_auroc.values) == 2 and len(figure.bow_auroc.values) == 2
         assert figure.length_auroc.low <= figure.length_auroc.value <= figure.length_auroc.high
+        # the same bank compared with itself, through its own monitor: the same figures and intervals
+        compared = figure.compared
+        assert (compared.token_auroc, compared.conversation_auroc, compared.tpr_at_benign_fpr) == (
+            figure.token_auroc, figure.conversation_auroc, figure.tpr_at_benign_fpr)
+        assert compared.benign_fpr_at_threshold == figure.benign_fpr_at_threshold
+        assert compared.read_at == figure.read_at and compared.kind == "linear"
     (rule,) = report.rules
     assert (rule.rule, rule.positives, rule.negatives, rule.benign) == ("refusing", 15, 15, len(pool))
     assert rule.fire_tpr.value > 0.8 and rule.score_auc.value > 0.9 and rule.bow_auc is not None
     assert report.targets[0].target == "per-CE conversation AUROC >= 0.95"
     text = out_md.read_text()
     assert f"| refusing | 15 / 15 / {len(pool)} |" in text and report.command in text and "## Targets" in text
+    assert f"beside `{bank}`" in text and report.compare_bank == str(bank)

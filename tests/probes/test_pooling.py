@@ -91,9 +91,3 @@ def test_a_pooled_bank_refuses_token_by_token_scoring(organism, pooled_bank):
                                pooled_bank.sites)
     with pytest.raises(ArtifactError, match="score_rows"):
         pooled_bank.score(acts.sites)
-
-
-def test_sae_extractor_refuses_pooling(organism):
-    data = organism_dataset(organism.tokenizer, 30, seed=1).select(["threat"])
-    with pytest.raises(DataError, match="pooling applies to linear heads"):
-        fit_bank(organism, data, ["blocks.3.hook_resid_post"], extractor="sae", pools=(1, 4))

@@ -249,6 +249,42 @@ def test_sae_ce_on_organism_activations(organism):
     assert auroc(scores, y[test]) > 0.9                                    # tokens
 
 
+def test_pooled_sae_ces_select_latents_pooled_over_trailing_tokens(organism):
+    """With a pooling width, fit_bank ranks the latents averaged over each token's trailing window (an SAE head's score
+    is linear in its latents, so the monitor pools the head's scores) and the monitor scores as offline."""
+    from gavel.models.collect import collect_activations
+    from gavel.organism.datasets import organism_dataset
+    from gavel.probes.fit import content_rows, fit_bank, split_examples
+    from gavel.probes.pooling import pool_rows
+    from gavel.rules import RuleSpec
+    from gavel.runtime.monitor import Monitor
+
+    site, width = "blocks.2.hook_resid_post", 4
+    data = organism_dataset(organism.tokenizer, 200, seed=6).select(["arithmetic", "benchmark"])
+    acts = collect_activations(organism, [e.encoded for e in data.examples], [site])
+    sae = as_sae_lens(train_relu_sae(acts.sites[site], 256, steps=300, l1=1.0), hook_name=site)
+    params = {"method": "mean_diff", "combine": "nonneg", "max_latents": 6}
+    bank = fit_bank(organism, data, [site], extractor="sae", sae=sae, params=params, pools=(width,))
+    assert bank.pools == [width] and all(c.metrics["auroc"] > 0.85 for c in bank.manifest.ces)
+
+    # the reference: the same selector on the train split's latents, pooled by hand
+    train = split_examples(len(data.examples), (0.6, 0.2, 0.2), 0) == 0
+    keep = content_rows(organism, acts) & train[acts.example]
+    latents = pool_rows(encode_all(sae, acts.sites[site]), acts.example, width)[keep]
+    labels = torch.cat([e.labels for e in data.examples])[keep]
+    reference = SAELatentSelector(**params).fit(latents, labels, data.names)
+    head = bank.heads[0]
+    assert bank.columns[0] == [0, 1]
+    torch.testing.assert_close(head.combination, reference.combination_, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head.encoder, sae.W_enc[:, reference.union_].detach())
+
+    rule = RuleSpec(name="sums", groups={"math": ["arithmetic"]}, condition="math")
+    conversation = [{"role": "user", "content": "what is 12 plus 34 ?"}, {"role": "assistant", "content": "46 ."}]
+    result = Monitor(organism, bank, [rule], score="all").scan([conversation])[0]
+    offline = collect_activations(organism, [_encoded(result.token_ids)], [site])
+    torch.testing.assert_close(result.scores, bank.score_rows(offline.sites, offline.example), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_sae_ces_through_fit_bank_the_cli_and_the_monitor(organism, tmp_path):
     """SAE CEs fitted like any other: a bank with an SAE head, saved, loaded, and scored by the monitor."""
