@@ -119,7 +119,7 @@ class Guard:
         batch = prompt_batch(handle, [conversation])
         ids, mask = batch.input_ids, batch.attention_mask
         max_new_tokens = monitor.reply_room(ids.shape[1], max_new_tokens)
-        with self.monitor.perturbed_prompts(batch) as early, self.monitor.watch_prompts(batch) as session:
+        with self.monitor.prompt_session(batch) as (session, early):
             out = handle.hf_model(input_ids=ids, attention_mask=mask, use_cache=True)
             reported = set(self._newly_fired(session, set()))
             index = ids.shape[1]
@@ -154,7 +154,7 @@ class Guard:
         """Guard your own `model.generate(**watch.inputs, stopping_criteria=watch.stopping_criteria, ...)` call;
         then `watch.results(output_ids)` gives the guard results. `perturb` rules perturb the prompts of that call."""
         batch = prompt_batch(self.handle, list(conversations))
-        with self.monitor.perturbed_prompts(batch) as early, self.monitor.watch_prompts(batch) as session:
+        with self.monitor.prompt_session(batch) as (session, early):
             yield Watch(self, batch, session, early)
 
     # ---- internals
@@ -179,7 +179,7 @@ class Watch:
     guard: Guard
     batch: PromptBatch
     session: Session
-    early: list = field(default_factory=list)   # events of perturb rules from the detection pass
+    early: list = field(default_factory=list)   # events of prompt-time rules from the detection pass
 
     @property
     def inputs(self) -> dict:

@@ -96,7 +96,11 @@ def _artifact(method: type[InterventionMethod], name: str, rule, handle: ModelHa
 
 
 class Steerer:
-    """Per batch: which sequences each steering rule steers. The hooks read `active[i]`, a view updated in place."""
+    """Per batch: which sequences each steering rule steers. The hooks read `active[i]`, a view updated in place.
+
+    A rule that fired while the prompt was read (`start_in_prompt`, decided by the monitor's detection forward)
+    steers its sequence from the firing token on: in a forward fed from position 0 (the prompt, or a whole prefix
+    fed again without a KV cache, `from_start`), the positions before the firing token keep their activations."""
 
     def __init__(self, rules: Sequence[RuleIntervention], batch_size: int, device: torch.device) -> None:
         self.rules = list(rules)
@@ -105,9 +109,40 @@ class Steerer:
         self.held = torch.zeros(len(self.rules), batch_size, dtype=torch.bool, device=device)  # at the last token
         self.limits = torch.tensor([r.duration or 0 for r in self.rules], dtype=torch.long, device=device)
         self.limited = self.limits > 0
+        self.start = torch.zeros(len(self.rules), batch_size, dtype=torch.long, device=device)  # first steered token
+        self.started = torch.zeros(len(self.rules), batch_size, dtype=torch.bool, device=device)  # in the prompt
+        self.gated = False       # some rule fired in a prompt: forwards from position 0 gate by `start`
+        self.from_start = False  # this forward is fed from position 0 (set by the session before each forward)
+        self.prompt_pass = False  # this forward is the prompt's (likewise)
+
+    def start_in_prompt(self, start: torch.Tensor) -> None:
+        """Rules fired while the prompts were read: `start` [R, B] is each rule's firing token per sequence (at
+        least the prompt's width where it did not fire); those sequences are steered from that token on."""
+        fired = start < torch.iinfo(torch.long).max
+        self.active |= fired
+        self.left.copy_(torch.where(fired, self.limits[:, None], self.left))
+        self.start.copy_(torch.where(fired, start, 0))
+        self.started.copy_(fired)
+        self.gated = bool(fired.any())    # once per batch, before the prompt's forward
 
     def hooks(self) -> list[tuple[str, HookFn]]:
-        return [pair for i, rule in enumerate(self.rules) for pair in rule.intervention.hooks(self.active[i])]
+        return [(site, self._from_start_token(i, fn)) for i, rule in enumerate(self.rules)
+                for site, fn in rule.intervention.hooks(self.active[i])]
+
+    def _from_start_token(self, i: int, fn: HookFn) -> HookFn:
+        """`fn`, except that in a forward fed from position 0 each sequence's tokens before rule i's firing token
+        keep their activations (`fn` runs on a copy: it may change its input in place)."""
+        def hook(act: torch.Tensor) -> torch.Tensor | None:
+            if not (self.gated and self.from_start):
+                return fn(act)
+            copy = act.clone()
+            new = fn(copy)
+            new = copy if new is None else new
+            positions = torch.arange(act.shape[1], device=act.device)
+            keep = (positions[None, :] >= self.start[i].to(act.device)[:, None]).view(*act.shape[:2],
+                                                                                     *([1] * (act.ndim - 2)))
+            return torch.where(keep, new, act)
+        return hook
 
     def update(self, holds: torch.Tensor) -> None:
         """After a forward (holds: bool [B, T, R]): a rule that starts to hold at one of its tokens steers that
@@ -117,7 +152,11 @@ class Steerer:
             return
         now = holds[..., [r.index for r in self.rules]].permute(2, 0, 1)      # [R_s, B, T]
         before = torch.cat([self.held.unsqueeze(-1), now[..., :-1]], dim=-1)
-        fired = (now & ~before).any(-1)
+        edges = now & ~before
+        if self.gated and self.prompt_pass:   # the firing that started a rule in the prompt is not a new start
+            positions = torch.arange(now.shape[-1], device=now.device)
+            edges &= ~(self.started[..., None] & (positions <= self.start[..., None]))
+        fired = edges.any(-1)
         if now.shape[-1]:
             self.held.copy_(now[..., -1])
         self.left.sub_(self.active.long()).clamp_(min=0)

@@ -147,7 +147,7 @@ class Monitor:
         batch = prompt_batch(self.handle, conversations)
         max_new_tokens = self.reply_room(batch.input_ids.shape[1], max_new_tokens)
         for attempt in range(2):
-            with self.perturbed_prompts(batch) as early, self.watch_prompts(batch) as session:
+            with self.prompt_session(batch) as (session, early):
                 out = generate_ids(
                     self.handle, batch, max_new_tokens=max_new_tokens,
                     stopping_criteria=StoppingCriteriaList([session.stopping_criterion()]), **generate_kwargs)
@@ -178,30 +178,40 @@ class Monitor:
         return room
 
     @contextmanager
-    def perturbed_prompts(self, batch: PromptBatch) -> Iterator[list[list[Event]]]:
-        """Rules whose intervention reads the prompt (`perturb`, DeconIEP): one more forward over the prompts decides
-        which sequences such a rule holds on while its prompt is read; inside the block those sequences' prompts go
-        through the rule's intervention (the first such rule of a sequence wins). Yields, per sequence, the events of
-        those rules (the changed prompt may no longer make them fire; the results keep them)."""
+    def prompt_session(self, batch: PromptBatch) -> Iterator[tuple[Session, list[list[Event]]]]:
+        """`watch` for a generation from a left-padded prompt batch, with the decisions rules take on the prompts
+        taken first, by one detection forward over them (stopped at the last CE site): a `perturb` rule (DeconIEP)
+        that holds on a prompt sends that prompt through its intervention (the first such rule of a sequence wins),
+        and a steering rule that fires while a prompt is read steers that sequence from its firing token on, the
+        rest of the prompt included, so the first reply token is steered too. Yields the session and, per
+        sequence, the events of those rules in the detection forward (the changed prompt may no longer make them
+        fire; the results keep them)."""
         b = len(batch.encoded)
-        if not self.prompt_interventions:
-            yield [[] for _ in range(b)]
+        if not self.prompt_interventions and not self.steering:
+            with self.watch_prompts(batch) as session:
+                yield session, [[] for _ in range(b)]
             return
         with torch.no_grad(), self.watch_prompts(batch) as probe:
-            self.handle.forward(batch.input_ids, batch.attention_mask)
-        holds = torch.cat(probe.holds, 1).any(1)                                   # [B, R]
-        early = probe.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])
+            self._read_sites(probe, batch.input_ids, batch.attention_mask)
+        holds = torch.cat(probe.holds, 1)                                          # [B, P, R]
+        decided = {self.rules[rule.index].name for rule in self.prompt_interventions + self.steering}
+        early = [[e for e in r.events if e.rule in decided]
+                 for r in probe.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded])]
         taken = torch.zeros(b, dtype=torch.bool, device=holds.device)
         hooks = []
         for rule in self.prompt_interventions:
-            rows = holds[:, rule.index] & ~taken
+            rows = holds[:, :, rule.index].any(1) & ~taken
             taken |= rows
             intervention = rule.intervention
             assert isinstance(intervention, PromptIntervention), "rule_interventions checked it"
             hooks += intervention.for_prompt(batch.attention_mask).hooks(rows)
-        with self.handle.hooks(hooks):
-            names = {self.rules[rule.index].name for rule in self.prompt_interventions}
-            yield [[e for e in r.events if e.rule in names] for r in early]
+        never = torch.iinfo(torch.long).max
+        start = torch.stack([torch.where(holds[:, :, r.index].any(1), holds[:, :, r.index].long().argmax(1), never)
+                             for r in self.steering]) if self.steering else None             # [R_s, B]
+        with self.handle.hooks(hooks), self.watch_prompts(batch) as session:
+            if start is not None:
+                session.steerer.start_in_prompt(start)
+            yield session, early
 
     @contextmanager
     def watch_prompts(self, batch: PromptBatch) -> Iterator[Session]:
@@ -215,7 +225,7 @@ class Monitor:
         """Per-sequence results of a generation from `batch`: the generated text is `output_ids` past the
         prompt (default, and always for a blocked sequence: the tokens the monitor saw past each prompt, which end
         at the blocking token; generate() samples one more before it stops), the reply what the user gets; `early`
-        (from `perturbed_prompts`) adds the events of perturb rules that the perturbed prompt no longer fires."""
+        (from `prompt_session`) adds the events of prompt-time rules that the changed prompt no longer fires."""
         results = session.results([len(e.input_ids) for e in batch.encoded], [e.roles for e in batch.encoded],
                                   first_sequence)
         width = batch.input_ids.shape[1]

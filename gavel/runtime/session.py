@@ -58,6 +58,8 @@ class Session:
             raise GavelError("the monitor needs input_ids (inputs_embeds-only forwards are not supported yet)")
         # a forward without a KV cache feeds every token again: only the ones past those already seen are new
         self.offset = self.width if self.forwards and ids.shape[1] > self.width else 0
+        self.steerer.prompt_pass = self.forwards == 0
+        self.steerer.from_start = self.forwards == 0 or self.offset > 0   # the prompt, or a whole prefix again
         if self.window is not None:   # a window of a long conversation (Monitor.scan): its own classes and mask
             classes, valid = self.window
             self.window, self.offset = None, 0

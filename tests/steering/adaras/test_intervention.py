@@ -65,7 +65,8 @@ def test_a_steer_neurons_rule_changes_only_the_sequence_that_fired(organism, org
     steered = Monitor(organism, organism_bank, [rule], artifacts={"n": neurons}).generate(prompts, max_new_tokens=8)
     assert [r.fired for r in steered] == [["sums"], []] and steered[0].events[0].action == "steer_neurons"
     assert steered[1].tokens == plain[1].tokens and torch.equal(steered[1].scores, plain[1].scores)
-    n = steered[0].prompt_length
+    n = plain[0].events[0].token_index   # fired in the prompt: steered from that token on
+    assert n < steered[0].prompt_length
     torch.testing.assert_close(steered[0].scores[:n], plain[0].scores[:n])
     assert not torch.allclose(steered[0].scores[n:], plain[0].scores[n:len(steered[0].scores)])
 

@@ -67,9 +67,10 @@ def test_align_fit_eval_and_apply_from_the_command_line(tmp_path):
 
 
 def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_bank, tmp_path):
-    """`align(alignment=...)` runs the LLM-VA projection for the sequence whose rule fired, from its next forward
-    pass; the other sequence's tokens and scores are those of a run without the rule. The `gavel align fit` folder
-    is checked against the model's fingerprint; the phrase form `align va` reads the same."""
+    """`align(alignment=...)` runs the LLM-VA projection for the sequence whose rule fired, from its firing token on
+    (in the prompt: the rest of the prompt pass too); the other sequence's tokens and scores are those of a run
+    without the rule. The `gavel align fit` folder is checked against the model's fingerprint; the phrase form
+    `align va` reads the same."""
     from gavel.rules import RuleSpec
     from gavel.runtime.monitor import Monitor
 
@@ -88,7 +89,8 @@ def test_an_align_rule_projects_only_the_sequence_that_fired(organism, organism_
         aligned = Monitor(organism, organism_bank, [rule], artifacts={"va": out}).generate(prompts, max_new_tokens=10)
         assert [r.fired for r in aligned] == [["rp"], []] and aligned[0].events[0].action == "align"
         assert aligned[1].tokens == plain[1].tokens and torch.equal(aligned[1].scores, plain[1].scores)
-        n = aligned[0].prompt_length
+        n = plain[0].events[0].token_index
+        assert n < aligned[0].prompt_length
         torch.testing.assert_close(aligned[0].scores[:n], plain[0].scores[:n])
     other = organism.fingerprint().model_copy(update={"weights_sha256": "0" * 64})
     from gavel.errors import ArtifactError
