@@ -1,9 +1,12 @@
 """Steering sweeps: generate with a method at each strength and measure what it did.
 
 Per strength (degrees for rotate / angular, a coefficient for add; ablate has none): the refusal rate under a judge,
-the perplexity of each steered reply under the steered model and how many exceed a limit (the Selective Steering
-paper's "perplexity violations", limit 2.0), the mean norm ratio |h'|/|h| of the steered activations at the last
-prompt token, and how far the replies moved from the unsteered ones (token edit distance / the longer length).
+the perplexity of each steered reply under the **unsteered** model and how many exceed a limit ("perplexity
+violations"; the Selective Steering paper reads them under the steered model with limit 2.0, where a looping reply
+counts as fluent, and under the unsteered model 2.0 flags any change of behaviour, so the limit here is 20), the
+degenerate-reply rate (gavel.steering.degeneracy), the mean norm ratio |h'|/|h| of the steered
+activations at the last prompt token, and how far the replies moved from the unsteered ones (token edit distance /
+the longer length).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from gavel.models.chat import decode_text
 from gavel.models.generation import generate_ids, prompt_batch, until_end
 from gavel.models.handle import ModelHandle
 from gavel.steering.activations import last_prompt_activations
+from gavel.steering.degeneracy import PERPLEXITY_LIMIT, Degeneracy, judge_degeneracy
 from gavel.steering.intervention import steering
 from gavel.steering.selective.intervene import Method, PlaneIntervention
 from gavel.steering.selective.plane import SteeringPlane
@@ -38,8 +42,10 @@ class SweepPoint(BaseModel):
     method: str
     strength: float
     refusal_rate: float
-    perplexity_mean: float
+    perplexity_mean: float          # under the unsteered model
     perplexity_violations: int
+    degenerate_rate: float
+    repetition_mean: float
     norm_ratio: float
     distance: float
     examples: list[str]
@@ -53,6 +59,7 @@ class Sweep(BaseModel):
     max_new_tokens: int
     perplexity_limit: float
     unsteered_refusal_rate: float
+    unsteered_degeneracy: Degeneracy
     points: list[SweepPoint]
 
 
@@ -71,7 +78,8 @@ def generate_with_ids(handle: ModelHandle, conversations: Sequence[Conversation]
 
 @torch.no_grad()
 def reply_perplexity(handle: ModelHandle, conversation: Conversation, reply: torch.Tensor) -> float:
-    """exp(mean negative log-likelihood) of the reply tokens given the prompt, under the model as it is now."""
+    """exp(mean negative log-likelihood) of the reply tokens given the prompt, under the model as it is now (call it
+    outside any intervention to judge a steered reply by the unsteered model)."""
     if len(reply) == 0:
         return 1.0
     batch = prompt_batch(handle, [conversation])
@@ -96,12 +104,13 @@ def edit_distance(a: Sequence[int], b: Sequence[int]) -> float:
 
 def sweep(handle: ModelHandle, plane: SteeringPlane, conversations: Sequence[Conversation], method: Method,
           strengths: Sequence[float], *, sites: Sequence[str] | None = None, judge: Judge = refusal_phrases,
-          max_new_tokens: int = 32, perplexity_limit: float = 2.0, examples: int = 3,
+          max_new_tokens: int = 32, perplexity_limit: float = PERPLEXITY_LIMIT, examples: int = 3,
           progress: Callable[[int], None] | None = None) -> Sweep:
     """One SweepPoint per strength (one, ignored, for ablate), against the unsteered replies."""
     tok = handle.tokenizer
     base = generate_with_ids(handle, conversations, max_new_tokens)
     base_text = [decode_text(tok, r, skip_special_tokens=True).strip() for r in base]
+    base_perplexities = [reply_perplexity(handle, c, r) for c, r in zip(conversations, base)]
     chosen = list(plane.selected_sites if sites is None else sites)
     acts = last_prompt_activations(handle, conversations, chosen)
     points = []
@@ -109,14 +118,16 @@ def sweep(handle: ModelHandle, plane: SteeringPlane, conversations: Sequence[Con
         intervention = PlaneIntervention.from_plane(plane, method, strength, chosen)
         with steering(handle, intervention):
             replies = generate_with_ids(handle, conversations, max_new_tokens)
-            perplexities = [reply_perplexity(handle, c, r) for c, r in zip(conversations, replies)]
+        perplexities = [reply_perplexity(handle, c, r) for c, r in zip(conversations, replies)]   # unsteered
         texts = [decode_text(tok, r, skip_special_tokens=True).strip() for r in replies]
+        degeneracy = judge_degeneracy(texts, perplexities, perplexity_limit=perplexity_limit)
         ratios = [(intervention.apply(acts[s], s).norm(dim=-1) / acts[s].norm(dim=-1)).mean() for s in chosen]
         points.append(SweepPoint(
             method=method, strength=float(strength),
             refusal_rate=round(sum(judge(conversations, texts)) / len(texts), 4),
             perplexity_mean=round(sum(perplexities) / len(perplexities), 4),
             perplexity_violations=sum(p > perplexity_limit for p in perplexities),
+            degenerate_rate=round(degeneracy.rate, 4), repetition_mean=round(degeneracy.repetition_mean, 4),
             norm_ratio=round(float(torch.stack(ratios).mean()), 4),
             distance=round(sum(edit_distance(r.tolist(), b.tolist()) for r, b in zip(replies, base)) / len(base), 4),
             examples=texts[:examples]))
@@ -125,6 +136,7 @@ def sweep(handle: ModelHandle, plane: SteeringPlane, conversations: Sequence[Con
     return Sweep(model=handle.name, sites=chosen, prompts=len(conversations), max_new_tokens=max_new_tokens,
                  perplexity_limit=perplexity_limit,
                  unsteered_refusal_rate=round(sum(judge(conversations, base_text)) / len(base_text), 4),
+                 unsteered_degeneracy=judge_degeneracy(base_text, base_perplexities, perplexity_limit=perplexity_limit),
                  points=points)
 
 
@@ -153,7 +165,7 @@ def plot_sweeps(sweeps: Sequence[Sweep], path) -> None:
         for s in levels:
             refusal.axhline(s.points[0].refusal_rate, color="black", linestyle=":", label="ablate")
         refusal.set(xlabel=unit, ylabel="refusal rate", ylim=(-0.05, 1.05))
-        perplexity.set(xlabel=unit, ylabel="mean perplexity of the steered reply")
+        perplexity.set(xlabel=unit, ylabel="mean perplexity of the steered reply (unsteered model)")
         perplexity.axhline(group[0].perplexity_limit, color="grey", linestyle="--", linewidth=1)
         for ax in (refusal, perplexity):
             ax.legend()
