@@ -80,13 +80,29 @@ def generate_with_ids(handle: ModelHandle, conversations: Sequence[Conversation]
 def reply_perplexity(handle: ModelHandle, conversation: Conversation, reply: torch.Tensor) -> float:
     """exp(mean negative log-likelihood) of the reply tokens given the prompt, under the model as it is now (call it
     outside any intervention to judge a steered reply by the unsteered model)."""
-    if len(reply) == 0:
-        return 1.0
-    batch = prompt_batch(handle, [conversation])
-    ids = torch.cat([batch.input_ids, reply.to(handle.device)[None]], dim=1)
-    logits = handle.forward(ids, torch.ones_like(ids)).logits[0, batch.input_ids.shape[1] - 1:-1].float()
-    nll = torch.nn.functional.cross_entropy(logits, reply.to(handle.device), reduction="mean")
-    return float(math.exp(float(nll)))
+    return reply_perplexities(handle, [conversation], [reply])[0]
+
+
+@torch.no_grad()
+def reply_perplexities(handle: ModelHandle, conversations: Sequence[Conversation], replies: Sequence[torch.Tensor],
+                       batch_size: int = 16) -> list[float]:
+    """`reply_perplexity` of each reply, batched: prompt and reply right-padded into one forward per batch (1.0 for
+    an empty reply)."""
+    from gavel.models.batching import pad_sequences
+
+    out: list[float] = []
+    pad = handle.tokenizer.pad_token_id or 0
+    for start in range(0, len(conversations), batch_size):
+        chunk = list(zip(conversations[start:start + batch_size], replies[start:start + batch_size]))
+        prompts = [prompt_batch(handle, [c]).encoded[0].input_ids for c, _ in chunk]
+        ids, mask = pad_sequences([torch.cat([p, r.cpu().long()]) for p, (_, r) in zip(prompts, chunk)], pad, "right")
+        logits = handle.forward(ids.to(handle.device), mask.long().to(handle.device)).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(logits.device),
+                                                reduction="none").cpu()                     # [B, T - 1]
+        for row, (p, (_, r)) in enumerate(zip(prompts, chunk)):
+            n, k = len(p), len(r)
+            out.append(1.0 if k == 0 else float(math.exp(float(nll[row, n - 1:n - 1 + k].mean()))))
+    return out
 
 
 def edit_distance(a: Sequence[int], b: Sequence[int]) -> float:
@@ -110,7 +126,7 @@ def sweep(handle: ModelHandle, plane: SteeringPlane, conversations: Sequence[Con
     tok = handle.tokenizer
     base = generate_with_ids(handle, conversations, max_new_tokens)
     base_text = [decode_text(tok, r, skip_special_tokens=True).strip() for r in base]
-    base_perplexities = [reply_perplexity(handle, c, r) for c, r in zip(conversations, base)]
+    base_perplexities = reply_perplexities(handle, conversations, base)
     chosen = list(plane.selected_sites if sites is None else sites)
     acts = last_prompt_activations(handle, conversations, chosen)
     points = []
@@ -118,7 +134,7 @@ def sweep(handle: ModelHandle, plane: SteeringPlane, conversations: Sequence[Con
         intervention = PlaneIntervention.from_plane(plane, method, strength, chosen)
         with steering(handle, intervention):
             replies = generate_with_ids(handle, conversations, max_new_tokens)
-        perplexities = [reply_perplexity(handle, c, r) for c, r in zip(conversations, replies)]   # unsteered
+        perplexities = reply_perplexities(handle, conversations, replies)   # under the unsteered model
         texts = [decode_text(tok, r, skip_special_tokens=True).strip() for r in replies]
         degeneracy = judge_degeneracy(texts, perplexities, perplexity_limit=perplexity_limit)
         ratios = [(intervention.apply(acts[s], s).norm(dim=-1) / acts[s].norm(dim=-1)).mean() for s in chosen]

@@ -66,3 +66,28 @@ def test_a_sweep_reads_replies_with_the_unsteered_model(organism):
     added = sweep(organism, plane, prompts, "add", [1.0], max_new_tokens=12).points[0]
     assert added.refusal_rate == 0.0 and added.degenerate_rate == 1.0 and added.repetition_mean > 0.5
     assert torch.isfinite(torch.tensor(added.perplexity_mean))
+
+
+def test_batched_perplexities_equal_one_at_a_time(organism):
+    from gavel.organism.datasets import prompt_set
+    from gavel.steering.evaluate import generate_with_ids, reply_perplexities, reply_perplexity
+
+    prompts = prompt_set("benign")[:5] + prompt_set("harmful")[:4]
+    replies = generate_with_ids(organism, prompts, 10)
+    replies[2] = replies[2][:0]                                   # an empty reply
+    replies[3] = torch.flip(replies[3], [0])                      # an implausible one
+    batched = reply_perplexities(organism, prompts, replies, batch_size=4)
+    single = []
+    for c, r in zip(prompts, replies):
+        from gavel.models.generation import prompt_batch
+
+        ids = torch.cat([prompt_batch(organism, [c]).input_ids[0], r])[None]
+        if len(r) == 0:
+            single.append(1.0)
+            continue
+        with torch.no_grad():
+            logits = organism.forward(ids, torch.ones_like(ids)).logits[0, -len(r) - 1:-1].float()
+        single.append(float(torch.nn.functional.cross_entropy(logits, r).exp()))
+    assert batched == pytest.approx(single, rel=1e-4)
+    assert batched[3] > batched[4] and reply_perplexity(organism, prompts[0], replies[0]) == pytest.approx(single[0],
+                                                                                                           rel=1e-4)
