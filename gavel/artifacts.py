@@ -6,15 +6,18 @@ version, the fingerprint of the model it was made for, its provenance and the sh
 and `read_artifact` are the only code that touches these files: a missing or malformed manifest, another kind or
 version, a tensor that does not match its digest, or (unless forced) another model is refused with one
 `ArtifactError` naming the folder and the field. Never pickle.
+
+A manifest may also record what the artifact was fitted on (`fitted_on`: per named set, a digest of each item), so
+an evaluation can tell whether its data is held out (`FittedOn.overlap`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -49,6 +52,81 @@ class ModelFingerprint(BaseModel):
                     hint="fit it again on this model, or pass --force if you know they are compatible")
 
 
+ITEM_DIGEST_LENGTH = 16   # hex digits kept of each item's sha256
+
+
+def canonical(item: Any) -> Any:
+    """An item as plain JSON values, so that the same data always digests alike: text with its runs of whitespace
+    made single spaces and its ends stripped, mappings with string keys, sequences as lists. Conversations
+    (lists of {role, content}), problems (their question) and token ids all come out as such values."""
+    if isinstance(item, str):
+        return " ".join(item.split())
+    if isinstance(item, Mapping):
+        return {str(k): canonical(v) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        return [canonical(v) for v in item]
+    if item is None or isinstance(item, (bool, int, float)):
+        return item
+    raise TypeError(f"cannot fingerprint a {type(item).__name__}: give text, numbers, lists or mappings")
+
+
+def item_digest(item: Any) -> str:
+    """The first 16 hex digits of the sha256 of the item's canonical JSON (keys sorted)."""
+    text = json.dumps(canonical(item), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:ITEM_DIGEST_LENGTH]
+
+
+class DataFingerprint(BaseModel):
+    """One named set of data an artifact was fitted on: where it came from (as the user named it), how many items,
+    each item's digest (in order) and a digest of the set (of its sorted item digests: order does not change it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = ""
+    count: int
+    digest: str
+    items: list[str]
+
+    @classmethod
+    def of(cls, items: Iterable[Any], source: str = "") -> DataFingerprint:
+        digests = [item_digest(item) for item in items]
+        whole = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+        return cls(source=source, count=len(digests), digest=whole, items=digests)
+
+
+class SetOverlap(BaseModel):
+    """How many of an evaluation set's items an artifact was fitted on, and in which of its fit sets they were."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    overlapping: int
+    total: int
+    fit_sets: list[str] = []
+
+
+class FittedOn(BaseModel):
+    """What an artifact was fitted on: its data sets by name (the fitting command's option: pos, neg, benign, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sets: dict[str, DataFingerprint]
+
+    @classmethod
+    def of(cls, sets: Mapping[str, tuple[str, Iterable[Any]]]) -> FittedOn:
+        """From {set name: (source, items)}."""
+        return cls(sets={name: DataFingerprint.of(items, source) for name, (source, items) in sets.items()})
+
+    def overlap(self, items: Iterable[Any]) -> SetOverlap:
+        """How many of `items` (counted with repeats) are items of any fit set, and which sets those are."""
+        digests = [item_digest(item) for item in items]
+        seen = {name: set(s.items) for name, s in self.sets.items()}
+        shared = [d for d in digests if any(d in s for s in seen.values())]
+        return SetOverlap(overlapping=len(shared), total=len(digests),
+                          fit_sets=[name for name, s in seen.items() if s.intersection(shared)])
+
+    def overlapping(self, items: Iterable[Any]) -> list[bool]:
+        """Per item: whether it is an item of any fit set."""
+        fit = set().union(*(s.items for s in self.sets.values()))
+        return [item_digest(item) in fit for item in items]
+
+
 class Manifest(BaseModel):
     """What every artifact's manifest holds; each kind derives from it, fixing `kind` and adding its own fields."""
 
@@ -57,6 +135,7 @@ class Manifest(BaseModel):
     kind: str
     fingerprint: ModelFingerprint | None = None     # the model it was made for (None: not tied to one)
     provenance: dict[str, str] = {}
+    fitted_on: FittedOn | None = None               # the data it was fitted on (None: not recorded)
     tensors: dict[str, str] = {}                    # tensor name -> sha256 (filled in by write_artifact)
 
 

@@ -3,7 +3,8 @@
 `__init__` only stores its keyword arguments under the same names; learned state ends in `_` and only `fit` sets
 it. `get_params` / `set_params` / `clone` work from the constructor's signature. `save(dir)` writes one artifact
 (`gavel.artifacts`): learned tensors and learned networks' weights as tensors, every other learned value as JSON in
-the manifest, the parameters, and the fingerprint of the model it was fitted on; `load(dir)` rebuilds the
+the manifest, the parameters, the fingerprint of the model it was fitted on and (given) a fingerprint of the data it
+was fitted on (`fitted_on`); `load(dir)` rebuilds the
 estimator, refusing an artifact of another kind or (with the live model's fingerprint) of another model.
 """
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
-from gavel.artifacts import Manifest, ModelFingerprint, read_artifact, write_artifact
+from gavel.artifacts import FittedOn, Manifest, ModelFingerprint, read_artifact, write_artifact
 from gavel.errors import ArtifactError, GavelError, check_is_fitted, did_you_mean
 
 E = TypeVar("E", bound="Estimator")
 
-_MANIFEST_FIELDS = ("fingerprint_",)   # learned state kept in the manifest's own fields, not among `learned`
+_MANIFEST_FIELDS = ("fingerprint_", "fitted_on_")   # learned state kept in the manifest's own fields
 
 
 class EstimatorManifest(Manifest):
@@ -49,6 +50,8 @@ class Estimator:
     fit: ClassVar[Callable[..., Any]]
     # learned: the model it was fitted on, set by a fit that knows it or by `load` (absent otherwise)
     fingerprint_: ModelFingerprint
+    # learned: the data it was fitted on, set by `load` from an artifact that records it (absent otherwise)
+    fitted_on_: FittedOn
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -96,9 +99,10 @@ class Estimator:
 
     # ---- artifact
     def save(self, directory: str | os.PathLike[str], *, fingerprint: ModelFingerprint | None = None,
-             provenance: Mapping[str, str] | None = None) -> Path:
-        """One artifact: learned tensors and networks, parameters, JSON learned state and the fingerprint of the
-        model it was fitted on (`fingerprint`, default the estimator's own `fingerprint_` when it has one)."""
+             provenance: Mapping[str, str] | None = None, fitted_on: FittedOn | None = None) -> Path:
+        """One artifact: learned tensors and networks, parameters, JSON learned state, the fingerprint of the
+        model it was fitted on (`fingerprint`, default the estimator's own `fingerprint_` when it has one) and of the
+        data (`fitted_on`, default its own `fitted_on_` when it has one: what evaluations check they do not reuse)."""
         import torch
 
         learned = self._learned()
@@ -118,7 +122,7 @@ class Estimator:
             kind=self.artifact_kind, estimator=type(self).__name__,
             params={k: _jsonable(v, f"{type(self).__name__}({k}=...)") for k, v in self.get_params().items()},
             learned=rest, modules=modules, fingerprint=fingerprint or getattr(self, "fingerprint_", None),
-            provenance=dict(provenance or {}))
+            provenance=dict(provenance or {}), fitted_on=fitted_on or getattr(self, "fitted_on_", None))
         return write_artifact(directory, manifest, tensors)
 
     @classmethod
@@ -148,16 +152,20 @@ class Estimator:
             setattr(est, name, net.eval())
         if manifest.fingerprint is not None:
             est.fingerprint_ = manifest.fingerprint
+        if manifest.fitted_on is not None:
+            est.fitted_on_ = manifest.fitted_on
         est._restore()
         return est
 
 
 def _forgetting_the_model(fit: Callable[..., Any]) -> Callable[..., Any]:
     """`fit` that first forgets which model an earlier fit (or `load`) was for: a refit on other activations must not
-    keep, and save, the old model's fingerprint (a fit that knows its model sets `fingerprint_` again)."""
+    keep, and save, the old model's fingerprint (a fit that knows its model sets `fingerprint_` again), nor the old
+    data's `fitted_on_`."""
     @functools.wraps(fit)
     def wrapper(self: Estimator, *args: Any, **kwargs: Any) -> Any:
         self.__dict__.pop("fingerprint_", None)
+        self.__dict__.pop("fitted_on_", None)
         return fit(self, *args, **kwargs)
     return wrapper
 

@@ -7,11 +7,22 @@ from typing import Annotated
 
 import typer
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
+from gavel.cli.common import (
+    AllowOverlapOpt,
+    JsonOpt,
+    ModelOpt,
+    check_overlap,
+    console,
+    make_table,
+    print_overlap,
+    progress_bar,
+    user_errors,
+)
 
 align_app = typer.Typer(help="LLM-VA: align the model's answering with its own benign/toxic judgement.",
                         no_args_is_help=True)
-SourcesOpt = Annotated[list[str], typer.Option(help="Prompt files or organism sets (repeatable).")]
+SourcesOpt = Annotated[list[str], typer.Option(help="Prompt files or organism sets, optionally sliced "
+                                                   "(builtin:harmful[0:10]) (repeatable).")]
 DeltaOpt = Annotated[Path, typer.Option("--delta", help="A folder written by `gavel align fit` (or its delta/).")]
 JudgeOpt = Annotated[str, typer.Option(help="Who says a reply refused: phrases (refusal phrases) or BANK:CE (a "
                                             "refusal CE).")]
@@ -34,7 +45,11 @@ def fit(benign: SourcesOpt, toxic: SourcesOpt,
         seed: Annotated[int, typer.Option(help="Seed of the splits and samples.")] = 0,
         judge: JudgeOpt = "phrases", as_json: JsonOpt = False) -> None:
     """Fit LLM-VA: per round, judge greedy replies (refusal phrases or a refusal CE), fit answer/benign SVM
-    directions per sublayer, edit the top sublayers' output weights; keep the round with the best validation F1."""
+    directions per sublayer, edit the top sublayers' output weights; keep the round with the best validation F1.
+    The delta records a digest of every --benign and --toxic prompt, so `align eval` can refuse to reuse them."""
+    import dataclasses
+
+    from gavel.artifacts import FittedOn
     from gavel.models.loading import load_model
     from gavel.runtime.judges import judge_from
     from gavel.steering.llmva.loop import fit_llmva
@@ -49,9 +64,12 @@ def fit(benign: SourcesOpt, toxic: SourcesOpt,
             with log_path.open("a") as f:
                 f.write(step.model_dump_json() + "\n")
             advance(1)
-        result = fit_llmva(handle, _prompts(benign), _prompts(toxic), iterations=iterations, l_select=l_select,
+        benign_prompts, toxic_prompts = _prompts(benign), _prompts(toxic)
+        result = fit_llmva(handle, benign_prompts, toxic_prompts, iterations=iterations, l_select=l_select,
                            sample=sample or None, max_new_tokens=max_new_tokens, seed=seed, log=log,
                            judge=judge_from(judge, handle))
+        result.delta = dataclasses.replace(result.delta, fitted_on=FittedOn.of(
+            {"benign": (" + ".join(benign), benign_prompts), "toxic": (" + ".join(toxic), toxic_prompts)}))
         result.save(out)
     report = {"out": str(out), "best_iteration": result.best, "history": [h.model_dump() for h in result.history]}
     if as_json:
@@ -73,8 +91,11 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
              utility: Annotated[str, typer.Option(help="none, or builtin:arithmetic (the organism's 2-digit "
                                                       "additions).")] = "none",
              max_new_tokens: Annotated[int, typer.Option(help="Tokens per judged reply.")] = 48,
-             judge: JudgeOpt = "phrases", as_json: JsonOpt = False) -> None:
-    """ASR on the toxic prompts, over-refusal on the benign ones, F1 and utility, before and after the edit."""
+             judge: JudgeOpt = "phrases", allow_overlap: AllowOverlapOpt = False, as_json: JsonOpt = False) -> None:
+    """ASR on the toxic prompts, over-refusal on the benign ones, F1 and utility, before and after the edit.
+
+    --benign and --toxic must be held out: a prompt the delta was fitted on is refused unless --allow-overlap; the
+    JSON's `overlap` counts them either way."""
     from gavel.errors import DataError
     from gavel.models.loading import load_model
     from gavel.organism.behaviour import arithmetic_accuracy
@@ -88,14 +109,19 @@ def evaluate(delta: DeltaOpt, benign: SourcesOpt, toxic: SourcesOpt, model: Mode
         edit = load_delta(delta, handle.fingerprint())
         task = arithmetic_accuracy if utility == "builtin:arithmetic" else None
         b, t = _prompts(benign), _prompts(toxic)
+        overlap = check_overlap(edit.fitted_on, {"--benign": b, "--toxic": t}, artifact=f"the alignment {delta}",
+                                allow=allow_overlap, held_out="held-out prompts (e.g. fit on builtin:harmful[0:10], "
+                                                              "evaluate on builtin:harmful[10:])")
         judged = judge_from(judge, handle)
         before = measure(handle, b, t, judge=judged, max_new_tokens=max_new_tokens, utility=task)
         with edit.applied(handle.hf_model):
             after = measure(handle, b, t, judge=judged, max_new_tokens=max_new_tokens, utility=task)
-    report = {"benign": len(b), "toxic": len(t), "before": before.model_dump(), "after": after.model_dump()}
+    report = {"benign": len(b), "toxic": len(t), "before": before.model_dump(), "after": after.model_dump(),
+              "overlap": overlap}
     if as_json:
         print(json.dumps(report, indent=2))
         return
+    print_overlap(overlap, f"the alignment {delta}")
     columns = ("", "ASR", "over-refusal", "F1", "utility")
     table = make_table(*columns, title=f"{len(b)} benign, {len(t)} toxic prompts", numeric=columns)
     for name, m in (("before", before), ("after", after)):

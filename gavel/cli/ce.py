@@ -10,12 +10,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from gavel.cli.common import (
+    AllowOverlapOpt,
     DataOpt,
     JsonOpt,
     ModelOpt,
+    check_overlap,
     console,
     load_data,
     make_table,
+    print_overlap,
     progress_bar,
     user_errors,
 )
@@ -82,7 +85,9 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
     """Fit a calibrated CE bank on labelled data and report held-out metrics per CE.
 
     Activations stream through: memory holds a bounded sample of training rows and the scores of the held-out
-    rows, never a whole dataset's activations (see docs/probes.md, "Memory")."""
+    rows, never a whole dataset's activations (see docs/probes.md, "Memory"). The bank records a digest of every
+    conversation of --data (and its calibration sets), so `ce eval` can refuse to evaluate on them."""
+    from gavel.artifacts import FittedOn
     from gavel.models.loading import load_model
     from gavel.probes.fit import calibration_method, fit_bank
 
@@ -112,6 +117,10 @@ def ce_fit(out: Annotated[Path, typer.Option("--out", "-o", help="Directory to w
                             calibration=calibration_method(calibration), target_fpr=target_fpr, seed=seed,
                             calibration_data=calibration_data, max_rows=max_rows, sae=loaded_sae, progress=advance,
                             provenance=provenance)
+        fit_sets = {"data": (" + ".join(data), _items(dataset))}
+        if calibration_data is not None:
+            fit_sets["data (calibration)"] = (" + ".join(data), _items(calibration_data))
+        bank.manifest = bank.manifest.model_copy(update={"fitted_on": FittedOn.of(fit_sets)})
         bank.save(out)
     rows = {c.name: {**c.metrics, "threshold": c.threshold} for c in bank.manifest.ces}
     if as_json:
@@ -129,23 +138,51 @@ def ce_eval(bank: BankOpt, data: DataOpt, model: ModelOpt = "builtin:organism",
             which: Annotated[str, typer.Option(
                 help="With GAVEL ces/ folders: excitation (single exchanges) or calibration (their calibration.json "
                      "conversations).")] = "excitation",
+            allow_overlap: AllowOverlapOpt = False,
+            drop_overlap: Annotated[bool, typer.Option(
+                "--drop-overlap", help="Leave out the conversations the bank was fitted on and evaluate on the "
+                                       "rest (e.g. of builtin:organism:N:SEED, another seed than the fit's).")] = False,
             as_json: JsonOpt = False) -> None:
-    """Measure a CE bank on labelled data: AUROC, AUPRC, TPR at 1% FPR, sequence rates, support."""
+    """Measure a CE bank on labelled data: AUROC, AUPRC, TPR at 1% FPR, sequence rates, support.
+
+    --data must be held out: a conversation the bank was fitted on is refused unless --allow-overlap (or left out
+    with --drop-overlap); the JSON's `overlap` counts them either way."""
     from gavel.models.loading import load_model
     from gavel.probes.bank import CEBank
+    from gavel.probes.data import CEDataset
     from gavel.probes.evaluate import evaluate_bank
 
     with user_errors():
         handle = load_model(model)
         loaded = CEBank.load(bank, fingerprint=handle.fingerprint(), force=force)
         dataset = load_data(data, handle.tokenizer, which)
+        fitted_on, dropped = loaded.manifest.fitted_on, 0
+        if drop_overlap and fitted_on is not None:
+            shared = fitted_on.overlapping(_items(dataset))
+            dropped = sum(shared)
+            dataset = CEDataset(dataset.ces, tuple(e for e, s in zip(dataset.examples, shared) if not s))
+            if not dataset.examples:
+                raise GavelError(f"every conversation of --data was used to fit the CE bank {bank}; pass held-out "
+                                 "data (e.g. builtin:organism:N:SEED with another seed than the fit's)")
+        overlap = {**check_overlap(fitted_on, {"--data": _items(dataset)}, artifact=f"the CE bank {bank}",
+                                   allow=allow_overlap, noun="conversations",
+                                   held_out="held-out data (e.g. builtin:organism:N:SEED with another seed than the "
+                                            "fit's, with --drop-overlap)"), "dropped": dropped}
         with progress_bar("collecting activations", len(dataset.examples)) as advance:
             rows = evaluate_bank(handle, loaded, dataset, progress=advance)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"ces": rows, "overlap": overlap}, indent=2))
         return
+    print_overlap(overlap, f"the CE bank {bank}", noun="conversations")
+    if dropped:
+        console.print(f"left out {dropped} conversations the bank was fitted on (--drop-overlap)")
     suffix = " (calibration sets)" if which == "calibration" else ""
     console.print(_metrics_table(f"CE bank {bank} on {' + '.join(data)}{suffix}", rows))
+
+
+def _items(dataset) -> list[list[int]]:
+    """A CE dataset's conversations as what fit and evaluation data are compared by: their token ids."""
+    return [e.encoded.input_ids.tolist() for e in dataset.examples]
 
 
 @ce_app.command("threshold")

@@ -4,16 +4,19 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gavel.errors import GavelError
+from gavel.errors import DataError, GavelError
+
+if TYPE_CHECKING:
+    from gavel.artifacts import FittedOn
 
 
 def _width(stream) -> int | None:
@@ -107,8 +110,9 @@ class ProgressLines:
                           markup=False, highlight=False, soft_wrap=True)
 
 
-DataOpt = Annotated[list[str], typer.Option("--data", "-d", help="builtin:organism[:N], a labelled-span .jsonl file, "
-                                            "or a GAVEL ces/ directory; repeat to merge.")]
+DataOpt = Annotated[list[str], typer.Option("--data", "-d", help="builtin:organism[:N[:SEED]] (SEED of the corpus, "
+                                            "default 0), a labelled-span .jsonl file, or a GAVEL ces/ directory; "
+                                            "repeat to merge.")]
 
 
 def load_data(specs: list[str], tokenizer, which: str = "excitation", shown: set[str] | None = None):
@@ -127,3 +131,41 @@ def load_data(specs: list[str], tokenizer, which: str = "excitation", shown: set
                 shown.add(warning)
                 err_console.print(escape(warning), soft_wrap=True, highlight=False)
     return datasets[0] if len(datasets) == 1 else merge_datasets(*datasets)
+
+
+# ---- fit and evaluation data are disjoint (docs/evaluation.md, "Fit and evaluation data")
+AllowOverlapOpt = Annotated[bool, typer.Option(
+    "--allow-overlap", help="Evaluate even on items the artifact was fitted on (refused otherwise); the report "
+                            "counts them per set.")]
+
+
+def check_overlap(fitted_on: FittedOn | None, evaluated: Mapping[str, Sequence[Any]], *, artifact: str,
+                  allow: bool, noun: str = "prompts", held_out: str = "held-out data") -> dict[str, Any]:
+    """The `overlap` field of an evaluation report: per evaluation set (named by its option, e.g. `--benign`), how
+    many of its items the artifact was fitted on. Any at all is a DataError naming the counts and the fit set,
+    unless `allow`; an artifact that records no fit data (`fitted_on` None) is evaluated, with `fit_data` unknown."""
+    if fitted_on is None:
+        return {"fit_data": "unknown", "allowed": allow,
+                "sets": {flag: {"overlapping": None, "total": len(items), "fit_sets": []}
+                         for flag, items in evaluated.items()}}
+    sets = {flag: fitted_on.overlap(items) for flag, items in evaluated.items()}
+    for flag, found in sets.items():
+        if found.overlapping and not allow:
+            theirs = ", ".join(f"--{name}" for name in found.fit_sets)
+            raise DataError(f"{found.overlapping} of {found.total} evaluation {noun} in {flag} were used to fit "
+                            f"{artifact} (its {theirs}); pass {held_out}, or --allow-overlap to evaluate anyway")
+    return {"fit_data": "recorded", "allowed": allow, "sets": {flag: o.model_dump() for flag, o in sets.items()}}
+
+
+def print_overlap(overlap: Mapping[str, Any], artifact: str, noun: str = "prompts") -> None:
+    """The human form: a warning line per evaluation set that reuses fit data, or one saying the fit data is
+    unknown; nothing when the evaluation is held out."""
+    if overlap["fit_data"] == "unknown":
+        console.print(f"[yellow]note:[/] fit data unknown: {escape(artifact)} records none, so the evaluation data "
+                      "was not checked for overlap with it", soft_wrap=True)
+        return
+    for flag, found in overlap["sets"].items():
+        if found["overlapping"]:
+            console.print(f"[bold yellow]warning:[/] {found['overlapping']} of {found['total']} evaluation {noun} in "
+                          f"{flag} were used to fit {escape(artifact)} (--allow-overlap): not a held-out evaluation",
+                          soft_wrap=True)

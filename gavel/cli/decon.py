@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
+from gavel.cli.common import (
+    AllowOverlapOpt,
+    JsonOpt,
+    ModelOpt,
+    check_overlap,
+    console,
+    make_table,
+    print_overlap,
+    progress_bar,
+    user_errors,
+)
 from gavel.errors import DataError
 
 decon_app = typer.Typer(help="DeconIEP: train a bounded prompt-embedding perturbation, measure RC and BUD.",
@@ -49,7 +59,9 @@ def train(out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write
           seed: Annotated[int, typer.Option(help="Seed of G's weights, batch order and sampling.")] = 0,
           as_json: JsonOpt = False) -> None:
     """Train G against the reference on the training prompts; f_con stays frozen. Saves safetensors + manifest
-    (both models' fingerprints)."""
+    (both models' fingerprints, and a digest of every training prompt so `decon eval` can check its splits are held
+    out)."""
+    from gavel.artifacts import FittedOn
     from gavel.decon.train import DeconIEP
     from gavel.models.loading import load_model
     from gavel.organism.decon import TRAIN_DATA, decon_splits
@@ -71,7 +83,7 @@ def train(out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write
             est.fit(f_con, f_ref, prompts, on_step=lambda step, loss: advance(1),
                     checkpoint_dir=out / "checkpoints" if checkpoint_every else None,
                     checkpoint_every=checkpoint_every, data=data)
-        est.save(out)
+        est.save(out, fitted_on=FittedOn.of({"data": (data, prompts)}))
     losses = est.losses_
     tail = losses[-max(1, len(losses) // 10):]
     report = {"out": str(out), "steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
@@ -98,17 +110,26 @@ def evaluate(perturbation: Annotated[Path, typer.Option("--perturbation", "-p", 
              = None,
              rules: Annotated[list[Path] | None, typer.Option(help="Rule files whose `perturb` rules gate the "
                                                                       "perturbation (a rule-gated row).")] = None,
-             as_json: JsonOpt = False) -> None:
+             allow_overlap: AllowOverlapOpt = False, as_json: JsonOpt = False) -> None:
     """RC before/after (leaked items G never saw) and BUD (held-out items + 2-digit arithmetic) on the organism
-    splits, at the trained zeta or over a sweep; with --bank and --rules also applied only where a rule holds."""
+    splits, at the trained zeta or over a sweep; with --bank and --rules also applied only where a rule holds.
+
+    The splits must be held out from G's training prompts (as builtin:decon-train is): a G trained on any of them is
+    refused unless --allow-overlap; the JSON's `overlap` counts them either way."""
     from gavel.decon.train import DeconIEP
     from gavel.models.loading import load_model
-    from gavel.organism.decon import evaluate_decon
+    from gavel.organism.decon import decon_splits, evaluate_decon
 
     with user_errors():
         zetas = _zetas(zeta_sweep) if zeta_sweep is not None else None
         f_con = load_model(model)
         est = DeconIEP.load(perturbation, fingerprint=f_con.fingerprint(), force=force)
+        splits = decon_splits()
+        overlap = check_overlap(getattr(est, "fitted_on_", None),
+                                {name: [p.conversation for p in getattr(splits, name)]
+                                 for name in ("leaked_eval", "heldout_eval", "arithmetic_eval")},
+                                artifact=f"the perturbation {perturbation}", allow=allow_overlap,
+                                held_out="a G trained on builtin:decon-train (the organism's training split)")
         f_clean = load_model(clean)
         guard = None
         if (bank is None) != (not rules):
@@ -122,9 +143,10 @@ def evaluate(perturbation: Annotated[Path, typer.Option("--perturbation", "-p", 
                                     guard=guard,
                                     names={"model": model, "clean": clean, "perturbation": str(perturbation)})
     if as_json:
-        print(report.model_dump_json(indent=2))
+        print(json.dumps({**json.loads(report.model_dump_json()), "overlap": overlap}, indent=2))
         return
     console.print(f"DeconIEP {perturbation} on {model} (clean: {clean})", soft_wrap=True, markup=False)
+    print_overlap(overlap, f"the perturbation {perturbation}")
     columns = ("zeta", "acc leaked", "RC", "acc held-out", "acc arithmetic", "acc clean data", "BUD")
     table = make_table(*columns, numeric=columns, title=f"RC before {report.rc_before:.3f} = "
                                                         f"|{report.acc_leaked:.3f} - {report.clean_acc_leaked:.3f}|")

@@ -9,7 +9,17 @@ from typing import Annotated, NotRequired, TypedDict
 import typer
 from rich.markup import escape
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
+from gavel.cli.common import (
+    AllowOverlapOpt,
+    JsonOpt,
+    ModelOpt,
+    check_overlap,
+    console,
+    make_table,
+    print_overlap,
+    progress_bar,
+    user_errors,
+)
 
 neurons_app = typer.Typer(help="MLP neurons: AdaRAS reasoning neurons to steer with (find, gate, eval, steer), and "
                                "the few neurons behind a behaviour to fine-tune alone (select, tune).",
@@ -17,6 +27,7 @@ neurons_app = typer.Typer(help="MLP neurons: AdaRAS reasoning neurons to steer w
 ProblemsOpt = Annotated[str, typer.Option(help="Problems with answers: an organism set (builtin:arithmetic_2digit), "
                                                "optionally sliced, builtin:arithmetic_2digit[0:25].")]
 NeuronsOpt = Annotated[Path, typer.Option("--neurons", help="A neuron set folder (gavel neurons find).")]
+HELD_OUT = "held-out problems (e.g. find on builtin:arithmetic_2digit[0:25], evaluate on [25:50])"
 
 
 def _problems(spec: str):
@@ -32,6 +43,13 @@ def _problems(spec: str):
         low, _, high = rest.rstrip("]").partition(":")
         span = slice(int(low) if low else None, int(high) if high else None)
     return organism_problems(name, span)
+
+
+def _fitted_on(problems: str, chosen):
+    """What a neuron set or gate fitted on `problems` records: each problem's conversation (its question)."""
+    from gavel.artifacts import FittedOn
+
+    return FittedOn.of({"problems": (problems, [p.conversation for p in chosen])})
 
 
 def _checker():
@@ -64,7 +82,8 @@ def find(problems: ProblemsOpt, out: Annotated[Path, typer.Option("--out", "-o",
         neurons = ReasoningNeurons(k=k, polarity=polarity).fit(correct, incorrect)
         neurons.save(out, fingerprint=handle.fingerprint(),
                      provenance={"problems": problems, "samples": str(samples),
-                                 **{k: str(v) for k, v in counts.items()}})
+                                 **{k: str(v) for k, v in counts.items()}},
+                     fitted_on=_fitted_on(problems, chosen))
     kept_per_site = dict(zip(neurons.sites_, neurons.kept_.sum(1).tolist()))
     report = {"out": str(out), **counts, "kept_per_site": kept_per_site}
     if as_json:
@@ -103,7 +122,7 @@ def gate(neurons_dir: NeuronsOpt, problems: ProblemsOpt,
         features = prompt_features(handle, [p.conversation for p in chosen], neurons.sites_)
         gate_model = FailureGate(k_features=k_features, hidden=hidden, epochs=epochs, lr=1e-2,
                                  weight_decay=weight_decay).fit(features, fails)
-        gate_model.save(out)
+        gate_model.save(out, fitted_on=_fitted_on(problems, chosen))
     report = {"out": str(out), "problems": len(chosen), "failures": int(fails.sum()),
               "train_accuracy": round(float(gate_model.train_accuracy_), 4)}
     if as_json:
@@ -132,9 +151,12 @@ def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "
              gate_dir: Annotated[Path | None, typer.Option("--gate", help="A gate (gavel neurons gate): also "
                                                                           "steer only where it predicts a failure.")]
              = None,
-             as_json: JsonOpt = False) -> None:
+             allow_overlap: AllowOverlapOpt = False, as_json: JsonOpt = False) -> None:
     """Greedy accuracy without steering, with the neurons, with a random-neuron control and (with --gate) with the
-    neurons only where the gate predicts a failure, per alpha."""
+    neurons only where the gate predicts a failure, per alpha.
+
+    --problems must be held out: a problem the neurons (or the gate) were fitted on is refused unless
+    --allow-overlap; the JSON's `overlap` (and `gate_overlap`) count them either way."""
     import torch
 
     from gavel.models.loading import load_model
@@ -145,17 +167,28 @@ def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "
         handle = load_model(model)
         neurons = ReasoningNeurons.load(neurons_dir, handle.fingerprint())
         chosen, check = _problems(problems), _checker()
+        asked = {"--problems": [p.conversation for p in chosen]}
+        overlaps = {"overlap": check_overlap(getattr(neurons, "fitted_on_", None), asked, allow=allow_overlap,
+                                             artifact=f"the neuron set {neurons_dir}", noun="problems",
+                                             held_out=HELD_OUT)}
+        gate = None
+        if gate_dir is not None:
+            from gavel.steering.adaras.gate import FailureGate
+
+            gate = FailureGate.load(gate_dir)
+            overlaps["gate_overlap"] = check_overlap(getattr(gate, "fitted_on_", None), asked, allow=allow_overlap,
+                                                     artifact=f"the gate {gate_dir}", noun="problems",
+                                                     held_out=HELD_OUT)
         rows: _EvalRows = {"baseline": accuracy(handle, chosen, check), "steered": {}, "random": {}}
         for a in alpha:
             for into, which in ((rows["steered"], neurons), (rows["random"], neurons.random_control(control_seed))):
                 with handle.hooks(NeuronIntervention.from_neurons(which, a).to(handle.device).hooks()):
                     into[str(a)] = accuracy(handle, chosen, check)
-        if gate_dir is not None:
+        if gate is not None:
             from gavel.models.generation import generate_replies
-            from gavel.steering.adaras.gate import FailureGate
             from gavel.steering.adaras.traces import prompt_features
 
-            predicted = FailureGate.load(gate_dir).predict(
+            predicted = gate.predict(
                 prompt_features(handle, [p.conversation for p in chosen], neurons.sites_))
             replies = generate_replies(handle, [p.conversation for p in chosen], 96)
             failed = torch.tensor([not check(r, p.expected) for r, p in zip(replies, chosen)])
@@ -164,8 +197,11 @@ def evaluate(neurons_dir: NeuronsOpt, problems: ProblemsOpt, model: ModelOpt = "
             rows["gated"] = {str(a): gated_accuracy(handle, chosen, check, NeuronIntervention.from_neurons(neurons, a),
                                                     predicted) for a in alpha}
     if as_json:
-        print(json.dumps({"problems": len(chosen), **rows}, indent=2))
+        print(json.dumps({"problems": len(chosen), **rows, **overlaps}, indent=2))
         return
+    print_overlap(overlaps["overlap"], f"the neuron set {neurons_dir}", noun="problems")
+    if "gate_overlap" in overlaps:
+        print_overlap(overlaps["gate_overlap"], f"the gate {gate_dir}", noun="problems")
     columns = ["alpha", "AdaRAS neurons", "random neurons"] + (
         [f"gated ({rows['gate_steers']:.0%} steered, gate accuracy {rows['gate_accuracy']:.2f})"]
         if "gated" in rows else [])
@@ -238,7 +274,9 @@ def select(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the
            sae_latents: Annotated[int, typer.Option(help="Behaviour-predictive SAE latents used.")] = 8,
            sae_weight: Annotated[float, typer.Option(help="Weight of the SAE attribution (0-1).")] = 0.5,
            as_json: JsonOpt = False) -> None:
-    """Score every MLP neuron by how well it predicts a behaviour (at the last prompt token) and keep the top few."""
+    """Score every MLP neuron by how well it predicts a behaviour (at the last prompt token) and keep the top few.
+    The neuron set records a digest of every prompt it was selected on."""
+    from gavel.artifacts import FittedOn
     from gavel.finetune.behaviour_neurons import BehaviourNeurons
     from gavel.finetune.few_neurons import select_neurons
     from gavel.models.loading import load_model
@@ -258,7 +296,9 @@ def select(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the
         per_layer = {str(layer): len(index) for layer, index in neurons.neurons().items()}
         neurons.save(out, fingerprint=handle.fingerprint(),
                      provenance={"behaviour": source, "sae": str(sae) if sae else "", "positive": str(len(pos)),
-                                 "negative": str(len(neg))})
+                                 "negative": str(len(neg))},
+                     fitted_on=FittedOn.of({"positive": (str(positive or source), pos),
+                                            "negative": (str(negative or source), neg)}))
     summary = {"out": str(out), "kept": int(neurons.kept_.sum()), "of": int(neurons.kept_.numel()),
                "per_layer": per_layer, "positive": len(pos), "negative": len(neg),
                "sae_latents": neurons.latents_.tolist()}

@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from gavel.cli.common import JsonOpt, ModelOpt, console, make_table, progress_bar, user_errors
+from gavel.cli.common import (
+    AllowOverlapOpt,
+    JsonOpt,
+    ModelOpt,
+    check_overlap,
+    console,
+    make_table,
+    print_overlap,
+    progress_bar,
+    user_errors,
+)
 from gavel.errors import DataError
 
 if TYPE_CHECKING:
@@ -34,7 +44,8 @@ def site_list(sites: str, n_layers: int) -> list[str]:
 
 @steer_app.command("fit")
 def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive class (e.g. harmful): a JSONL or "
-                                                         "JSON file, or builtin:harmful.")],
+                                                         "JSON file, or builtin:harmful (builtin:harmful[0:10]: "
+                                                         "its first 10, leaving the rest held out).")],
         neg: Annotated[str, typer.Option("--neg", help="Prompts of the negative class (e.g. builtin:benign).")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the steering artifact to.")],
         model: ModelOpt = "builtin:organism",
@@ -44,7 +55,9 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
                                                    "opposite signs; all: every block.")] = "auto",
         as_json: JsonOpt = False) -> None:
     """Fit a steering plane: per-site difference-of-means candidates at the last prompt token, the shared plane
-    (b1, b2) and the discriminative blocks; saved with the model's fingerprint."""
+    (b1, b2) and the discriminative blocks; saved with the model's fingerprint and a digest of every prompt (so
+    `steer eval` can refuse to evaluate on them)."""
+    from gavel.artifacts import FittedOn
     from gavel.models.loading import load_model
     from gavel.organism.datasets import read_prompts
     from gavel.steering.activations import last_prompt_activations
@@ -59,7 +72,8 @@ def fit(pos: Annotated[str, typer.Option("--pos", help="Prompts of the positive 
         plane = SteeringPlane(layers=layers).fit(*acts)
         plane.save(out, fingerprint=handle.fingerprint(),
                    provenance={"positive": pos, "negative": neg, "sites": sites,
-                               "prompts": f"{len(positive)} positive, {len(negative)} negative"})
+                               "prompts": f"{len(positive)} positive, {len(negative)} negative"},
+                   fitted_on=FittedOn.of({"pos": (pos, positive), "neg": (neg, negative)}))
     per_site = {s: {"mu_pos": round(float(a), 4), "mu_neg": round(float(b), 4), "passes": bool(ok)}
                 for s, a, b, ok in zip(plane.sites_, plane.mu_pos_, plane.mu_neg_, plane.passes_)}
     report = {"out": str(out), "layers": plane.selected_layers, "sites": plane.selected_sites, "per_site": per_site}
@@ -128,7 +142,8 @@ def _strengths(spec: str) -> list[float]:
 @steer_app.command("eval")
 def evaluate(plane_dir: PlaneOpt,
              data: Annotated[str, typer.Option(help="Prompts to steer: a file or builtin:SET (e.g. "
-                                                     "builtin:harmful).")],
+                                                     "builtin:harmful[10:]), held out from the plane's --pos and "
+                                                     "--neg.")],
              methods: Annotated[list[str], typer.Option("--method", help="Methods to sweep (repeatable).")] = [
                  "rotate", "angular", "add"],
              angles: Annotated[str, typer.Option(help="Angles for rotate and angular.")] = "0:360:10",
@@ -137,12 +152,16 @@ def evaluate(plane_dir: PlaneOpt,
              "phrases",
              layers: LayersOpt = "auto", model: ModelOpt = "builtin:organism",
              max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 32,
-             perplexity_limit: Annotated[float, typer.Option(help="Perplexity above which a steered reply is a "
-                                                                   "violation.")] = 2.0,
+             perplexity_limit: Annotated[float, typer.Option(
+                 help="Perplexity under the unsteered model above which a steered reply is a violation (and "
+                      "degenerate).")] = 20.0,
              out: Annotated[Path | None, typer.Option(help="Folder for sweep.json and sweep.png.")] = None,
-             as_json: JsonOpt = False) -> None:
-    """Sweep angles (rotate, angular) and coefficients (add): refusal rate, perplexity and its violations, norm
-    ratio |h'|/|h| and distance from the unsteered replies, per strength."""
+             allow_overlap: AllowOverlapOpt = False, as_json: JsonOpt = False) -> None:
+    """Sweep angles (rotate, angular) and coefficients (add): refusal rate, perplexity under the unsteered model and
+    its violations, degenerate replies, norm ratio |h'|/|h| and distance from the unsteered replies, per strength.
+
+    --data must be held out: a prompt the plane was fitted on (its --pos or --neg) is refused unless
+    --allow-overlap; the JSON's `overlap` counts them either way."""
     from gavel.models.loading import load_model
     from gavel.organism.datasets import read_prompts
     from gavel.runtime.judges import judge_from
@@ -154,6 +173,10 @@ def evaluate(plane_dir: PlaneOpt,
         handle = load_model(model)
         plane = SteeringPlane.load(plane_dir, handle.fingerprint())
         conversations = read_prompts(data)
+        overlap = check_overlap(getattr(plane, "fitted_on_", None), {"--data": conversations},
+                                artifact=f"the steering plane {plane_dir}", allow=allow_overlap,
+                                held_out="held-out prompts (e.g. fit on builtin:harmful[0:10], evaluate on "
+                                         "builtin:harmful[10:])")
         sites = plane.sites_in(layers)
         judged = judge_from(judge, handle)
         plan = {m: ([0.0] if m == "ablate" else _strengths(coefficients if m == "add" else angles))
@@ -164,19 +187,22 @@ def evaluate(plane_dir: PlaneOpt,
                       for m, strengths in plan.items()]
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "sweep.json").write_text(json.dumps([s.model_dump() for s in sweeps], indent=2) + "\n")
+            (out / "sweep.json").write_text(json.dumps({"sweeps": [s.model_dump() for s in sweeps],
+                                                        "overlap": overlap}, indent=2) + "\n")
             plot_sweeps(sweeps, out / "sweep.png")
     if as_json:
-        print(json.dumps([s.model_dump() for s in sweeps], indent=2))
+        print(json.dumps({"sweeps": [s.model_dump() for s in sweeps], "overlap": overlap}, indent=2))
         return
-    columns = ("method", "strength", "refusal", "perplexity", "violations", "|h'|/|h|", "distance")
+    print_overlap(overlap, f"the steering plane {plane_dir}")
+    columns = ("method", "strength", "refusal", "perplexity", "violations", "degenerate", "|h'|/|h|", "distance")
     table = make_table(*columns, numeric=columns[1:],
                        title=f"{len(conversations)} prompts, unsteered refusal rate "
                              f"{sweeps[0].unsteered_refusal_rate:.2f}" if sweeps else "no methods")
     for s in sweeps:
         for p in s.points:
             table.add_row(p.method, f"{p.strength:g}", f"{p.refusal_rate:.2f}", f"{p.perplexity_mean:.2f}",
-                          str(p.perplexity_violations), f"{p.norm_ratio:.3f}", f"{p.distance:.2f}")
+                          str(p.perplexity_violations), f"{p.degenerate_rate:.2f}", f"{p.norm_ratio:.3f}",
+                          f"{p.distance:.2f}")
     console.print(table)
     if out is not None:
         console.print(f"-> {out / 'sweep.json'}, {out / 'sweep.png'}")

@@ -32,7 +32,8 @@ def organism_dataset(tokenizer, n: int, seed: int = 0) -> CEDataset:
 
 
 def load_dataset(spec: str, tokenizer, *, which: str = "excitation", **kw) -> CEDataset:
-    """A CE dataset from `builtin:organism[:N]` (keyword `seed`), or a labelled-span `.jsonl` file or a GAVEL `ces/`
+    """A CE dataset from `builtin:organism[:N[:SEED]]` (or keyword `seed`; another seed than the fit's makes other
+    conversations, for held-out evaluation), or a labelled-span `.jsonl` file or a GAVEL `ces/`
     folder (`gavel.probes.data.load_dataset`, keywords `roles`, `names`). `which="calibration"` reads a GAVEL
     folder's `calibration.json` sets instead of its `excitation.json` ones (only GAVEL folders have them)."""
     which = one_of(which, WHICH, "which")
@@ -44,12 +45,17 @@ def load_dataset(spec: str, tokenizer, *, which: str = "excitation", **kw) -> CE
     if not spec.startswith("builtin:"):
         return load_dataset_file(spec, tokenizer, **kw)
     name, _, count = spec.removeprefix("builtin:").partition(":")
+    count, _, seed = count.partition(":")
     if name not in BUILTINS:
         guess = did_you_mean(name, BUILTINS)
         raise DataError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTINS)}",
                         hint=f"did you mean 'builtin:{guess}'?" if guess else None)
     if count and not (count.isdigit() and int(count) > 0):
         raise DataError(f"bad example count {count!r} in {spec!r}; write builtin:organism:N with N > 0")
+    if seed:
+        if not seed.isdigit():
+            raise DataError(f"bad seed {seed!r} in {spec!r}; write builtin:organism:N:SEED with SEED >= 0")
+        kw["seed"] = int(seed)
     return organism_dataset(tokenizer, int(count) if count else ORGANISM_EXAMPLES, **kw)
 
 
@@ -77,10 +83,22 @@ def problems(name: str, span: slice = slice(None)) -> list[Problem]:
 
 
 def read_prompts(source: str) -> list[Conversation]:
-    """Conversations without their replies from `builtin:NAME` (an organism prompt set) or a JSONL/JSON file."""
+    """Conversations without their replies from `builtin:NAME` (an organism prompt set), optionally sliced
+    (`builtin:harmful[0:10]`, to fit on one part and evaluate on the rest), or a JSONL/JSON file."""
     if source.startswith("builtin:"):
-        return prompt_set(source.removeprefix("builtin:"))
+        name, _, rest = source.removeprefix("builtin:").partition("[")
+        return prompt_set(name)[_slice(rest, source)]
     return read_prompt_file(source)
+
+
+def _slice(text: str, source: str) -> slice:
+    """`a:b]` (either bound optional) as a slice; "" as everything."""
+    if not text:
+        return slice(None)
+    low, colon, high = text.removesuffix("]").partition(":")
+    if not text.endswith("]") or not colon or not all(b.isdigit() for b in (low, high) if b):
+        raise DataError(f"bad slice in {source!r}; write builtin:NAME[A:B] (A, B optional, e.g. [0:10] or [10:])")
+    return slice(int(low) if low else None, int(high) if high else None)
 
 
 def _evaluation_set(name: str) -> list[corpus.Example]:

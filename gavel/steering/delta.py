@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from gavel.artifacts import Manifest, ModelFingerprint, read_artifact, tensor_sha256, write_artifact
+from gavel.artifacts import FittedOn, Manifest, ModelFingerprint, read_artifact, tensor_sha256, write_artifact
 from gavel.errors import ArtifactError, SiteError
 from gavel.models.sites import parse_site, resolve_site
 
@@ -49,6 +49,7 @@ class WeightDelta:
     fingerprint: ModelFingerprint
     base_sha256: dict[str, str]
     provenance: dict[str, str] = field(default_factory=dict)
+    fitted_on: FittedOn | None = None    # the data it was fitted on (what evaluations check they do not reuse)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, fingerprint: ModelFingerprint, deltas: Mapping[str, torch.Tensor],
@@ -64,7 +65,7 @@ class WeightDelta:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """One artifact: the deltas as tensors (named by parameter), the fingerprint and the base digests."""
         manifest = DeltaManifest(fingerprint=self.fingerprint, base_sha256=self.base_sha256,
-                                 provenance=self.provenance)
+                                 provenance=self.provenance, fitted_on=self.fitted_on)
         return write_artifact(directory, manifest, self.deltas)
 
     @classmethod
@@ -75,7 +76,7 @@ class WeightDelta:
                                          hint="make one with `gavel align fit ... --out DIR` (its delta/ folder)")
         if set(deltas) != set(manifest.base_sha256):
             raise ArtifactError(f"{directory}: the deltas and the base digests name different parameters")
-        return cls(deltas, manifest.fingerprint, manifest.base_sha256, manifest.provenance)
+        return cls(deltas, manifest.fingerprint, manifest.base_sha256, manifest.provenance, manifest.fitted_on)
 
     def apply(self, model: torch.nn.Module, force: bool = False) -> AppliedDelta:
         """Add the deltas to the model's parameters in place; `remove()` on the result restores them bit for bit.

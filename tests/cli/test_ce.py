@@ -35,9 +35,10 @@ def test_fit_calibrates_on_gavel_calibration_sets_and_says_so(library, tmp_path)
     assert "collecting activations: " in result.stderr and "(100%)" in result.stderr
 
     evaluated = runner.invoke(app, ["ce", "eval", "--bank", str(tmp_path / "bank"), "--data", str(library),
-                                    "--which", "calibration", "--json"])
+                                    "--which", "calibration", "--json", "--allow-overlap"])
     assert evaluated.exit_code == 0, evaluated.output
-    rows = json.loads(evaluated.stdout)
+    rows, overlap = json.loads(evaluated.stdout)["ces"], json.loads(evaluated.stdout)["overlap"]
+    assert overlap["sets"]["--data"] == {"overlapping": 60, "total": 60, "fit_sets": ["data (calibration)"]}
     assert set(rows) == {"arithmetic", "harmful_compliance", "refusal"}
     assert all(r["positive_sequences"] == 20 for r in rows.values())      # each CE's own 20 conversations
 
@@ -93,3 +94,50 @@ def test_pooling_candidates_from_the_command_line(library, tmp_path):
     assert {row["pool"] for row in json.loads(listed.stdout)} == set(bank.pools)
     bad = _fit("--data", str(library), "--pool", "0", "--out", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "positive integer" in bad.output
+
+
+def test_eval_refuses_the_conversations_the_bank_was_fitted_on(organism, tmp_path):
+    """Fit on the organism's first 300 conversations (seed 0): a prefix of them is refused (exit 2, counts and the
+    held-out option named); another seed's corpus shares a few conversations, which --allow-overlap counts (as many
+    as the two corpora share, counted here by their text) and --drop-overlap leaves out; a part of it that shares
+    none is held out. A bank saved without a record of its data is evaluated, with "fit data unknown"."""
+    from gavel.organism import corpus
+
+    out = tmp_path / "bank"
+    assert _fit("--data", "builtin:organism:300", "--out", str(out), "--max-rows", "3000").exit_code == 0
+
+    def evaluate(data, *args):
+        return runner.invoke(app, ["ce", "eval", "--bank", str(out), "--data", data, *args])
+
+    refused = evaluate("builtin:organism:60", "--json")
+    assert refused.exit_code == 2
+    assert ("60 of 60 evaluation conversations in --data were used to fit the CE bank" in refused.output
+            and "(its --data)" in refused.output and "builtin:organism:N:SEED" in refused.output)
+
+    def text(example):
+        return tuple((m.role, m.content) for m in example.messages)
+    fitted = {text(e) for e in corpus.generate_corpus(300, 0)}
+    shared = sum(text(e) in fitted for e in corpus.generate_corpus(80, 1))
+    assert shared > 0
+    allowed = evaluate("builtin:organism:80:1", "--allow-overlap", "--json")
+    assert allowed.exit_code == 0, allowed.output
+    overlap = json.loads(allowed.stdout)["overlap"]
+    assert overlap["sets"]["--data"] == {"overlapping": shared, "total": 80, "fit_sets": ["data"]}
+    dropped = evaluate("builtin:organism:80:1", "--drop-overlap", "--json")
+    assert dropped.exit_code == 0, dropped.output
+    overlap = json.loads(dropped.stdout)["overlap"]
+    assert overlap["dropped"] == shared and overlap["sets"]["--data"]["overlapping"] == 0
+    assert overlap["sets"]["--data"]["total"] == 80 - shared
+    held_out = next(n for n in range(80, 0, -1)
+                    if not any(text(e) in fitted for e in corpus.generate_corpus(n, 1)))
+    clean = evaluate(f"builtin:organism:{held_out}:1", "--json")
+    assert clean.exit_code == 0, clean.output
+    assert json.loads(clean.stdout)["overlap"]["sets"]["--data"] == {"overlapping": 0, "total": held_out,
+                                                                    "fit_sets": []}
+    warned = evaluate("builtin:organism:60", "--allow-overlap")
+    assert warned.exit_code == 0 and "warning: 60 of 60 evaluation conversations" in warned.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["fitted_on"]                         # as saved before banks recorded their conversations
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    unknown = evaluate("builtin:organism:60")
+    assert unknown.exit_code == 0 and "fit data unknown" in unknown.stdout

@@ -322,9 +322,24 @@ def test_cli_train_then_eval_with_a_zeta_sweep(model_dirs, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     result = json.loads(evaluated.stdout)
     assert [p["zeta"] for p in result["points"]] == [0.0, 0.01] and result["points"][0]["bud"] == 0.0
-    table = runner.invoke(app, ["decon", "eval", "--model", model_dirs["con"], "--clean", model_dirs["ref"],
-                                "--perturbation", str(out), "--max-new-tokens", "2"])
-    assert table.exit_code == 0 and "RC before" in table.output
+    assert result["overlap"]["fit_data"] == "recorded"       # builtin:decon-train shares nothing with the splits
+    assert {name: o["overlapping"] for name, o in result["overlap"]["sets"].items()} == {
+        "leaked_eval": 0, "heldout_eval": 0, "arithmetic_eval": 0}
+    # a G whose record says it was trained on three leaked evaluation items is refused, unless --allow-overlap
+    from gavel.artifacts import FittedOn
+    from gavel.organism.decon import decon_splits
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    leaked = [p.conversation for p in decon_splits().leaked_eval[:3]]
+    manifest["fitted_on"] = FittedOn.of({"data": ("leaked.jsonl", leaked)}).model_dump()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    reused = runner.invoke(app, ["decon", "eval", "--model", model_dirs["con"], "--clean", model_dirs["ref"],
+                                 "--perturbation", str(out), "--max-new-tokens", "2", "--json"])
+    assert reused.exit_code == 2 and "3 of 25 evaluation prompts in leaked_eval were used to fit" in reused.output
+    allowed = runner.invoke(app, ["decon", "eval", "--model", model_dirs["con"], "--clean", model_dirs["ref"],
+                                  "--perturbation", str(out), "--max-new-tokens", "2", "--allow-overlap"])
+    assert allowed.exit_code == 0 and "warning: 3 of 25 evaluation prompts in leaked_eval" in allowed.output
+    assert "RC before" in allowed.output
 
 
 def test_cli_bad_input_exits_2(model_dirs, tmp_path):

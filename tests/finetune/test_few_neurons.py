@@ -200,6 +200,9 @@ def test_select_and_tune_cli_move_only_the_selected_neurons(organism, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["kept"] == 62 and summary["of"] == 2048 and summary["positive"] == 12 and summary["negative"] == 24
+    fitted_on = json.loads((tmp_path / "set" / "manifest.json").read_text())["fitted_on"]["sets"]
+    assert {name: (f["source"], f["count"]) for name, f in fitted_on.items()} == {
+        "positive": ("builtin:sycophancy", 12), "negative": ("builtin:sycophancy", 24)}
     data = tmp_path / "fix.jsonl"
     data.write_text("".join(json.dumps({"conversation": c}) + "\n" for c in corrective_set("train")))
     result = runner.invoke(app, ["neurons", "tune", "--neurons", str(tmp_path / "set"), "--data", str(data),

@@ -183,6 +183,20 @@ def test_organism_dataset_is_its_ground_truth(tok):
         enc, labels = encode_example(tok, ex)
         assert torch.equal(e.encoded.input_ids, enc.input_ids) and torch.equal(e.labels, labels)
     assert d.digest() == organism_dataset(tok, 12, seed=3).digest() != organism_dataset(tok, 12).digest()
+    assert load_dataset("builtin:organism:12:3", tok).digest() == d.digest()     # the seed in the name
+    with pytest.raises(DataError, match="bad seed"):
+        load_dataset("builtin:organism:12:x", tok)
+
+
+def test_organism_prompt_sets_can_be_sliced_for_held_out_evaluation():
+    from gavel.organism.datasets import read_prompts
+
+    harmful = read_prompts("builtin:harmful")
+    assert read_prompts("builtin:harmful[0:5]") == harmful[:5] and read_prompts("builtin:harmful[5:]") == harmful[5:]
+    assert read_prompts("builtin:harmful[:3]") == harmful[:3]
+    for bad in ("builtin:harmful[5]", "builtin:harmful[a:b]", "builtin:harmful[1:2"):
+        with pytest.raises(DataError, match="bad slice"):
+            read_prompts(bad)
 
 
 def test_organism_written_as_jsonl_loads_back_identically(tok, tmp_path):

@@ -75,9 +75,11 @@ class LLMVAResult:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Two artifacts in one folder: `alignment/` (what the `align` rule action projects with) and `delta/` (the
-        weight edit `gavel align eval | apply` applies), both with the fingerprint of the model they were fitted on."""
+        weight edit `gavel align eval | apply` applies), both with the fingerprint of the model they were fitted on
+        and the delta's record of the data (`fitted_on`)."""
         d = Path(directory)
-        self.alignment.save(d / ALIGNMENT, fingerprint=self.delta.fingerprint, provenance=self.delta.provenance)
+        self.alignment.save(d / ALIGNMENT, fingerprint=self.delta.fingerprint, provenance=self.delta.provenance,
+                            fitted_on=self.delta.fitted_on)
         self.delta.save(d / DELTA)
         return d
 

@@ -92,6 +92,15 @@ def test_neurons_find_eval_and_steer_from_the_command_line(tmp_path):
     rows = json.loads(evaluated.stdout)
     assert rows["problems"] == 10 and set(rows["steered"]) == set(rows["random"]) == set(rows["gated"]) == {"0.2"}
     assert 0 <= rows["gate_steers"] <= 1 and 0 <= rows["gate_accuracy"] <= 1
+    assert rows["overlap"]["sets"]["--problems"] == rows["gate_overlap"]["sets"]["--problems"] == {
+        "overlapping": 0, "total": 10, "fit_sets": []}
+    # problems the neurons were found on (0-9) or the gate trained on (0-19) are refused before anything runs
+    for problems, count, what in (("[5:15]", 5, "the neuron set"), ("[15:25]", 5, "the gate")):
+        reused = runner.invoke(app, ["neurons", "eval", "--neurons", str(out), "--problems",
+                                     f"builtin:arithmetic_2digit{problems}", "--gate", str(out / "gate")])
+        assert reused.exit_code == 2
+        assert f"{count} of 10 evaluation problems in --problems were used to fit {what}" in reused.output
+        assert "(its --problems); pass held-out problems" in reused.output
     shown = runner.invoke(app, ["neurons", "steer", "--neurons", str(out), "--prompt", "what is 12 plus 34 ?",
                                 "--json"])
     assert shown.exit_code == 0 and json.loads(shown.stdout)["replies"][0]["unsteered"]

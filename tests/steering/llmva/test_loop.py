@@ -50,10 +50,12 @@ def test_align_fit_eval_and_apply_from_the_command_line(tmp_path):
     assert json.loads(fitted.stdout)["best_iteration"] == 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     assert (out / "alignment" / "manifest.json").is_file() and (out / "delta" / "manifest.json").is_file()
-    evaluated = runner.invoke(app, ["align", "eval", "--delta", str(out), *SETS, "--max-new-tokens", "16", "--json"])
+    evaluated = runner.invoke(app, ["align", "eval", "--delta", str(out), *SETS, "--max-new-tokens", "16", "--json",
+                                    "--allow-overlap"])   # on its own fit prompts: what the edit learnt to do
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
     assert report["after"]["asr"] < report["before"]["asr"] and report["benign"] == report["toxic"] == 60
+    assert report["overlap"]["sets"]["--toxic"] == {"overlapping": 60, "total": 60, "fit_sets": ["toxic"]}
     applied = runner.invoke(app, ["align", "apply", "--delta", str(out), "--out", str(tmp_path / "edited")])
     assert applied.exit_code == 0, applied.output
     from gavel.models.loading import load_model
@@ -62,7 +64,7 @@ def test_align_fit_eval_and_apply_from_the_command_line(tmp_path):
     edited, original = load_model(str(tmp_path / "edited")), load_model("builtin:organism")
     with WeightDelta.load(out / "delta").applied(original.hf_model):
         assert all(torch.equal(v, original.hf_model.state_dict()[k]) for k, v in edited.hf_model.state_dict().items())
-    bad = runner.invoke(app, ["align", "eval", "--delta", str(out), *SETS, "--utility", "speed"])
+    bad = runner.invoke(app, ["align", "eval", "--delta", str(out), *SETS, "--utility", "speed", "--allow-overlap"])
     assert bad.exit_code == 2 and "unknown utility 'speed'" in bad.output
 
 
@@ -114,5 +116,43 @@ def test_align_eval_can_judge_with_a_refusal_ce(organism_bank, tmp_path):
     by_ce = CliRunner().invoke(app, ["align", "eval", "--delta", str(tmp_path), *SETS, "--max-new-tokens", "16",
                                      "--judge", f"{bank}:refusal", "--json"])
     assert by_ce.exit_code == 0, by_ce.output
+    assert json.loads(by_ce.stdout)["overlap"]["fit_data"] == "unknown"     # a delta saved without its prompts
     before = json.loads(by_ce.stdout)["before"]
     assert 0.1 <= before["asr"] <= 0.5 and before["over_refusal"] < 0.3   # near the planted rates (phrases: 0.33)
+
+
+def test_align_eval_refuses_the_prompts_the_delta_was_fitted_on(tmp_path):
+    """Fit on benign[0:12] and harmful[0:12]: evaluating on them is refused (exit 2, the set and counts named); with
+    --allow-overlap it runs and counts what the evaluation sets share with the fit sets (counted here by their
+    text); benign[12:24] and harmful[12:] are held out (zero overlap)."""
+    from gavel.organism.datasets import read_prompts
+
+    runner = CliRunner()
+    out = tmp_path / "va"
+    fit = ["--benign", "builtin:benign[0:12]", "--toxic", "builtin:harmful[0:12]"]
+    fitted = runner.invoke(app, ["align", "fit", *fit, "--iterations", "1", "--l-select", "1", "--max-new-tokens",
+                                 "8", "--out", str(out), "--json"])
+    assert fitted.exit_code == 0, fitted.output
+
+    def evaluate(*args):
+        return runner.invoke(app, ["align", "eval", "--delta", str(out), "--max-new-tokens", "4", "--json", *args])
+
+    refused = evaluate(*fit)
+    assert refused.exit_code == 2
+    assert ("12 of 12 evaluation prompts in --benign were used to fit the alignment" in refused.output
+            and "(its --benign); pass held-out prompts" in refused.output and "--allow-overlap" in refused.output)
+    mixed = ["--benign", "builtin:benign[6:18]", "--toxic", "builtin:harmful[10:20]", "--toxic",
+             "builtin:benign[0:3]"]
+    fit_text = {c[-1]["content"] for s in ("benign[0:12]", "harmful[0:12]") for c in read_prompts(f"builtin:{s}")}
+    expected = {flag: sum(c[-1]["content"] in fit_text for c in read_prompts(source))
+                for flag, source in (("--benign", "builtin:benign[6:18]"), ("--toxic", "builtin:harmful[10:20]"))}
+    expected["--toxic"] += 3
+    allowed = evaluate(*mixed, "--allow-overlap")
+    assert allowed.exit_code == 0, allowed.output
+    sets = json.loads(allowed.stdout)["overlap"]["sets"]
+    assert {flag: sets[flag]["overlapping"] for flag in sets} == expected == {"--benign": 6, "--toxic": 5}
+    assert sets["--toxic"]["fit_sets"] == ["benign", "toxic"] and sets["--toxic"]["total"] == 13
+    held_out = evaluate("--benign", "builtin:benign[12:24]", "--toxic", "builtin:harmful[12:]")
+    assert held_out.exit_code == 0, held_out.output
+    assert {flag: (o["overlapping"], o["total"]) for flag, o in json.loads(held_out.stdout)["overlap"]["sets"].items()
+            } == {"--benign": (0, 12), "--toxic": (0, 8)}
