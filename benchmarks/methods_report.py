@@ -4,10 +4,11 @@ Usage: python benchmarks/methods_report.py [--model builtin:smollm2] [--seeds 3]
        [--method rotate:60,120 --method add:0.5 --method ablate ...] [--judge BANK:CE] [--out-json F] [--out-md F]
 
 Per seed, the harmful and the benign prompt pools are each cut in half by a seeded shuffle. The steering plane is
-fitted on the fit halves (`SteeringPlane`, last prompt token, every block's `hook_resid_pre`, layers chosen by its
-sign test); every figure is measured on the held-out halves and on a utility task set that nothing is fitted on.
-Each method and strength runs beside its random control at the same strength: the same method with a random plane
-(rotate, angular, ablate) or with random vectors of each site's norm (add), drawn per seed. Measured:
+fitted on the fit halves (`SteeringPlane`, last prompt token, every block's `hook_resid_pre` or `--sites norm`,
+layers chosen by its sign test or `--layers all`); every figure is measured on the held-out halves and on a utility
+task set that nothing is fitted on. Each method and strength runs beside its random control at the same strength:
+the same method with a random plane (rotate, angular, ablate) or with random vectors of each site's norm (add),
+drawn per seed. Measured:
 - refusal on the held-out harmful prompts and over-refusal on the held-out benign ones, by a judge that is not the
   method's yardstick: a refusal CE of a CE bank fitted on other data (SmolLM2: the pack's bank; the organism: the
   demo's bank) reading the reply; the refusal-phrase count is shown beside it for comparison;
@@ -39,7 +40,7 @@ from gavel.io.conversations import Conversation, Problem
 from gavel.models.chat import decode_text
 from gavel.models.handle import ModelHandle
 from gavel.probes.bootstrap import percentile_interval, resample_counts
-from gavel.steering.activations import last_prompt_activations
+from gavel.steering.activations import last_prompt_activations, norm_sites
 from gavel.steering.degeneracy import degenerate
 from gavel.steering.evaluate import Judge, generate_with_ids, refusal_phrases, reply_perplexities
 from gavel.steering.intervention import steering
@@ -240,20 +241,24 @@ def row(method: str, strength: float, control: bool, runs: Sequence[Outcomes], r
 
 def build_report(handle: ModelHandle, data: Data, judge: Judge, judge_name: str, methods: Sequence[tuple[str, float]],
                  *, seeds: int = 3, resamples: int = 1000, max_new_tokens: int = 32, utility_tokens: int = 48,
-                 command: str = "",
+                 sites: str = "resid_pre", layers: str = "auto", command: str = "",
                  progress: Callable[[str], None] = lambda _: None) -> MethodsReport:
     started = time.perf_counter()
-    sites = [f"blocks.{layer}.hook_resid_pre" for layer in range(handle.n_layers)]
+    read = (norm_sites(handle.n_layers) if sites == "norm"
+            else [f"blocks.{layer}.hook_resid_pre" for layer in range(handle.n_layers)])
     runs: dict[tuple[str, float, bool], list[Outcomes]] = {}
-    layers, held = [], {}
+    selected, held, notes = [], {}, []
     for seed in range(seeds):
         fit_h, held_h = halves(data.harmful, seed)
         fit_b, held_b = halves(data.benign, seed)
         _, utility = halves(data.utility, seed)
         held = {"harmful": len(held_h), "benign": len(held_b), "utility": len(utility)}
-        plane = SteeringPlane().fit(last_prompt_activations(handle, fit_h, sites),
-                                    last_prompt_activations(handle, fit_b, sites))
-        layers.append(list(plane.selected_layers))
+        plane = SteeringPlane(layers=layers).fit(last_prompt_activations(handle, fit_h, read),
+                                                 last_prompt_activations(handle, fit_b, read))
+        selected.append(list(plane.selected_layers))
+        if not plane.selected_layers:
+            notes.append(f"seed {seed}: the sign test selected no block, so every method is the identity "
+                         "(try --sites norm or --layers all)")
 
         configs: list[tuple[tuple[str, float, bool], PlaneIntervention | None]] = [(("unsteered", 0.0, False), None)]
         for method, strength in methods:
@@ -268,11 +273,10 @@ def build_report(handle: ModelHandle, data: Data, judge: Judge, judge_name: str,
     unsteered_utility = sum(sum(o.correct) for o in base) / max(sum(len(o.correct) for o in base), 1)
     rows = [row(m, s, c, outcomes, resamples, None if m == "unsteered" else unsteered_utility)
             for (m, s, c), outcomes in runs.items()]
-    notes = []
     if unsteered_utility == 0:
         notes.append("the unsteered model answers no utility problem, so utility kept is undefined")
     return MethodsReport(model=handle.name, data=data.describe, judge=judge_name, seeds=seeds, resamples=resamples,
-                         max_new_tokens=max_new_tokens, held_out=held, layers=layers, command=command, rows=rows,
+                         max_new_tokens=max_new_tokens, held_out=held, layers=selected, command=command, rows=rows,
                          notes=notes, seconds=round(time.perf_counter() - started, 1))
 
 
@@ -351,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> MethodsReport:
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--utility-tokens", type=int, default=48, help="new tokens of a utility answer")
+    parser.add_argument("--sites", choices=("resid_pre", "norm"), default="resid_pre",
+                        help="where the plane is fitted and steers: every block's residual input, or its norm outputs")
+    parser.add_argument("--layers", choices=("auto", "all"), default="auto", help="auto: the sign test's blocks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-json", type=Path)
     parser.add_argument("--out-md", type=Path)
@@ -364,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> MethodsReport:
     handle, data, judge, judge_name = load(args)
     report = build_report(handle, data, judge, judge_name, methods, seeds=args.seeds, resamples=args.resamples,
                           max_new_tokens=args.max_new_tokens, utility_tokens=args.utility_tokens,
+                          sites=args.sites, layers=args.layers,
                           command=shlex.join(["python", "benchmarks/methods_report.py", *argv]),
                           progress=lambda text: print(text, file=sys.stderr, flush=True))
     for path, text in ((out_json, report.model_dump_json(indent=2) + "\n"), (out_md, markdown(report))):
